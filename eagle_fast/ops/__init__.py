@@ -1,0 +1,6 @@
+"""The only door to eagle_fast's kernels: one module per op, each with its pure-torch reference."""
+
+from eagle_fast.ops._library import has_compiled_ops, has_cuda_kernels, has_triton
+from eagle_fast.ops.fused_preprocess import PreprocessOutput, fused_preprocess
+
+__all__ = ["PreprocessOutput", "fused_preprocess", "has_compiled_ops", "has_cuda_kernels", "has_triton"]

@@ -1,0 +1,327 @@
+"""fused_preprocess: decoded uint8 RGB images -> every vision expert's input, in one pass.
+
+Eagle feeds all experts from one shared canvas (DESIGN §1 "Shared input"):
+  image (H, W, 3) uint8
+    -> "pad": centred on a square of the fill colour, offset (long - short) // 2
+       "square": shortest edge -> canvas_size, centre crop
+    -> Pillow BICUBIC resize to (S, S)  [S = canvas_size, 1024 for the official models]
+    -> * 1/255, (x - mean) / std                        -> pixel_values (B, 3, S, S)
+    -> bilinear align_corners=True to clip_size          -> clip (B, 3, c, c)      (clip-448 runs at 336)
+    -> de-normalize to 0..255, per-image standardization, antialiased bilinear to rows*16 x cols*16,
+       16x16 patches flattened (ph, pw, C) after 1-based row/col ids, zero-padded to max_patches
+                                                          -> flattened_patches (B, P, 2 + 16*16*3),
+                                                             attention_mask (B, P)
+
+Three parts, in order: the pure-torch reference (CPU fallback and test oracle), the
+registration of `eagle_fast::fused_preprocess` (schema in csrc/registration.cpp when the
+compiled library is present), and the public `fused_preprocess`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from eagle_fast.ops._library import has_cuda_kernels, has_triton, load_compiled
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PAD_FILL = (122, 116, 104)  # int(mean * 255): Eagle's expand-to-square background
+
+_PRECISION_BITS = 22  # Pillow's fixed-point weights: 32 - 8 - 2
+
+
+class PreprocessOutput(NamedTuple):
+    pixel_values: torch.Tensor  # (B, 3, S, S)
+    clip: torch.Tensor  # (B, 3, c, c), or an empty tensor when clip_size == 0
+    flattened_patches: torch.Tensor  # (B, P, 2 + p*p*3), or empty when max_patches == 0
+    attention_mask: torch.Tensor  # (B, P), 1 for real patches, or empty
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def plan_canvas(h: int, w: int, size: int, pad: bool) -> dict[str, int]:
+    """Where an (h, w) image lands on the canvas; mirrors `plan_canvas` in fused_preprocess.h."""
+    if pad:
+        side = max(h, w)
+        src_h = src_w = side
+        top, left = (side - h) // 2, (side - w) // 2
+        resized_h = resized_w = size
+    else:
+        src_h, src_w, top, left = h, w, 0, 0
+        short, long = min(h, w), max(h, w)
+        new_long = int(size * long / short)  # transformers get_resize_output_image_size
+        resized_h, resized_w = (new_long, size) if w <= h else (size, new_long)
+    return dict(
+        src_h=src_h, src_w=src_w, img_top=top, img_left=left, resized_h=resized_h,
+        resized_w=resized_w, crop_top=(resized_h - size) // 2, crop_left=(resized_w - size) // 2,
+    )
+
+
+def pix2struct_grid(h: int, w: int, max_patches: int, patch: int) -> tuple[int, int]:
+    """Rows x cols of `patch`-pixel patches, rows*cols <= max_patches (HF Pix2Struct processor)."""
+    scale = (max_patches * (patch / h) * (patch / w)) ** 0.5
+    rows = max(min(int(scale * h / patch), max_patches), 1)
+    cols = max(min(int(scale * w / patch), max_patches), 1)
+    return rows, cols
+
+
+def _bicubic(x: torch.Tensor) -> torch.Tensor:  # Pillow's filter, a = -0.5
+    x = x.abs()
+    near = ((1.5 * x - 2.5) * x) * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * -0.5
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
+
+
+def _triangle(x: torch.Tensor) -> torch.Tensor:
+    return (1.0 - x.abs()).clamp_min(0.0)
+
+
+def resample_taps(in_size: int, out_size: int, *, bicubic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D resampling tables: (start (out,) int64, weights (out, ksize)); taps past each output's
+    count carry weight 0.
+
+    bicubic=True: Pillow's precompute_coeffs in float64, quantized to its 22-bit fixed point
+    (int64). bicubic=False: torch's antialiased bilinear weights, computed in float32 as torch
+    does for float inputs (the float rounding of centres near 1000 moves weights by ~1e-4).
+    """
+    if not bicubic:
+        return _aa_bilinear_taps(in_size, out_size)
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    center = (torch.arange(out_size, dtype=torch.float64) + 0.5) * scale  # (out,)
+    xmin = torch.trunc(center - support + 0.5).clamp_min(0)
+    xmax = torch.trunc(center + support + 0.5).clamp_max(in_size) - xmin  # tap count
+    t = torch.arange(ksize, dtype=torch.float64)
+    w = _bicubic(((t[None, :] + xmin[:, None]) - center[:, None] + 0.5) * (1.0 / filterscale))
+    w = torch.where(t[None, :] < xmax[:, None], w, torch.zeros_like(w))  # (out, ksize)
+    ww = torch.zeros(out_size, dtype=torch.float64)
+    for i in range(ksize):  # sequential sum: the same rounding as Pillow's loop
+        ww = ww + w[:, i]
+    w = torch.where(ww[:, None] != 0, w / ww[:, None], w)
+    f = w * float(1 << _PRECISION_BITS)
+    return xmin.to(torch.int64), torch.trunc(torch.where(w < 0, f - 0.5, f + 0.5)).to(torch.int64)
+
+
+def _aa_bilinear_taps(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    f32 = torch.float32
+    scale = torch.tensor(in_size, dtype=f32) / torch.tensor(out_size, dtype=f32)
+    support = scale if scale >= 1 else torch.tensor(1.0, dtype=f32)
+    invscale = 1.0 / scale if scale >= 1 else torch.tensor(1.0, dtype=f32)
+    ksize = int(math.ceil(support.item())) * 2 + 1
+    center = (scale.double() * (torch.arange(out_size, dtype=torch.float64) + 0.5)).to(f32)  # (out,)
+    xmin = torch.trunc((center - support).double() + 0.5).clamp_min(0)
+    xsize = torch.trunc((center + support).double() + 0.5).clamp_max(in_size) - xmin
+    t = torch.arange(ksize, dtype=torch.float64)
+    x = (((t[None, :] + xmin[:, None]) - center[:, None].double() + 0.5) * invscale.double()).to(f32)
+    w = torch.where(t[None, :] < xsize[:, None], _triangle(x), torch.zeros_like(x))  # (out, ksize)
+    total = torch.zeros(out_size, dtype=f32)
+    for i in range(ksize):
+        total = total + w[:, i]
+    w = torch.where(total[:, None] != 0, w / total[:, None], w)
+    return xmin.to(torch.int64), w
+
+
+def _pil_resample(x: torch.Tensor, out_size: int, dim: int, first: int, count: int) -> torch.Tensor:
+    """One Pillow BICUBIC pass along `dim` of a uint8 tensor: fixed-point sum, clip8.
+
+    Only outputs [first, first + count) of the `out_size` ones are computed (the crop window).
+    """
+    in_size = x.shape[dim]
+    start, w = resample_taps(in_size, out_size, bicubic=True)
+    start, w = start[first : first + count].to(x.device), w[first : first + count].to(x.device)
+    shape = [1] * x.dim()
+    shape[dim] = count
+    acc = torch.full((), 1 << (_PRECISION_BITS - 1), dtype=torch.int64, device=x.device)
+    x64 = x.to(torch.int64)
+    for t in range(w.shape[1]):
+        idx = (start + t).clamp_max(in_size - 1)
+        acc = acc + x64.index_select(dim, idx) * w[:, t].view(shape)
+    out = torch.where(acc <= 0, torch.zeros_like(acc), acc >> _PRECISION_BITS)
+    return torch.where(acc >= (1 << _PRECISION_BITS << 8), torch.full_like(acc, 255), out).to(torch.uint8)
+
+
+def reference_canvas(image: torch.Tensor, size: int, pad: bool, fill: Sequence[int]) -> torch.Tensor:
+    """uint8 (H, W, 3) -> uint8 (S, S, 3) canvas, as PIL expand2square + CLIPImageProcessorPil."""
+    h, w, _ = image.shape
+    p = plan_canvas(h, w, size, pad)
+    src = image
+    if pad and h != w:
+        src = torch.tensor(list(fill), dtype=torch.uint8, device=image.device).expand(p["src_h"], p["src_w"], 3).clone()
+        src[p["img_top"] : p["img_top"] + h, p["img_left"] : p["img_left"] + w] = image
+    # Pillow: horizontal pass first, each pass only when that side changes; the centre crop only
+    # keeps outputs [crop, crop + size), so only those are computed.
+    if p["resized_w"] != p["src_w"]:
+        src = _pil_resample(src, p["resized_w"], 1, p["crop_left"], size)
+    else:
+        src = src[:, p["crop_left"] : p["crop_left"] + size]
+    if p["resized_h"] != p["src_h"]:
+        src = _pil_resample(src, p["resized_h"], 0, p["crop_top"], size)
+    else:
+        src = src[p["crop_top"] : p["crop_top"] + size]
+    return src
+
+
+def _reference_flattened_patches(
+    pixel_values: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, max_patches: int, patch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eagle's pix2struct input: de-normalize, then the HF Pix2Struct processor's maths."""
+    batch, _, h, w = pixel_values.shape
+    rows, cols = pix2struct_grid(h, w, max_patches, patch)
+    x = (pixel_values * std + mean) * 255.0  # (B, 3, S, S), 0..255
+    flat = x.flatten(1)
+    mu = flat.mean(1, dtype=torch.float64)
+    sd = flat.std(1, correction=0).double().clamp_min(1.0 / math.sqrt(flat.shape[1]))
+    x = ((x - mu.view(-1, 1, 1, 1)) / sd.view(-1, 1, 1, 1)).float()
+    x = F.interpolate(x, size=(rows * patch, cols * patch), mode="bilinear", align_corners=False, antialias=True)
+    x = x.view(batch, 3, rows, patch, cols, patch).permute(0, 2, 4, 3, 5, 1)  # (B, r, c, ph, pw, C)
+    x = x.reshape(batch, rows * cols, patch * patch * 3)
+    r = torch.arange(rows, device=x.device).repeat_interleave(cols).float() + 1
+    c = torch.arange(cols, device=x.device).repeat(rows).float() + 1
+    ids = torch.stack([r, c], -1).expand(batch, -1, -1)
+    out = torch.zeros(batch, max_patches, 2 + patch * patch * 3, device=x.device)
+    out[:, : rows * cols] = torch.cat([ids, x], -1)
+    mask = torch.zeros(batch, max_patches, device=x.device)
+    mask[:, : rows * cols] = 1.0
+    return out, mask
+
+
+def _fused_preprocess_reference(
+    images: list[torch.Tensor], canvas_size: int, pad: bool, fill: list[int], mean: list[float],
+    std: list[float], clip_size: int, p2s_max_patches: int, p2s_patch: int, dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    device = images[0].device
+    canvas = torch.stack([reference_canvas(im, canvas_size, pad, fill) for im in images])  # (B, S, S, 3)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    scaled = (canvas.permute(0, 3, 1, 2).double() * (1.0 / 255.0)).float()  # HF rescale
+    pixel_values = (scaled - mean_t) / std_t  # HF normalize, float32
+    empty = torch.empty(0, dtype=dtype, device=device)
+    clip = empty
+    if clip_size > 0:
+        clip = F.interpolate(pixel_values, size=(clip_size, clip_size), mode="bilinear", align_corners=True).to(dtype)
+    patches, mask = empty, empty
+    if p2s_max_patches > 0:
+        patches, mask = _reference_flattened_patches(pixel_values, mean_t, std_t, p2s_max_patches, p2s_patch)
+        patches, mask = patches.to(dtype), mask.to(dtype)
+    return pixel_values.to(dtype), clip, patches, mask
+
+
+# ----------------------------------------------------------------------------- registration
+
+_OP_NAME = "eagle_fast::fused_preprocess"
+
+
+def _register() -> None:
+    """Bind the op name to the best kernels present; the schema lives in csrc/registration.cpp."""
+    if not load_compiled():
+        # No compiled library: the same op name, with the reference as its body on every device.
+        torch.library.custom_op(_OP_NAME, mutates_args=())(_fused_preprocess_reference)
+    if has_triton() and not has_cuda_kernels():
+        from triton_kernels.preprocess.fused_preprocess import fused_preprocess_triton
+
+        torch.library.register_kernel(_OP_NAME, "cuda", fused_preprocess_triton)
+
+    @torch.library.register_fake(_OP_NAME)
+    def _fake(images, canvas_size, pad, fill, mean, std, clip_size, p2s_max_patches, p2s_patch, dtype):
+        b, dev = len(images), images[0].device
+        empty = torch.empty(0, dtype=dtype, device=dev)
+        pv = images[0].new_empty((b, 3, canvas_size, canvas_size), dtype=dtype)
+        clip = images[0].new_empty((b, 3, clip_size, clip_size), dtype=dtype) if clip_size > 0 else empty
+        if p2s_max_patches > 0:
+            patches = images[0].new_empty((b, p2s_max_patches, 2 + p2s_patch * p2s_patch * 3), dtype=dtype)
+            mask = images[0].new_empty((b, p2s_max_patches), dtype=dtype)
+        else:
+            patches, mask = empty, empty
+        return pv, clip, patches, mask
+
+
+_register()
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check_images(images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    if len(images) == 0:
+        raise ValueError("fused_preprocess: no images given")
+    out = []
+    for i, im in enumerate(images):
+        if not isinstance(im, torch.Tensor):
+            raise ValueError(f"image {i}: expected a torch.Tensor, got {type(im).__name__}")
+        if im.dtype != torch.uint8:
+            raise ValueError(f"image {i}: dtype {im.dtype}, expected torch.uint8 (H, W, 3)")
+        if im.dim() != 3 or im.shape[2] != 3:
+            raise ValueError(f"image {i}: shape {tuple(im.shape)}, expected (H, W, 3) RGB")
+        if im.shape[0] == 0 or im.shape[1] == 0:
+            raise ValueError(f"image {i}: empty image of size {im.shape[1]}x{im.shape[0]}")
+        if im.device != images[0].device:
+            raise ValueError(f"image {i}: on {im.device}, image 0 on {images[0].device}")
+        out.append(im.contiguous())
+    return out
+
+
+def fused_preprocess(
+    images: Sequence[torch.Tensor],
+    *,
+    canvas_size: int = 1024,
+    pad: bool = True,
+    fill: Sequence[int] = PAD_FILL,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    clip_size: int = 336,
+    pix2struct_max_patches: int = 2048,
+    pix2struct_patch: int = 16,
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+) -> PreprocessOutput:
+    """Every expert input of a mixture from decoded images, in one pass.
+
+    Args:
+        images: B uint8 RGB tensors (H_i, W_i, 3), any sizes, all on one device.
+        canvas_size: S, the shared canvas side (1024 for Eagle).
+        pad: True for Eagle's "pad" aspect mode, False for "square" (shortest edge + centre crop).
+        fill: RGB background of the pad canvas.
+        mean, std: per-channel normalization of the canvas (OpenAI CLIP by default).
+        clip_size: side of the bilinear (align_corners=True) CLIP input; 0 to skip.
+        pix2struct_max_patches: P, Pix2Struct's patch budget; 0 to skip.
+        pix2struct_patch: Pix2Struct's patch side p (16).
+        dtype: float32 or bfloat16 outputs (the maths runs in fp32 / integer either way).
+        backend: "auto" (the dispatcher: C++ on CPU, CUDA C++ or Triton on GPU), "reference",
+            or "triton" (the Triton launcher directly; on CPU under TRITON_INTERPRET=1).
+
+    Returns:
+        PreprocessOutput(pixel_values (B, 3, S, S), clip (B, 3, c, c),
+        flattened_patches (B, P, 2 + p*p*3), attention_mask (B, P)); skipped parts are empty.
+
+    Raises:
+        ValueError: naming the image index and the problem (dtype, shape, empty, device).
+    """
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"fused_preprocess: dtype {dtype} unsupported, use torch.float32 or torch.bfloat16")
+    if canvas_size < 1 or clip_size < 0 or pix2struct_max_patches < 0 or pix2struct_patch < 1:
+        raise ValueError("fused_preprocess: sizes must be positive (clip_size / max_patches may be 0)")
+    if len(fill) != 3 or len(mean) != 3 or len(std) != 3:
+        raise ValueError("fused_preprocess: fill, mean and std need 3 values (RGB)")
+    args = (
+        _check_images(images), canvas_size, pad, [int(v) for v in fill], [float(v) for v in mean],
+        [float(v) for v in std], clip_size, pix2struct_max_patches, pix2struct_patch, dtype,
+    )
+    if backend == "auto":
+        out = torch.ops.eagle_fast.fused_preprocess(*args)
+    elif backend == "reference":
+        out = _fused_preprocess_reference(*args)
+    elif backend == "triton":
+        from triton_kernels.preprocess.fused_preprocess import fused_preprocess_triton
+
+        out = fused_preprocess_triton(*args)
+    else:
+        raise ValueError(f"fused_preprocess: unknown backend {backend!r} (auto, reference, triton)")
+    return PreprocessOutput(*out)
