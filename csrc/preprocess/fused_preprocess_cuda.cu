@@ -142,7 +142,7 @@ clip_kernel(const uint8_t* __restrict__ canvas, int S, const int32_t* __restrict
 __device__ double block_sum_256(double v, double* red) {
   red[threadIdx.x] = v;
   __syncthreads();
-  for (int s = 128; s > 0; s >>= 1) {
+  for (unsigned int s = 128; s > 0; s >>= 1) {
     if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
     __syncthreads();
   }

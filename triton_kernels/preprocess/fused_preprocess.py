@@ -125,7 +125,7 @@ def _pil_resample_v_normalize_kernel(tmp_ptr, meta_ptr, start_ptr, w_ptr, lut_pt
 
 
 @triton.jit
-def _bilinear_align_corners_kernel(canvas_ptr, lut_ptr, out_ptr, S, C, scale,
+def _bilinear_align_corners_kernel(canvas_ptr, lut_ptr, src_ptr, out_ptr, S, C,
                                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     bc = tl.program_id(2)  # b * 3 + channel
     b = (bc // 3).to(tl.int64)
@@ -133,13 +133,15 @@ def _bilinear_align_corners_kernel(canvas_ptr, lut_ptr, out_ptr, S, C, scale,
     oy = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ox = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = (oy < C)[:, None] & (ox < C)[None, :]
-    # torch align_corners=True: src = scale * dst in float32, i1 clamped at the last pixel.
-    sy = scale * oy.to(tl.float32)
+    # torch align_corners=True: src = scale * dst, rounded to float32 (a host table: in-kernel, the
+    # GPU compiler would fuse the product into the `- i0` below as an FMA, shifting lambda by up
+    # to half an ulp of src, ~3e-5 at S = 1024); i1 clamped at the last pixel.
+    sy = tl.load(src_ptr + oy, mask=oy < C, other=0.0)
     y0 = sy.to(tl.int32)
     y1 = tl.where(y0 < S - 1, y0 + 1, y0)
     ly1 = sy - y0.to(tl.float32)
     ly0 = 1.0 - ly1
-    sx = scale * ox.to(tl.float32)
+    sx = tl.load(src_ptr + ox, mask=ox < C, other=0.0)
     x0 = sx.to(tl.int32)
     x1 = tl.where(x0 < S - 1, x0 + 1, x0)
     lx1 = sx - x0.to(tl.float32)
@@ -219,10 +221,10 @@ def _aa_resample_v_patches_kernel(tmp_ptr, start_ptr, w_ptr, patches_ptr, mask_p
     tl.store(row_base + feat, _cast_out(acc, out_ty), mask=ok)
     # The patch's first element writes its 1-based (row, col) ids and its attention mask.
     first = ok & ((rows % PATCH) == 0)[:, None] & (((j % PATCH) == 0) & (ch == 0))[None, :]
-    ids_r = (r[:, None] + 1 + k * 0).to(tl.float32)
+    ids_r = (r[:, None] + 1 + k * 0).to(tl.float32)  # `+ k * 0`: broadcast to the 2-D tile
     ids_c = (c[None, :] + 1 + k * 0).to(tl.float32)
-    tl.store(row_base, ids_r.to(out_ty), mask=first)
-    tl.store(row_base + 1, ids_c.to(out_ty), mask=first)
+    tl.store(row_base, _cast_out(ids_r, out_ty), mask=first)
+    tl.store(row_base + 1, _cast_out(ids_c, out_ty), mask=first)
     tl.store(mask_ptr + b * P + k, tl.full((BLOCK_R, BLOCK_C), 1.0, tl.float32).to(mask_ptr.dtype.element_ty),
              mask=first)
 
@@ -329,10 +331,11 @@ def fused_preprocess_triton(
     clip = empty
     if clip_size > 0:
         # torch's scale: float(in - 1) / float(out - 1) in float32 (0 for a single output).
-        scale = float(np.float32(S - 1) / np.float32(clip_size - 1)) if clip_size > 1 else 0.0
+        scale = np.float32(S - 1) / np.float32(clip_size - 1) if clip_size > 1 else np.float32(0.0)
+        src = torch.from_numpy(scale * np.arange(clip_size, dtype=np.float32)).to(device)
         clip = torch.empty(B, 3, clip_size, clip_size, dtype=dtype, device=device)
         grid = (triton.cdiv(clip_size, 16), triton.cdiv(clip_size, 64), B * 3)
-        _bilinear_align_corners_kernel[grid](canvas, lut, clip, S, clip_size, scale, BLOCK_R=16, BLOCK_C=64)
+        _bilinear_align_corners_kernel[grid](canvas, lut, src, clip, S, clip_size, BLOCK_R=16, BLOCK_C=64)
     patches, mask = empty, empty
     if p2s_max_patches > 0:
         patches, mask = _pix2struct(canvas, p2s_max_patches, p2s_patch, dtype)
