@@ -16,8 +16,17 @@
 #include <array>
 #include <atomic>
 #include <cstring>
+#include <memory>
 
 #include "preprocess/fused_preprocess.h"
+
+// Hot loops get an AVX2 clone picked at load time (ifunc), keeping the wheel portable: the
+// integer multiply-accumulate of Pillow's fixed point needs 32-bit lane multiplies (SSE4.1+).
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define EF_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define EF_MULTIVERSION
+#endif
 
 namespace eagle_fast::preprocess {
 namespace {
@@ -36,7 +45,7 @@ struct Source {
       for (int c = 0; c < 3; ++c) fill_row[x * 3 + c] = static_cast<uint8_t>(fill[c]);
   }
   bool is_fill_row(int y) const { return y < plan.img_top || y >= plan.img_top + h; }
-  // `scratch` must start as a copy of fill_row.
+  // `scratch` (src_w * 3 bytes) must start as a copy of fill_row.
   const uint8_t* row(int y, uint8_t* scratch) const {
     if (is_fill_row(y)) return fill_row.data();
     const uint8_t* r = img + static_cast<int64_t>(y - plan.img_top) * w * 3;
@@ -46,26 +55,48 @@ struct Source {
   }
 };
 
-// One horizontal Pillow pass over a source row: outputs [first, first + count) of the resized row.
-void pil_row_horizontal(const uint8_t* src, uint8_t* out, const Taps<int32_t>& t, int first, int count) {
+// Horizontal passes run on blocks of kRows rows transposed to (width, kRows * 3): every tap then
+// is one multiply-add over kLanes contiguous lanes, which vectorizes without gathers.
+constexpr int kRows = 16;
+constexpr int kLanes = kRows * 3;
+
+// Interleaved RGB rows (up to kRows) -> column-major block (width, kLanes), missing rows zero.
+template <typename Acc, typename Src>
+void transpose_rows(const Src* const* rows, int nrows, int width, Acc* __restrict block) {
+  for (int x = 0; x < width; ++x) {
+    Acc* col = block + static_cast<int64_t>(x) * kLanes;
+    for (int r = 0; r < kRows; ++r)
+      for (int c = 0; c < 3; ++c) col[r * 3 + c] = r < nrows ? static_cast<Acc>(rows[r][x * 3 + c]) : Acc(0);
+  }
+}
+
+// acc[l] = init + sum_i block[(start + i) * kLanes + l] * k[i], for the kLanes lanes of a block.
+template <typename Acc, typename W>
+inline void block_taps(const Acc* __restrict block, int start, const W* k, int n, Acc init, Acc* __restrict acc) {
+  for (int l = 0; l < kLanes; ++l) acc[l] = init;
+  const Acc* col = block + static_cast<int64_t>(start) * kLanes;
+  for (int i = 0; i < n; ++i, col += kLanes) {
+    const Acc ki = static_cast<Acc>(k[i]);
+    for (int l = 0; l < kLanes; ++l) acc[l] += col[l] * ki;
+  }
+}
+
+// One horizontal Pillow pass over a block of source rows: outputs [first, first + count) of the
+// resized rows, clip8'ed into `outs` (interleaved RGB).
+EF_MULTIVERSION void pil_block_horizontal(const uint8_t* const* rows, int nrows, int src_w, const Taps<int32_t>& t,
+                                          int first, int count, int32_t* block, uint8_t* const* outs) {
+  transpose_rows(rows, nrows, src_w, block);
+  alignas(64) int32_t acc[kLanes];
   for (int x = 0; x < count; ++x) {
     const int xx = first + x;
-    const int32_t* k = &t.w[static_cast<size_t>(xx) * t.ksize];
-    const uint8_t* s = src + t.start[xx] * 3;
-    int32_t s0 = kHalf, s1 = kHalf, s2 = kHalf;
-    for (int i = 0; i < t.count[xx]; ++i) {
-      s0 += s[i * 3 + 0] * k[i];
-      s1 += s[i * 3 + 1] * k[i];
-      s2 += s[i * 3 + 2] * k[i];
-    }
-    out[x * 3 + 0] = clip8(s0);
-    out[x * 3 + 1] = clip8(s1);
-    out[x * 3 + 2] = clip8(s2);
+    block_taps(block, t.start[xx], &t.w[static_cast<size_t>(xx) * t.ksize], t.count[xx], kHalf, acc);
+    for (int r = 0; r < nrows; ++r)
+      for (int c = 0; c < 3; ++c) outs[r][x * 3 + c] = clip8(acc[r * 3 + c]);
   }
 }
 
 // Vertical Pillow pass for one output row: acc[j] = kHalf + sum_i rows[i][j] * k[i], j over S*3.
-void pil_row_vertical(const uint8_t* rows, int64_t stride, const int32_t* k, int n, int width3,
+EF_MULTIVERSION void pil_row_vertical(const uint8_t* rows, int64_t stride, const int32_t* k, int n, int width3,
                       int32_t* acc, uint8_t* out) {
   for (int j = 0; j < width3; ++j) acc[j] = kHalf;
   for (int i = 0; i < n; ++i) {
@@ -76,20 +107,42 @@ void pil_row_vertical(const uint8_t* rows, int64_t stride, const int32_t* k, int
   for (int j = 0; j < width3; ++j) out[j] = clip8(acc[j]);
 }
 
+// CLIP rescale + normalize of one canvas row into the three planes of pixel_values, through a
+// 256-entry table per channel (bit-exact with the numpy maths, and cheaper than computing it).
 template <typename T>
-void normalize_row(const uint8_t* row, int width, const std::array<std::array<float, 256>, 3>& lut,
+void normalize_row(const uint8_t* __restrict row, int width, const std::array<std::array<float, 256>, 3>& lut,
                    T* out, int64_t plane) {
-  for (int c = 0; c < 3; ++c) {
-    const float* l = lut[c].data();
-    T* o = out + c * plane;
-    for (int x = 0; x < width; ++x) o[x] = static_cast<T>(l[row[x * 3 + c]]);
+  T* __restrict o0 = out;
+  T* __restrict o1 = out + plane;
+  T* __restrict o2 = out + 2 * plane;
+  const float *l0 = lut[0].data(), *l1 = lut[1].data(), *l2 = lut[2].data();
+  for (int x = 0; x < width; ++x) {
+    o0[x] = static_cast<T>(l0[row[x * 3 + 0]]);
+    o1[x] = static_cast<T>(l1[row[x * 3 + 1]]);
+    o2[x] = static_cast<T>(l2[row[x * 3 + 2]]);
   }
+}
+
+// Sum and sum of squares of the canvas bytes: Pix2Struct's per-image mean/std, exact in integers.
+struct Moments {
+  std::atomic<int64_t> sum{0}, sumsq{0};
+};
+
+EF_MULTIVERSION void row_moments(const uint8_t* row, int64_t n, Moments& m) {
+  int64_t s = 0, q = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const int32_t v = row[j];
+    s += v;
+    q += v * v;
+  }
+  m.sum += s;
+  m.sumsq += q;
 }
 
 // Stage 1: the uint8 canvas (S, S, 3) and the normalized pixel_values (3, S, S).
 template <typename T>
 void build_canvas(const at::Tensor& image, int S, bool pad, at::IntArrayRef fill,
-                  const std::array<std::array<float, 256>, 3>& lut, uint8_t* canvas, T* pixels) {
+                  const std::array<std::array<float, 256>, 3>& lut, uint8_t* canvas, T* pixels, Moments* moments) {
   const int h = image.size(0), w = image.size(1);
   const CanvasPlan p = plan_canvas(h, w, S, pad);
   Source src(image.data_ptr<uint8_t>(), h, w, p, fill);
@@ -100,25 +153,38 @@ void build_canvas(const at::Tensor& image, int S, bool pad, at::IntArrayRef fill
   const int y0 = do_v ? tv.start[p.crop_top] : p.crop_top;
   const int y1 = do_v ? tv.start[p.crop_top + S - 1] + tv.count[p.crop_top + S - 1] : p.crop_top + S;
   const int64_t row3 = static_cast<int64_t>(S) * 3;
-  std::vector<uint8_t> temp(static_cast<size_t>(y1 - y0) * row3);  // horizontally resized rows
+  auto temp = std::make_unique_for_overwrite<uint8_t[]>(static_cast<size_t>(y1 - y0) * row3);  // resized rows
 
-  // Pad mode: every fill row resamples to the same output row; compute it once.
+  // Pad mode: every fill row resamples to the same output row; computed once, then copied.
   std::vector<uint8_t> fill_out;
+  std::vector<int32_t> block(do_h ? static_cast<size_t>(p.src_w) * kLanes : 0);
   if (pad && do_h) {
     fill_out.resize(row3);
-    pil_row_horizontal(src.fill_row.data(), fill_out.data(), th, p.crop_left, S);
+    const uint8_t* in[1] = {src.fill_row.data()};
+    uint8_t* out[1] = {fill_out.data()};
+    pil_block_horizontal(in, 1, p.src_w, th, p.crop_left, S, block.data(), out);
   }
-  at::parallel_for(y0, y1, 16, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> scratch(src.fill_row);
-    for (int64_t y = begin; y < end; ++y) {
-      uint8_t* out = temp.data() + (y - y0) * row3;
-      if (!fill_out.empty() && src.is_fill_row(y)) {
-        std::memcpy(out, fill_out.data(), row3);
-      } else if (do_h) {
-        pil_row_horizontal(src.row(y, scratch.data()), out, th, p.crop_left, S);
-      } else {
-        std::memcpy(out, src.row(y, scratch.data()) + p.crop_left * 3, row3);
+  const int64_t nblocks = (y1 - y0 + kRows - 1) / kRows;
+  at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> scratch(kRows * src.fill_row.size());
+    for (int r = 0; r < kRows; ++r) std::memcpy(&scratch[r * src.fill_row.size()], src.fill_row.data(), src.fill_row.size());
+    std::vector<int32_t> blk(block.size());
+    for (int64_t bi = begin; bi < end; ++bi) {
+      const uint8_t* in[kRows];
+      uint8_t* out[kRows];
+      int n = 0;
+      for (int y = y0 + bi * kRows; y < std::min<int64_t>(y1, y0 + (bi + 1) * kRows); ++y) {
+        uint8_t* o = temp.get() + (y - y0) * row3;
+        if (!fill_out.empty() && src.is_fill_row(y)) {
+          std::memcpy(o, fill_out.data(), row3);
+        } else if (do_h) {
+          in[n] = src.row(y, &scratch[n * src.fill_row.size()]);
+          out[n++] = o;
+        } else {
+          std::memcpy(o, src.row(y, scratch.data()) + p.crop_left * 3, row3);
+        }
       }
+      if (n > 0) pil_block_horizontal(in, n, p.src_w, th, p.crop_left, S, blk.data(), out);
     }
   });
   const int64_t plane = static_cast<int64_t>(S) * S;
@@ -128,12 +194,13 @@ void build_canvas(const at::Tensor& image, int S, bool pad, at::IntArrayRef fill
       uint8_t* crow = canvas + oy * row3;
       if (do_v) {
         const int yy = p.crop_top + oy;
-        pil_row_vertical(temp.data() + (tv.start[yy] - y0) * row3, row3,
+        pil_row_vertical(temp.get() + (tv.start[yy] - y0) * row3, row3,
                          &tv.w[static_cast<size_t>(yy) * tv.ksize], tv.count[yy], row3, acc.data(), crow);
       } else {
-        std::memcpy(crow, temp.data() + (p.crop_top + oy - y0) * row3, row3);
+        std::memcpy(crow, temp.get() + (p.crop_top + oy - y0) * row3, row3);
       }
       normalize_row(crow, S, lut, pixels + oy * S, plane);
+      if (moments) row_moments(crow, row3, *moments);
     }
   });
 }
@@ -168,69 +235,66 @@ void clip_resize(const uint8_t* canvas, int S, int c_size, const std::array<std:
   });
 }
 
+// Antialiased bilinear for a block of n <= kRows Pix2Struct output rows starting at oy0, vertical
+// taps first (only fp32 rounding differs from torch's order): canvas rows -> float rows (n, S*3)
+// -> transposed block (S, kLanes) -> horizontal taps -> standardized values out (OW, kLanes).
+EF_MULTIVERSION void p2s_block(const uint8_t* canvas, int S, const Taps<float>& tv, const Taps<float>& th,
+                               int oy0, int n, float mean, float inv_std, float* rows, float* block, float* out) {
+  const int64_t row3 = static_cast<int64_t>(S) * 3;
+  const float* in[kRows];
+  for (int r = 0; r < n; ++r) {
+    const int oy = oy0 + r;
+    float* __restrict o = rows + r * row3;
+    for (int64_t j = 0; j < row3; ++j) o[j] = 0.f;
+    const float* kv = &tv.w[static_cast<size_t>(oy) * tv.ksize];
+    for (int i = 0; i < tv.count[oy]; ++i) {
+      const uint8_t* __restrict src = canvas + (tv.start[oy] + i) * row3;
+      const float k = kv[i];
+      for (int64_t j = 0; j < row3; ++j) o[j] += src[j] * k;
+    }
+    in[r] = o;
+  }
+  transpose_rows(in, n, S, block);
+  for (int ox = 0; ox < th.count.size(); ++ox) {
+    float* acc = out + static_cast<int64_t>(ox) * kLanes;
+    block_taps(block, th.start[ox], &th.w[static_cast<size_t>(ox) * th.ksize], th.count[ox], 0.f, acc);
+    for (int l = 0; l < kLanes; ++l) acc[l] = (acc[l] - mean) * inv_std;
+  }
+}
+
 // Stage 3: Pix2Struct flattened patches (P, 2 + p*p*3) and mask (P,).
 template <typename T>
-void pix2struct_patches(const uint8_t* canvas, int S, int P, int p, T* patches, T* mask) {
+void pix2struct_patches(const uint8_t* canvas, int S, int P, int p, const Moments& m, T* patches, T* mask) {
   int rows, cols;
   pix2struct_grid(S, S, P, p, rows, cols);
   const int OH = rows * p, OW = cols * p, D = 2 + p * p * 3;
   const int64_t n = static_cast<int64_t>(S) * S * 3;
-  // Exact integer moments: mean and population std as numpy computes on the 0..255 canvas.
-  std::atomic<int64_t> sum{0}, sumsq{0};
-  at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
-    int64_t s = 0, q = 0;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t v = canvas[i];
-      s += v;
-      q += v * v;
-    }
-    sum += s;
-    sumsq += q;
-  });
-  const double mean = static_cast<double>(sum) / n;
-  // n * sumsq overflows int64 past a 2048 canvas: exact in 128-bit.
-  const __int128 num = static_cast<__int128>(n) * sumsq.load() - static_cast<__int128>(sum.load()) * sum.load();
+  // numpy's mean / population std of the 0..255 canvas; n * sumsq overflows int64 past a 2048
+  // canvas, so the variance numerator is exact in 128-bit.
+  const int64_t sum = m.sum.load(), sumsq = m.sumsq.load();
+  const __int128 num = static_cast<__int128>(n) * sumsq - static_cast<__int128>(sum) * sum;
   const double var = static_cast<double>(num) / (static_cast<double>(n) * n);
   const float inv_std = static_cast<float>(1.0 / std::max(std::sqrt(var), 1.0 / std::sqrt(static_cast<double>(n))));
-  const float meanf = static_cast<float>(mean);
+  const float meanf = static_cast<float>(static_cast<double>(sum) / n);
 
-  const Taps<float> th = aa_bilinear_taps(S, OW), tv = aa_bilinear_taps(S, OH);
-  const int64_t row3 = static_cast<int64_t>(OW) * 3;
-  std::vector<float> temp(static_cast<size_t>(S) * row3);  // (S, OW, 3) after the horizontal pass
-  at::parallel_for(0, S, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t y = begin; y < end; ++y) {
-      const uint8_t* s = canvas + y * S * 3;
-      float* o = temp.data() + y * row3;
-      for (int x = 0; x < OW; ++x) {
-        const float* k = &th.w[static_cast<size_t>(x) * th.ksize];
-        const uint8_t* src = s + th.start[x] * 3;
-        float a0 = 0.f, a1 = 0.f, a2 = 0.f;
-        for (int i = 0; i < th.count[x]; ++i) {
-          a0 += src[i * 3 + 0] * k[i];
-          a1 += src[i * 3 + 1] * k[i];
-          a2 += src[i * 3 + 2] * k[i];
+  // A block of kRows output rows at a time, written straight into the patches: no full-size float
+  // temporary.
+  const Taps<float> tv = aa_bilinear_taps(S, OH), th = aa_bilinear_taps(S, OW);
+  const int64_t nblocks = (OH + kRows - 1) / kRows;
+  at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> rows(kRows * static_cast<size_t>(S) * 3), block(static_cast<size_t>(S) * kLanes),
+        out(static_cast<size_t>(OW) * kLanes);
+    for (int64_t bi = begin; bi < end; ++bi) {
+      const int oy0 = bi * kRows, n = std::min<int>(kRows, OH - oy0);
+      p2s_block(canvas, S, tv, th, oy0, n, meanf, inv_std, rows.data(), block.data(), out.data());
+      for (int r = 0; r < n; ++r) {  // scatter: each (row, patch column) is a contiguous run of p*3
+        const int oy = oy0 + r, pr = oy / p, py = oy % p;
+        for (int cc = 0; cc < cols; ++cc) {
+          T* dst = patches + static_cast<int64_t>(pr * cols + cc) * D + 2 + py * p * 3;
+          const float* src = out.data() + static_cast<int64_t>(cc * p) * kLanes + r * 3;
+          for (int px = 0; px < p; ++px)
+            for (int c = 0; c < 3; ++c) dst[px * 3 + c] = static_cast<T>(src[px * kLanes + c]);
         }
-        o[x * 3 + 0] = a0;
-        o[x * 3 + 1] = a1;
-        o[x * 3 + 2] = a2;
-      }
-    }
-  });
-  at::parallel_for(0, OH, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(row3);
-    for (int64_t oy = begin; oy < end; ++oy) {
-      std::fill(acc.begin(), acc.end(), 0.f);
-      const float* k = &tv.w[static_cast<size_t>(oy) * tv.ksize];
-      const float* base = temp.data() + tv.start[oy] * row3;
-      for (int i = 0; i < tv.count[oy]; ++i) {
-        const float* r = base + i * row3;
-        for (int64_t j = 0; j < row3; ++j) acc[j] += r[j] * k[i];
-      }
-      const int r = oy / p, py = oy % p;
-      for (int cc = 0; cc < cols; ++cc) {  // one contiguous run of p*3 values per patch
-        T* dst = patches + static_cast<int64_t>(r * cols + cc) * D + 2 + py * p * 3;
-        const float* a = acc.data() + cc * p * 3;
-        for (int j = 0; j < p * 3; ++j) dst[j] = static_cast<T>((a[j] - meanf) * inv_std);
       }
     }
   });
@@ -268,12 +332,14 @@ void run_all(at::TensorList images, int S, bool pad, at::IntArrayRef fill, at::A
   for (int c = 0; c < 3; ++c)
     for (int u = 0; u < 256; ++u)
       lut[c][u] = clip_normalize(static_cast<uint8_t>(u), static_cast<float>(mean[c]), static_cast<float>(std[c]));
-  std::vector<uint8_t> canvas(static_cast<size_t>(S) * S * 3);
+  // Uninitialized on purpose: every byte is written by stage 1 before it is read.
+  auto canvas = std::make_unique_for_overwrite<uint8_t[]>(static_cast<size_t>(S) * S * 3);
   for (size_t b = 0; b < images.size(); ++b) {
     const at::Tensor im = images[b].contiguous();
-    build_canvas<T>(im, S, pad, fill, lut, canvas.data(), pv[b].data_ptr<T>());
-    if (c_size > 0) clip_resize<T>(canvas.data(), S, c_size, lut, clip[b].data_ptr<T>());
-    if (P > 0) pix2struct_patches<T>(canvas.data(), S, P, p, patches[b].data_ptr<T>(), mask[b].data_ptr<T>());
+    Moments moments;
+    build_canvas<T>(im, S, pad, fill, lut, canvas.get(), pv[b].data_ptr<T>(), P > 0 ? &moments : nullptr);
+    if (c_size > 0) clip_resize<T>(canvas.get(), S, c_size, lut, clip[b].data_ptr<T>());
+    if (P > 0) pix2struct_patches<T>(canvas.get(), S, P, p, moments, patches[b].data_ptr<T>(), mask[b].data_ptr<T>());
   }
 }
 
