@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import warnings
 
 import torch
@@ -16,7 +17,14 @@ import torch
 
 @functools.cache
 def load_compiled() -> bool:
-    """Import `_C` (and `_C_cuda` on a CUDA build of torch). True when `_C` loaded."""
+    """Import `_C` (and `_C_cuda` on a CUDA build of torch). True when `_C` loaded.
+
+    EAGLE_FAST_DISABLE_COMPILED=1 skips both, to run (and test) the pure-torch fallback.
+    """
+    if os.environ.get("EAGLE_FAST_DISABLE_COMPILED") == "1":
+        warnings.warn("eagle_fast: compiled kernels disabled by EAGLE_FAST_DISABLE_COMPILED=1; using the "
+                      "pure-torch reference ops", RuntimeWarning, stacklevel=2)
+        return False
     try:
         importlib.import_module("eagle_fast._C")
     except ImportError as exc:  # a missing or mismatched build: fall back, loudly, once

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install the built wheel into a fresh venv that reuses the dev venv's torch & deps (a .pth line),
+# then check from outside the source tree that the compiled kernels load and match the reference.
+set -euo pipefail
+PY=$1; DIST=$2
+WHEEL=$(ls "$DIST"/eagle_fast-*.whl)
+SMOKE=$(mktemp -d)/venv
+SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+"$PY" -m venv "$SMOKE"
+SMOKE_SITE=$("$SMOKE/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+echo "$SITE" > "$SMOKE_SITE/_dev_deps.pth"
+"$SMOKE/bin/python" -m pip install -q --no-deps --no-index "$WHEEL"
+cd "$(dirname "$SMOKE")"
+"$SMOKE/bin/python" - <<'PY'
+import torch, eagle_fast, eagle_fast.ops as ops
+from eagle_fast.ops.fused_preprocess import fused_preprocess
+assert "site-packages" in eagle_fast.__file__ and "/venv/" in eagle_fast.__file__, eagle_fast.__file__
+assert ops.has_compiled_ops(), "wheel lacks eagle_fast._C"
+if torch.version.cuda:
+    assert ops.has_cuda_kernels(), "CUDA torch but the wheel lacks eagle_fast._C_cuda"
+img = torch.randint(0, 256, (37, 53, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+a = fused_preprocess([img], canvas_size=64, clip_size=24, pix2struct_max_patches=16, pix2struct_patch=8)
+b = fused_preprocess([img], canvas_size=64, clip_size=24, pix2struct_max_patches=16, pix2struct_patch=8, backend="reference")
+assert torch.equal(a.pixel_values, b.pixel_values)
+assert (a.clip - b.clip).abs().max() < 1e-5 and (a.flattened_patches - b.flattened_patches).abs().max() < 1e-4
+print("wheel smoke test: ok,", eagle_fast.__file__, "cuda kernels:", ops.has_cuda_kernels())
+PY

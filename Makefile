@@ -1,0 +1,31 @@
+# make test  — create .venv if needed (torch 2.14.1 + deps), build the kernels, run the whole suite.
+# make wheel — build the wheel (carries _C and, with nvcc, _C_cuda) and smoke-test it in a fresh venv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.deps-stamp
+
+.PHONY: test build wheel bench clean
+
+$(STAMP): requirements-dev.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -r requirements-dev.txt
+	touch $(STAMP)
+
+build: $(STAMP)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+test: build
+	$(PY) -m pytest -q python_tests
+
+wheel: $(STAMP)
+	rm -rf dist && $(PIP) wheel -q --no-build-isolation --no-deps -w dist .
+	bash .ci/wheel_smoke.sh $(PY) dist
+
+bench: build
+	$(PY) -m eagle_fast.bench preprocess
+
+clean:
+	rm -rf build dist wheelhouse .pytest_cache

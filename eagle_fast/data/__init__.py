@@ -1,0 +1,1 @@
+"""Data: image decoding, templates, tokenization, datasets."""

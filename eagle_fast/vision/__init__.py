@@ -1,0 +1,1 @@
+"""Vision side: the image processor, experts and their mixture."""
