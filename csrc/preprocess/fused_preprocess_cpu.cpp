@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 
 #include "preprocess/fused_preprocess.h"
 
@@ -107,19 +108,30 @@ EF_MULTIVERSION void pil_row_vertical(const uint8_t* rows, int64_t stride, const
   for (int j = 0; j < width3; ++j) out[j] = clip8(acc[j]);
 }
 
-// CLIP rescale + normalize of one canvas row into the three planes of pixel_values, through a
-// 256-entry table per channel (bit-exact with the numpy maths, and cheaper than computing it).
-template <typename T>
-void normalize_row(const uint8_t* __restrict row, int width, const std::array<std::array<float, 256>, 3>& lut,
-                   T* out, int64_t plane) {
-  T* __restrict o0 = out;
-  T* __restrict o1 = out + plane;
-  T* __restrict o2 = out + 2 * plane;
-  const float *l0 = lut[0].data(), *l1 = lut[1].data(), *l2 = lut[2].data();
+// float -> output element. bf16 rounds to nearest-even with plain integer maths (no NaNs occur
+// here), which vectorizes where c10::BFloat16's converting constructor does not.
+inline void store(float v, float* dst) { *dst = v; }
+inline void store(float v, at::BFloat16* dst) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  *dst = at::BFloat16(static_cast<uint16_t>(bits >> 16), at::BFloat16::from_bits());
+}
+
+EF_MULTIVERSION void store_row(const float* __restrict src, int64_t n, at::BFloat16* __restrict dst) {
+  for (int64_t i = 0; i < n; ++i) store(src[i], dst + i);
+}
+inline void store_row(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
+
+// CLIP rescale + normalize of one canvas row into three float planes, with the numpy processor's
+// exact arithmetic (u * (1/255) in double, cast to float, then (x - mean) / std in float).
+EF_MULTIVERSION void normalize_row(const uint8_t* __restrict row, int width, const float* mean, const float* std,
+                                   float* __restrict o0, float* __restrict o1, float* __restrict o2) {
+  const float m0 = mean[0], m1 = mean[1], m2 = mean[2], s0 = std[0], s1 = std[1], s2 = std[2];
   for (int x = 0; x < width; ++x) {
-    o0[x] = static_cast<T>(l0[row[x * 3 + 0]]);
-    o1[x] = static_cast<T>(l1[row[x * 3 + 1]]);
-    o2[x] = static_cast<T>(l2[row[x * 3 + 2]]);
+    o0[x] = (static_cast<float>(row[x * 3 + 0] * (1.0 / 255.0)) - m0) / s0;
+    o1[x] = (static_cast<float>(row[x * 3 + 1] * (1.0 / 255.0)) - m1) / s1;
+    o2[x] = (static_cast<float>(row[x * 3 + 2] * (1.0 / 255.0)) - m2) / s2;
   }
 }
 
@@ -128,12 +140,19 @@ struct Moments {
   std::atomic<int64_t> sum{0}, sumsq{0};
 };
 
-EF_MULTIVERSION void row_moments(const uint8_t* row, int64_t n, Moments& m) {
+EF_MULTIVERSION void row_moments(const uint8_t* __restrict row, int64_t n, Moments& m) {
+  // 32-bit partial sums vectorize; chunks of 8192 bytes keep the sum of squares below 2**31.
   int64_t s = 0, q = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const int32_t v = row[j];
-    s += v;
-    q += v * v;
+  for (int64_t base = 0; base < n; base += 8192) {
+    const int64_t end = std::min<int64_t>(n, base + 8192);
+    uint32_t s32 = 0, q32 = 0;
+    for (int64_t j = base; j < end; ++j) {
+      const uint32_t v = row[j];
+      s32 += v;
+      q32 += v * v;
+    }
+    s += s32;
+    q += q32;
   }
   m.sum += s;
   m.sumsq += q;
@@ -141,8 +160,8 @@ EF_MULTIVERSION void row_moments(const uint8_t* row, int64_t n, Moments& m) {
 
 // Stage 1: the uint8 canvas (S, S, 3) and the normalized pixel_values (3, S, S).
 template <typename T>
-void build_canvas(const at::Tensor& image, int S, bool pad, at::IntArrayRef fill,
-                  const std::array<std::array<float, 256>, 3>& lut, uint8_t* canvas, T* pixels, Moments* moments) {
+void build_canvas(const at::Tensor& image, int S, bool pad, at::IntArrayRef fill, const float* mean,
+                  const float* std, uint8_t* canvas, T* pixels, Moments* moments) {
   const int h = image.size(0), w = image.size(1);
   const CanvasPlan p = plan_canvas(h, w, S, pad);
   Source src(image.data_ptr<uint8_t>(), h, w, p, fill);
@@ -190,6 +209,7 @@ void build_canvas(const at::Tensor& image, int S, bool pad, at::IntArrayRef fill
   const int64_t plane = static_cast<int64_t>(S) * S;
   at::parallel_for(0, S, 8, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> acc(row3);
+    std::vector<float> planes(std::is_same_v<T, float> ? 0 : row3);  // bf16: fp32 row, then rounded
     for (int64_t oy = begin; oy < end; ++oy) {
       uint8_t* crow = canvas + oy * row3;
       if (do_v) {
@@ -199,7 +219,13 @@ void build_canvas(const at::Tensor& image, int S, bool pad, at::IntArrayRef fill
       } else {
         std::memcpy(crow, temp.get() + (p.crop_top + oy - y0) * row3, row3);
       }
-      normalize_row(crow, S, lut, pixels + oy * S, plane);
+      T* out = pixels + oy * S;
+      if constexpr (std::is_same_v<T, float>) {
+        normalize_row(crow, S, mean, std, out, out + plane, out + 2 * plane);
+      } else {
+        normalize_row(crow, S, mean, std, planes.data(), planes.data() + S, planes.data() + 2 * S);
+        for (int c = 0; c < 3; ++c) store_row(planes.data() + c * S, S, out + c * plane);
+      }
       if (moments) row_moments(crow, row3, *moments);
     }
   });
@@ -235,30 +261,34 @@ void clip_resize(const uint8_t* canvas, int S, int c_size, const std::array<std:
   });
 }
 
-// Antialiased bilinear for a block of n <= kRows Pix2Struct output rows starting at oy0, vertical
-// taps first (only fp32 rounding differs from torch's order): canvas rows -> float rows (n, S*3)
-// -> transposed block (S, kLanes) -> horizontal taps -> standardized values out (OW, kLanes).
-EF_MULTIVERSION void p2s_block(const uint8_t* canvas, int S, const Taps<float>& tv, const Taps<float>& th,
-                               int oy0, int n, float mean, float inv_std, float* rows, float* block, float* out) {
+// Antialiased bilinear for one Pix2Struct output row oy, vertical taps first (only fp32 rounding
+// differs from torch's order): canvas rows -> one float row (S * 3, vectorized) -> horizontal taps
+// per output pixel (interleaved RGB) -> standardized `out` (OW * 3), whose runs of p*3 values are
+// contiguous in the patches.
+EF_MULTIVERSION void p2s_row(const uint8_t* canvas, int S, const Taps<float>& tv, const Taps<float>& th, int oy,
+                             float mean, float inv_std, float* __restrict row, float* __restrict out) {
   const int64_t row3 = static_cast<int64_t>(S) * 3;
-  const float* in[kRows];
-  for (int r = 0; r < n; ++r) {
-    const int oy = oy0 + r;
-    float* __restrict o = rows + r * row3;
-    for (int64_t j = 0; j < row3; ++j) o[j] = 0.f;
-    const float* kv = &tv.w[static_cast<size_t>(oy) * tv.ksize];
-    for (int i = 0; i < tv.count[oy]; ++i) {
-      const uint8_t* __restrict src = canvas + (tv.start[oy] + i) * row3;
-      const float k = kv[i];
-      for (int64_t j = 0; j < row3; ++j) o[j] += src[j] * k;
-    }
-    in[r] = o;
+  for (int64_t j = 0; j < row3; ++j) row[j] = 0.f;
+  const float* kv = &tv.w[static_cast<size_t>(oy) * tv.ksize];
+  for (int i = 0; i < tv.count[oy]; ++i) {
+    const uint8_t* __restrict src = canvas + (tv.start[oy] + i) * row3;
+    const float k = kv[i];
+    for (int64_t j = 0; j < row3; ++j) row[j] += src[j] * k;
   }
-  transpose_rows(in, n, S, block);
-  for (int ox = 0; ox < th.count.size(); ++ox) {
-    float* acc = out + static_cast<int64_t>(ox) * kLanes;
-    block_taps(block, th.start[ox], &th.w[static_cast<size_t>(ox) * th.ksize], th.count[ox], 0.f, acc);
-    for (int l = 0; l < kLanes; ++l) acc[l] = (acc[l] - mean) * inv_std;
+  const int OW = static_cast<int>(th.start.size());
+  const int K = th.ksize;  // weights past each output's count are 0; the row has K * 3 zeros of slack
+  for (int ox = 0; ox < OW; ++ox) {
+    const float* k = &th.w[static_cast<size_t>(ox) * K];
+    const float* src = row + th.start[ox] * 3;
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f;
+    for (int i = 0; i < K; ++i) {
+      a0 += src[i * 3 + 0] * k[i];
+      a1 += src[i * 3 + 1] * k[i];
+      a2 += src[i * 3 + 2] * k[i];
+    }
+    out[ox * 3 + 0] = (a0 - mean) * inv_std;
+    out[ox * 3 + 1] = (a1 - mean) * inv_std;
+    out[ox * 3 + 2] = (a2 - mean) * inv_std;
   }
 }
 
@@ -277,25 +307,15 @@ void pix2struct_patches(const uint8_t* canvas, int S, int P, int p, const Moment
   const float inv_std = static_cast<float>(1.0 / std::max(std::sqrt(var), 1.0 / std::sqrt(static_cast<double>(n))));
   const float meanf = static_cast<float>(static_cast<double>(sum) / n);
 
-  // A block of kRows output rows at a time, written straight into the patches: no full-size float
-  // temporary.
+  // Row by row, written straight into the patches: no full-size float temporary.
   const Taps<float> tv = aa_bilinear_taps(S, OH), th = aa_bilinear_taps(S, OW);
-  const int64_t nblocks = (OH + kRows - 1) / kRows;
-  at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> rows(kRows * static_cast<size_t>(S) * 3), block(static_cast<size_t>(S) * kLanes),
-        out(static_cast<size_t>(OW) * kLanes);
-    for (int64_t bi = begin; bi < end; ++bi) {
-      const int oy0 = bi * kRows, n = std::min<int>(kRows, OH - oy0);
-      p2s_block(canvas, S, tv, th, oy0, n, meanf, inv_std, rows.data(), block.data(), out.data());
-      for (int r = 0; r < n; ++r) {  // scatter: each (row, patch column) is a contiguous run of p*3
-        const int oy = oy0 + r, pr = oy / p, py = oy % p;
-        for (int cc = 0; cc < cols; ++cc) {
-          T* dst = patches + static_cast<int64_t>(pr * cols + cc) * D + 2 + py * p * 3;
-          const float* src = out.data() + static_cast<int64_t>(cc * p) * kLanes + r * 3;
-          for (int px = 0; px < p; ++px)
-            for (int c = 0; c < 3; ++c) dst[px * 3 + c] = static_cast<T>(src[px * kLanes + c]);
-        }
-      }
+  at::parallel_for(0, OH, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(static_cast<size_t>(S + th.ksize) * 3, 0.f), out(static_cast<size_t>(OW) * 3);
+    for (int64_t oy = begin; oy < end; ++oy) {
+      p2s_row(canvas, S, tv, th, oy, meanf, inv_std, row.data(), out.data());
+      const int pr = oy / p, py = oy % p;
+      for (int cc = 0; cc < cols; ++cc)  // each patch holds p*3 contiguous values of this row
+        store_row(out.data() + cc * p * 3, p * 3, patches + static_cast<int64_t>(pr * cols + cc) * D + 2 + py * p * 3);
     }
   });
   for (int64_t k = 0; k < P; ++k) {
@@ -328,7 +348,9 @@ template <typename T>
 void run_all(at::TensorList images, int S, bool pad, at::IntArrayRef fill, at::ArrayRef<double> mean,
              at::ArrayRef<double> std, int c_size, int P, int p, at::Tensor& pv, at::Tensor& clip,
              at::Tensor& patches, at::Tensor& mask) {
-  std::array<std::array<float, 256>, 3> lut;
+  const float meanf[3] = {static_cast<float>(mean[0]), static_cast<float>(mean[1]), static_cast<float>(mean[2])};
+  const float stdf[3] = {static_cast<float>(std[0]), static_cast<float>(std[1]), static_cast<float>(std[2])};
+  std::array<std::array<float, 256>, 3> lut;  // normalized value of every byte, for the CLIP gather
   for (int c = 0; c < 3; ++c)
     for (int u = 0; u < 256; ++u)
       lut[c][u] = clip_normalize(static_cast<uint8_t>(u), static_cast<float>(mean[c]), static_cast<float>(std[c]));
@@ -337,7 +359,7 @@ void run_all(at::TensorList images, int S, bool pad, at::IntArrayRef fill, at::A
   for (size_t b = 0; b < images.size(); ++b) {
     const at::Tensor im = images[b].contiguous();
     Moments moments;
-    build_canvas<T>(im, S, pad, fill, lut, canvas.get(), pv[b].data_ptr<T>(), P > 0 ? &moments : nullptr);
+    build_canvas<T>(im, S, pad, fill, meanf, stdf, canvas.get(), pv[b].data_ptr<T>(), P > 0 ? &moments : nullptr);
     if (c_size > 0) clip_resize<T>(canvas.get(), S, c_size, lut, clip[b].data_ptr<T>());
     if (P > 0) pix2struct_patches<T>(canvas.get(), S, P, p, moments, patches[b].data_ptr<T>(), mask[b].data_ptr<T>());
   }
