@@ -158,10 +158,11 @@ EF_MULTIVERSION void row_moments(const uint8_t* __restrict row, int64_t n, Momen
   m.sumsq += q;
 }
 
-// Stage 1: the uint8 canvas (S, S, 3) and the normalized pixel_values (3, S, S).
+// Stage 1: the uint8 canvas (S, S, 3) and the normalized pixel_values (3, S, S). Returns, per canvas
+// row, whether it is a pure pad-colour row (those rows are identical; stage 3 reuses that).
 template <typename T>
-void build_canvas(const at::Tensor& image, int S, bool pad, at::IntArrayRef fill, const float* mean,
-                  const float* std, uint8_t* canvas, T* pixels, Moments* moments) {
+std::vector<uint8_t> build_canvas(const at::Tensor& image, int S, bool pad, at::IntArrayRef fill, const float* mean,
+                                  const float* std, uint8_t* canvas, T* pixels, Moments* moments) {
   const int h = image.size(0), w = image.size(1);
   const CanvasPlan p = plan_canvas(h, w, S, pad);
   Source src(image.data_ptr<uint8_t>(), h, w, p, fill);
@@ -207,11 +208,39 @@ void build_canvas(const at::Tensor& image, int S, bool pad, at::IntArrayRef fill
     }
   });
   const int64_t plane = static_cast<int64_t>(S) * S;
+  // Pad mode, wide images: a canvas row whose vertical taps read only fill rows equals fill_out
+  // exactly (a row's fixed-point weights sum to 2**22 within a few units, far from moving a byte),
+  // so those rows are copies, normalized once.
+  std::vector<uint8_t> fill_rows(S, 0);
+  std::vector<T> fill_pixels;
+  int64_t fill_sum = 0, fill_sumsq = 0;
+  if (!fill_out.empty() && do_v) {
+    for (int oy = 0; oy < S; ++oy) {
+      const int a = tv.start[p.crop_top + oy], b = a + tv.count[p.crop_top + oy];
+      fill_rows[oy] = b <= p.img_top || a >= p.img_top + h;
+    }
+    std::vector<float> f(row3);
+    normalize_row(fill_out.data(), S, mean, std, f.data(), f.data() + S, f.data() + 2 * S);
+    fill_pixels.resize(row3);
+    store_row(f.data(), row3, fill_pixels.data());
+    for (const uint8_t v : fill_out) {
+      fill_sum += v;
+      fill_sumsq += static_cast<int64_t>(v) * v;
+    }
+  }
   at::parallel_for(0, S, 8, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> acc(row3);
     std::vector<float> planes(std::is_same_v<T, float> ? 0 : row3);  // bf16: fp32 row, then rounded
+    int64_t n_fill = 0;
     for (int64_t oy = begin; oy < end; ++oy) {
       uint8_t* crow = canvas + oy * row3;
+      T* out = pixels + oy * S;
+      if (fill_rows[oy]) {
+        std::memcpy(crow, fill_out.data(), row3);
+        for (int c = 0; c < 3; ++c) std::memcpy(out + c * plane, fill_pixels.data() + c * S, S * sizeof(T));
+        ++n_fill;
+        continue;
+      }
       if (do_v) {
         const int yy = p.crop_top + oy;
         pil_row_vertical(temp.get() + (tv.start[yy] - y0) * row3, row3,
@@ -219,7 +248,6 @@ void build_canvas(const at::Tensor& image, int S, bool pad, at::IntArrayRef fill
       } else {
         std::memcpy(crow, temp.get() + (p.crop_top + oy - y0) * row3, row3);
       }
-      T* out = pixels + oy * S;
       if constexpr (std::is_same_v<T, float>) {
         normalize_row(crow, S, mean, std, out, out + plane, out + 2 * plane);
       } else {
@@ -228,7 +256,12 @@ void build_canvas(const at::Tensor& image, int S, bool pad, at::IntArrayRef fill
       }
       if (moments) row_moments(crow, row3, *moments);
     }
+    if (moments && n_fill) {
+      moments->sum += n_fill * fill_sum;
+      moments->sumsq += n_fill * fill_sumsq;
+    }
   });
+  return fill_rows;
 }
 
 // Stage 2: CLIP input (3, c, c), bilinear align_corners=True over the normalized canvas.
@@ -294,7 +327,8 @@ EF_MULTIVERSION void p2s_row(const uint8_t* canvas, int S, const Taps<float>& tv
 
 // Stage 3: Pix2Struct flattened patches (P, 2 + p*p*3) and mask (P,).
 template <typename T>
-void pix2struct_patches(const uint8_t* canvas, int S, int P, int p, const Moments& m, T* patches, T* mask) {
+void pix2struct_patches(const uint8_t* canvas, const std::vector<uint8_t>& fill_rows, int S, int P, int p,
+                        const Moments& m, T* patches, T* mask) {
   int rows, cols;
   pix2struct_grid(S, S, P, p, rows, cols);
   const int OH = rows * p, OW = cols * p, D = 2 + p * p * 3;
@@ -311,8 +345,14 @@ void pix2struct_patches(const uint8_t* canvas, int S, int P, int p, const Moment
   const Taps<float> tv = aa_bilinear_taps(S, OH), th = aa_bilinear_taps(S, OW);
   at::parallel_for(0, OH, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> row(static_cast<size_t>(S + th.ksize) * 3, 0.f), out(static_cast<size_t>(OW) * 3);
+    bool out_is_fill = false;  // `out` holds a row computed from pad-colour canvas rows only
     for (int64_t oy = begin; oy < end; ++oy) {
-      p2s_row(canvas, S, tv, th, oy, meanf, inv_std, row.data(), out.data());
+      // Rows reading only (identical) pad-colour canvas rows equal each other up to fp32 rounding
+      // of their weight sums (~1e-7): compute one, reuse it.
+      bool fill_only = true;
+      for (int i = 0; i < tv.count[oy] && fill_only; ++i) fill_only = fill_rows[tv.start[oy] + i];
+      if (!(fill_only && out_is_fill)) p2s_row(canvas, S, tv, th, oy, meanf, inv_std, row.data(), out.data());
+      out_is_fill = fill_only;
       const int pr = oy / p, py = oy % p;
       for (int cc = 0; cc < cols; ++cc)  // each patch holds p*3 contiguous values of this row
         store_row(out.data() + cc * p * 3, p * 3, patches + static_cast<int64_t>(pr * cols + cc) * D + 2 + py * p * 3);
@@ -359,9 +399,10 @@ void run_all(at::TensorList images, int S, bool pad, at::IntArrayRef fill, at::A
   for (size_t b = 0; b < images.size(); ++b) {
     const at::Tensor im = images[b].contiguous();
     Moments moments;
-    build_canvas<T>(im, S, pad, fill, meanf, stdf, canvas.get(), pv[b].data_ptr<T>(), P > 0 ? &moments : nullptr);
+    const std::vector<uint8_t> fill_rows =
+        build_canvas<T>(im, S, pad, fill, meanf, stdf, canvas.get(), pv[b].data_ptr<T>(), P > 0 ? &moments : nullptr);
     if (c_size > 0) clip_resize<T>(canvas.get(), S, c_size, lut, clip[b].data_ptr<T>());
-    if (P > 0) pix2struct_patches<T>(canvas.get(), S, P, p, moments, patches[b].data_ptr<T>(), mask[b].data_ptr<T>());
+    if (P > 0) pix2struct_patches<T>(canvas.get(), fill_rows, S, P, p, moments, patches[b].data_ptr<T>(), mask[b].data_ptr<T>());
   }
 }
 
