@@ -13,13 +13,24 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <type_traits>
 
+#include <sys/mman.h>
+
 #include "preprocess/fused_preprocess.h"
+
+// GCC vector extensions: 16-lane vectors and two-register permutes (vpermt2ps with AVX-512).
+#if defined(__GNUC__) && !defined(__clang__)
+#define EF_VECTOR_SHUFFLE 1
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+#endif
 
 // Hot loops get an AVX2 clone picked at load time (ifunc), keeping the wheel portable: the
 // integer multiply-accumulate of Pillow's fixed point needs 32-bit lane multiplies (SSE4.1+).
@@ -294,34 +305,107 @@ void clip_resize(const uint8_t* canvas, int S, int c_size, const std::array<std:
   });
 }
 
-// Antialiased bilinear for one Pix2Struct output row oy, vertical taps first (only fp32 rounding
-// differs from torch's order): canvas rows -> one float row (S * 3, vectorized) -> horizontal taps
-// per output pixel (interleaved RGB) -> standardized `out` (OW * 3), whose runs of p*3 values are
-// contiguous in the patches.
-EF_MULTIVERSION void p2s_row(const uint8_t* canvas, int S, const Taps<float>& tv, const Taps<float>& th, int oy,
-                             float mean, float inv_std, float* __restrict row, float* __restrict out) {
+// Pix2Struct's antialiased bilinear, vertical taps first (only fp32 rounding differs from torch's
+// order). Vertical: canvas rows -> three float planes (S + slack each). Horizontal: 16 consecutive
+// outputs at a time. When their reads fit one 32-float window (always for Eagle's 1024 -> 720),
+// each tap is a two-register permute and a multiply-add over 16 lanes instead of 16 gathers.
+constexpr int kWin = 16;
+
+struct WindowTaps {
+  int ox0 = 0, n = 0;  // first output and valid lanes (<= kWin)
+  int base = 0;        // first input pixel of the 2 * kWin window
+  bool vec = false;    // false: a read falls outside the window, the scalar path handles it
+  std::vector<int32_t> idx;  // (kmax, kWin), relative to base
+  std::vector<float> w;      // (kmax, kWin), 0 past each output's own tap count
+};
+
+std::vector<WindowTaps> window_taps(const Taps<float>& th, int kmax) {
+  const int OW = static_cast<int>(th.start.size());
+  std::vector<WindowTaps> out;
+  for (int ox0 = 0; ox0 < OW; ox0 += kWin) {
+    WindowTaps c;
+    c.ox0 = ox0;
+    c.n = std::min(kWin, OW - ox0);
+    c.base = th.start[ox0];
+    c.idx.assign(static_cast<size_t>(kmax) * kWin, 0);
+    c.w.assign(static_cast<size_t>(kmax) * kWin, 0.f);
+#if defined(EF_VECTOR_SHUFFLE)
+    c.vec = true;
+#endif
+    for (int l = 0; l < c.n; ++l) {
+      const int ox = ox0 + l;
+      for (int t = 0; t < th.count[ox]; ++t) {
+        const int rel = th.start[ox] + t - c.base;
+        c.vec = c.vec && rel < 2 * kWin;
+        c.idx[t * kWin + l] = rel < 2 * kWin ? rel : 0;
+        c.w[t * kWin + l] = th.w[static_cast<size_t>(ox) * th.ksize + t];
+      }
+    }
+    out.push_back(std::move(c));
+  }
+  return out;
+}
+
+// One output row: vertical taps into planes (3, pw), then horizontal taps, standardized, written at
+// out + (ox / p) * patch_stride + (ox % p) * 3 (the patch layout, or a plain row when
+// patch_stride == p * 3).
+EF_MULTIVERSION void p2s_row(const uint8_t* canvas, int S, const Taps<float>& tv, const Taps<float>& th,
+                             const std::vector<WindowTaps>& win, int kmax, int oy, float mean, float inv_std,
+                             float* planes, int64_t pw, float* out, int64_t patch_stride, int p) {
   const int64_t row3 = static_cast<int64_t>(S) * 3;
-  for (int64_t j = 0; j < row3; ++j) row[j] = 0.f;
+  float* __restrict p0 = planes;
+  float* __restrict p1 = planes + pw;
+  float* __restrict p2 = planes + 2 * pw;
+  for (int x = 0; x < S; ++x) p0[x] = p1[x] = p2[x] = 0.f;
   const float* kv = &tv.w[static_cast<size_t>(oy) * tv.ksize];
   for (int i = 0; i < tv.count[oy]; ++i) {
     const uint8_t* __restrict src = canvas + (tv.start[oy] + i) * row3;
     const float k = kv[i];
-    for (int64_t j = 0; j < row3; ++j) row[j] += src[j] * k;
-  }
-  const int OW = static_cast<int>(th.start.size());
-  const int K = th.ksize;  // weights past each output's count are 0; the row has K * 3 zeros of slack
-  for (int ox = 0; ox < OW; ++ox) {
-    const float* k = &th.w[static_cast<size_t>(ox) * K];
-    const float* src = row + th.start[ox] * 3;
-    float a0 = 0.f, a1 = 0.f, a2 = 0.f;
-    for (int i = 0; i < K; ++i) {
-      a0 += src[i * 3 + 0] * k[i];
-      a1 += src[i * 3 + 1] * k[i];
-      a2 += src[i * 3 + 2] * k[i];
+    for (int x = 0; x < S; ++x) {
+      p0[x] += src[x * 3 + 0] * k;
+      p1[x] += src[x * 3 + 1] * k;
+      p2[x] += src[x * 3 + 2] * k;
     }
-    out[ox * 3 + 0] = (a0 - mean) * inv_std;
-    out[ox * 3 + 1] = (a1 - mean) * inv_std;
-    out[ox * 3 + 2] = (a2 - mean) * inv_std;
+  }
+  for (const WindowTaps& c : win) {
+    float r[3][kWin];
+    if (c.vec) {
+#if defined(EF_VECTOR_SHUFFLE)
+      for (int ch = 0; ch < 3; ++ch) {
+        const float* src = planes + ch * pw + c.base;
+        v16f lo, hi, acc = {};
+        std::memcpy(&lo, src, sizeof(lo));
+        std::memcpy(&hi, src + kWin, sizeof(hi));
+        for (int t = 0; t < kmax; ++t) {
+          v16i idx;
+          v16f w;
+          std::memcpy(&idx, &c.idx[t * kWin], sizeof(idx));
+          std::memcpy(&w, &c.w[t * kWin], sizeof(w));
+          acc += __builtin_shuffle(lo, hi, idx) * w;
+        }
+        acc = (acc - mean) * inv_std;
+        std::memcpy(r[ch], &acc, sizeof(acc));
+      }
+#endif
+    } else {
+      for (int l = 0; l < c.n; ++l) {
+        const int ox = c.ox0 + l;
+        const float* k = &th.w[static_cast<size_t>(ox) * th.ksize];
+        for (int ch = 0; ch < 3; ++ch) {
+          const float* src = planes + ch * pw + th.start[ox];
+          float a = 0.f;
+          for (int t = 0; t < th.count[ox]; ++t) a += src[t] * k[t];
+          r[ch][l] = (a - mean) * inv_std;
+        }
+      }
+    }
+    for (int l = 0; l < c.n; ++l) {
+      const int ox = c.ox0 + l;
+      float* o = out + (ox / p) * patch_stride + (ox % p) * 3;
+      o[0] = r[0][l];
+      o[1] = r[1][l];
+      o[2] = r[2][l];
+    }
   }
 }
 
@@ -343,19 +427,30 @@ void pix2struct_patches(const uint8_t* canvas, const std::vector<uint8_t>& fill_
 
   // Row by row, written straight into the patches: no full-size float temporary.
   const Taps<float> tv = aa_bilinear_taps(S, OH), th = aa_bilinear_taps(S, OW);
+  const int kmax = *std::max_element(th.count.begin(), th.count.end());
+  const std::vector<WindowTaps> win = window_taps(th, kmax);
+  const int64_t pw = S + 2 * kWin + th.ksize;  // plane width with zero slack for window reads
   at::parallel_for(0, OH, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(static_cast<size_t>(S + th.ksize) * 3, 0.f), out(static_cast<size_t>(OW) * 3);
-    bool out_is_fill = false;  // `out` holds a row computed from pad-colour canvas rows only
+    std::vector<float> planes(3 * pw, 0.f), out(static_cast<size_t>(OW) * 3);
+    const T* fill_base = nullptr;  // an output row of this chunk computed from pad-colour rows only
     for (int64_t oy = begin; oy < end; ++oy) {
+      const int pr = oy / p, py = oy % p;
+      T* base = patches + static_cast<int64_t>(pr * cols) * D + 2 + py * p * 3;  // this row in patch 0
       // Rows reading only (identical) pad-colour canvas rows equal each other up to fp32 rounding
-      // of their weight sums (~1e-7): compute one, reuse it.
+      // of their weight sums (~1e-7): compute one, copy it.
       bool fill_only = true;
       for (int i = 0; i < tv.count[oy] && fill_only; ++i) fill_only = fill_rows[tv.start[oy] + i];
-      if (!(fill_only && out_is_fill)) p2s_row(canvas, S, tv, th, oy, meanf, inv_std, row.data(), out.data());
-      out_is_fill = fill_only;
-      const int pr = oy / p, py = oy % p;
-      for (int cc = 0; cc < cols; ++cc)  // each patch holds p*3 contiguous values of this row
-        store_row(out.data() + cc * p * 3, p * 3, patches + static_cast<int64_t>(pr * cols + cc) * D + 2 + py * p * 3);
+      if (fill_only && fill_base) {
+        for (int cc = 0; cc < cols; ++cc) std::memcpy(base + cc * D, fill_base + cc * D, p * 3 * sizeof(T));
+        continue;
+      }
+      if constexpr (std::is_same_v<T, float>) {  // straight into the patches
+        p2s_row(canvas, S, tv, th, win, kmax, oy, meanf, inv_std, planes.data(), pw, base, D, p);
+      } else {  // fp32 row, then rounded into each patch's run of p*3 values
+        p2s_row(canvas, S, tv, th, win, kmax, oy, meanf, inv_std, planes.data(), pw, out.data(), p * 3, p);
+        for (int cc = 0; cc < cols; ++cc) store_row(out.data() + cc * p * 3, p * 3, base + cc * D);
+      }
+      if (fill_only) fill_base = base;
     }
   });
   for (int64_t k = 0; k < P; ++k) {
@@ -369,6 +464,21 @@ void pix2struct_patches(const uint8_t* canvas, const std::vector<uint8_t>& fill_
       mask[k] = static_cast<T>(0.f);
     }
   }
+}
+
+// Large outputs (a 1024 canvas is 12 MB in fp32) on 2 MB transparent huge pages where the kernel
+// offers them: first-touch faults drop 512-fold, which at one image per call is a sizeable share
+// of the work. Smaller outputs use torch's allocator.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opt) {
+  constexpr size_t kHuge = size_t{2} << 20;
+  const size_t nbytes = c10::multiply_integers(sizes) * c10::elementSize(opt.dtype().toScalarType());
+  void* ptr = nullptr;
+  if (nbytes < 2 * kHuge || posix_memalign(&ptr, kHuge, (nbytes + kHuge - 1) / kHuge * kHuge) != 0)
+    return at::empty(sizes, opt);
+#if defined(MADV_HUGEPAGE)
+  madvise(ptr, (nbytes + kHuge - 1) / kHuge * kHuge, MADV_HUGEPAGE);  // advice only: failure is harmless
+#endif
+  return at::from_blob(ptr, sizes, [](void* p) { std::free(p); }, opt);
 }
 
 void check_images(at::TensorList images) {
@@ -417,10 +527,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_preprocess_cpu(
               "fused_preprocess: bad sizes");
   const int64_t B = images.size();
   const auto opt = images[0].options().dtype(dtype);
-  at::Tensor pv = at::empty({B, 3, canvas_size, canvas_size}, opt);
+  at::Tensor pv = empty_output({B, 3, canvas_size, canvas_size}, opt);
   at::Tensor clip = clip_size > 0 ? at::empty({B, 3, clip_size, clip_size}, opt) : at::empty({0}, opt);
   at::Tensor patches = p2s_max_patches > 0
-                           ? at::empty({B, p2s_max_patches, 2 + p2s_patch * p2s_patch * 3}, opt)
+                           ? empty_output({B, p2s_max_patches, 2 + p2s_patch * p2s_patch * 3}, opt)
                            : at::empty({0}, opt);
   at::Tensor mask = p2s_max_patches > 0 ? at::empty({B, p2s_max_patches}, opt) : at::empty({0}, opt);
   if (dtype == at::kFloat) {
