@@ -23,6 +23,10 @@
 
 #include <sys/mman.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "preprocess/fused_preprocess.h"
 
 // GCC vector extensions: 16-lane vectors and two-register permutes (vpermt2ps with AVX-512).
@@ -118,6 +122,30 @@ EF_MULTIVERSION void pil_row_vertical(const uint8_t* rows, int64_t stride, const
   }
   for (int j = 0; j < width3; ++j) out[j] = clip8(acc[j]);
 }
+
+// Output rows are written once and not read again here: with AVX-512, 64-byte aligned runs go out
+// as streaming stores, which skip the read-for-ownership of every output cache line (the output is
+// the bulk of this op's memory traffic). Elsewhere, and for the unaligned edges, a plain copy.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target("avx512f"))) void stream_copy_avx512(void* dst, const void* src, size_t n) {
+  auto* d = static_cast<char*>(dst);
+  auto* s = static_cast<const char*>(src);
+  const size_t head = std::min(n, (64 - reinterpret_cast<uintptr_t>(d) % 64) % 64);
+  std::memcpy(d, s, head);
+  size_t i = head;
+  for (; i + 64 <= n; i += 64) _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i), _mm512_loadu_si512(s + i));
+  std::memcpy(d + i, s + i, n - i);
+}
+void stream_copy(void* dst, const void* src, size_t n) {
+  if (__builtin_cpu_supports("avx512f")) {
+    stream_copy_avx512(dst, src, n);
+  } else {
+    std::memcpy(dst, src, n);
+  }
+}
+#else
+void stream_copy(void* dst, const void* src, size_t n) { std::memcpy(dst, src, n); }
+#endif
 
 // float -> output element. bf16 rounds to nearest-even with plain integer maths (no NaNs occur
 // here), which vectorizes where c10::BFloat16's converting constructor does not.
@@ -241,14 +269,15 @@ std::vector<uint8_t> build_canvas(const at::Tensor& image, int S, bool pad, at::
   }
   at::parallel_for(0, S, 8, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> acc(row3);
-    std::vector<float> planes(std::is_same_v<T, float> ? 0 : row3);  // bf16: fp32 row, then rounded
+    std::vector<float> planes(row3);  // normalized fp32 row (3, S), streamed out (rounded first for bf16)
+    std::vector<T> planes_bf16(std::is_same_v<T, float> ? 0 : S);
     int64_t n_fill = 0;
     for (int64_t oy = begin; oy < end; ++oy) {
       uint8_t* crow = canvas + oy * row3;
       T* out = pixels + oy * S;
       if (fill_rows[oy]) {
         std::memcpy(crow, fill_out.data(), row3);
-        for (int c = 0; c < 3; ++c) std::memcpy(out + c * plane, fill_pixels.data() + c * S, S * sizeof(T));
+        for (int c = 0; c < 3; ++c) stream_copy(out + c * plane, fill_pixels.data() + c * S, S * sizeof(T));
         ++n_fill;
         continue;
       }
@@ -259,11 +288,14 @@ std::vector<uint8_t> build_canvas(const at::Tensor& image, int S, bool pad, at::
       } else {
         std::memcpy(crow, temp.get() + (p.crop_top + oy - y0) * row3, row3);
       }
-      if constexpr (std::is_same_v<T, float>) {
-        normalize_row(crow, S, mean, std, out, out + plane, out + 2 * plane);
-      } else {
-        normalize_row(crow, S, mean, std, planes.data(), planes.data() + S, planes.data() + 2 * S);
-        for (int c = 0; c < 3; ++c) store_row(planes.data() + c * S, S, out + c * plane);
+      normalize_row(crow, S, mean, std, planes.data(), planes.data() + S, planes.data() + 2 * S);
+      for (int c = 0; c < 3; ++c) {
+        if constexpr (std::is_same_v<T, float>) {
+          stream_copy(out + c * plane, planes.data() + c * S, S * sizeof(float));
+        } else {
+          store_row(planes.data() + c * S, S, planes_bf16.data());
+          stream_copy(out + c * plane, planes_bf16.data(), S * sizeof(T));
+        }
       }
       if (moments) row_moments(crow, row3, *moments);
     }
@@ -346,26 +378,29 @@ std::vector<WindowTaps> window_taps(const Taps<float>& th, int kmax) {
   return out;
 }
 
-// One output row: vertical taps into planes (3, pw), then horizontal taps, standardized, written at
-// out + (ox / p) * patch_stride + (ox % p) * 3 (the patch layout, or a plain row when
-// patch_stride == p * 3).
+// One output row: vertical taps into planes (3, pw) (+ an S * 3 scratch row after them), then
+// horizontal taps, standardized; output
+// pixel ox goes to out + out_off[ox] (its place in the patch layout, or in a plain row).
 EF_MULTIVERSION void p2s_row(const uint8_t* canvas, int S, const Taps<float>& tv, const Taps<float>& th,
                              const std::vector<WindowTaps>& win, int kmax, int oy, float mean, float inv_std,
-                             float* planes, int64_t pw, float* out, int64_t patch_stride, int p) {
+                             float* planes, int64_t pw, float* out, const int64_t* out_off) {
+  // Vertical taps over the interleaved rows (contiguous, vectorizes well), then one deinterleave.
   const int64_t row3 = static_cast<int64_t>(S) * 3;
-  float* __restrict p0 = planes;
-  float* __restrict p1 = planes + pw;
-  float* __restrict p2 = planes + 2 * pw;
-  for (int x = 0; x < S; ++x) p0[x] = p1[x] = p2[x] = 0.f;
+  float* __restrict row = planes + 3 * pw;
+  for (int64_t j = 0; j < row3; ++j) row[j] = 0.f;
   const float* kv = &tv.w[static_cast<size_t>(oy) * tv.ksize];
   for (int i = 0; i < tv.count[oy]; ++i) {
     const uint8_t* __restrict src = canvas + (tv.start[oy] + i) * row3;
     const float k = kv[i];
-    for (int x = 0; x < S; ++x) {
-      p0[x] += src[x * 3 + 0] * k;
-      p1[x] += src[x * 3 + 1] * k;
-      p2[x] += src[x * 3 + 2] * k;
-    }
+    for (int64_t j = 0; j < row3; ++j) row[j] += src[j] * k;
+  }
+  float* __restrict p0 = planes;
+  float* __restrict p1 = planes + pw;
+  float* __restrict p2 = planes + 2 * pw;
+  for (int x = 0; x < S; ++x) {
+    p0[x] = row[x * 3 + 0];
+    p1[x] = row[x * 3 + 1];
+    p2[x] = row[x * 3 + 2];
   }
   for (const WindowTaps& c : win) {
     float r[3][kWin];
@@ -400,8 +435,7 @@ EF_MULTIVERSION void p2s_row(const uint8_t* canvas, int S, const Taps<float>& tv
       }
     }
     for (int l = 0; l < c.n; ++l) {
-      const int ox = c.ox0 + l;
-      float* o = out + (ox / p) * patch_stride + (ox % p) * 3;
+      float* o = out + out_off[c.ox0 + l];
       o[0] = r[0][l];
       o[1] = r[1][l];
       o[2] = r[2][l];
@@ -425,44 +459,49 @@ void pix2struct_patches(const uint8_t* canvas, const std::vector<uint8_t>& fill_
   const float inv_std = static_cast<float>(1.0 / std::max(std::sqrt(var), 1.0 / std::sqrt(static_cast<double>(n))));
   const float meanf = static_cast<float>(static_cast<double>(sum) / n);
 
-  // Row by row, written straight into the patches: no full-size float temporary.
+  // One patch row (p output rows) at a time into an L2-sized buffer, then every patch of it is
+  // assembled (ids + p*p*3 values) and streamed out whole: no full-size float temporary, and no
+  // partial writes of output cache lines.
   const Taps<float> tv = aa_bilinear_taps(S, OH), th = aa_bilinear_taps(S, OW);
   const int kmax = *std::max_element(th.count.begin(), th.count.end());
   const std::vector<WindowTaps> win = window_taps(th, kmax);
   const int64_t pw = S + 2 * kWin + th.ksize;  // plane width with zero slack for window reads
-  at::parallel_for(0, OH, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> planes(3 * pw, 0.f), out(static_cast<size_t>(OW) * 3);
-    const T* fill_base = nullptr;  // an output row of this chunk computed from pad-colour rows only
-    for (int64_t oy = begin; oy < end; ++oy) {
-      const int pr = oy / p, py = oy % p;
-      T* base = patches + static_cast<int64_t>(pr * cols) * D + 2 + py * p * 3;  // this row in patch 0
-      // Rows reading only (identical) pad-colour canvas rows equal each other up to fp32 rounding
-      // of their weight sums (~1e-7): compute one, copy it.
-      bool fill_only = true;
-      for (int i = 0; i < tv.count[oy] && fill_only; ++i) fill_only = fill_rows[tv.start[oy] + i];
-      if (fill_only && fill_base) {
-        for (int cc = 0; cc < cols; ++cc) std::memcpy(base + cc * D, fill_base + cc * D, p * 3 * sizeof(T));
-        continue;
+  const int64_t row3 = static_cast<int64_t>(OW) * 3;
+  std::vector<int64_t> row_off(OW);
+  for (int ox = 0; ox < OW; ++ox) row_off[ox] = static_cast<int64_t>(ox) * 3;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> planes(3 * pw + 3 * static_cast<int64_t>(S), 0.f), buf(p * row3), fill_vals(row3);
+    std::vector<T> patch(D);
+    bool have_fill = false;  // fill_vals holds a row computed from pad-colour canvas rows only
+    for (int64_t pr = begin; pr < end; ++pr) {
+      for (int py = 0; py < p; ++py) {
+        const int oy = pr * p + py;
+        float* dst = buf.data() + py * row3;
+        // Rows reading only (identical) pad-colour canvas rows equal each other up to fp32
+        // rounding of their weight sums (~1e-7): compute one, copy it.
+        bool fill_only = true;
+        for (int i = 0; i < tv.count[oy] && fill_only; ++i) fill_only = fill_rows[tv.start[oy] + i];
+        if (fill_only && have_fill) {
+          std::memcpy(dst, fill_vals.data(), row3 * sizeof(float));
+          continue;
+        }
+        p2s_row(canvas, S, tv, th, win, kmax, oy, meanf, inv_std, planes.data(), pw, dst, row_off.data());
+        if (fill_only) {
+          std::memcpy(fill_vals.data(), dst, row3 * sizeof(float));
+          have_fill = true;
+        }
       }
-      if constexpr (std::is_same_v<T, float>) {  // straight into the patches
-        p2s_row(canvas, S, tv, th, win, kmax, oy, meanf, inv_std, planes.data(), pw, base, D, p);
-      } else {  // fp32 row, then rounded into each patch's run of p*3 values
-        p2s_row(canvas, S, tv, th, win, kmax, oy, meanf, inv_std, planes.data(), pw, out.data(), p * 3, p);
-        for (int cc = 0; cc < cols; ++cc) store_row(out.data() + cc * p * 3, p * 3, base + cc * D);
+      for (int cc = 0; cc < cols; ++cc) {
+        patch[0] = static_cast<T>(static_cast<float>(pr + 1));
+        patch[1] = static_cast<T>(static_cast<float>(cc + 1));
+        for (int py = 0; py < p; ++py) store_row(buf.data() + py * row3 + cc * p * 3, p * 3, patch.data() + 2 + py * p * 3);
+        stream_copy(patches + (pr * cols + cc) * static_cast<int64_t>(D), patch.data(), D * sizeof(T));
       }
-      if (fill_only) fill_base = base;
     }
   });
-  for (int64_t k = 0; k < P; ++k) {
-    T* row = patches + k * D;
-    if (k < rows * cols) {
-      row[0] = static_cast<T>(static_cast<float>(k / cols + 1));
-      row[1] = static_cast<T>(static_cast<float>(k % cols + 1));
-      mask[k] = static_cast<T>(1.f);
-    } else {
-      std::fill(row, row + D, static_cast<T>(0.f));
-      mask[k] = static_cast<T>(0.f);
-    }
+  for (int64_t k = 0; k < P; ++k) {  // the padding patches, and the mask
+    if (k >= rows * cols) std::fill(patches + k * D, patches + (k + 1) * D, static_cast<T>(0.f));
+    mask[k] = static_cast<T>(k < rows * cols ? 1.f : 0.f);
   }
 }
 
