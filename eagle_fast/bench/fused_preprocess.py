@@ -8,19 +8,21 @@ on real photos, side by side:
   (d) eagle_fast's C++ kernel
   GPU (when present): (e) the CUDA kernel, (f) the Triton kernel, on uint8 images already on device.
 
-Images are processed one call each, as a data loader does. Reported: images/s, ratios, and the
-output bandwidth of (d) against a measured memcpy bandwidth.
+Images are processed one call each, as a data loader does; providers are timed in interleaved
+rounds (median per provider). Reported: images/s, ratios, and the output bandwidth of (d) against
+a measured memcpy bandwidth.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eagle_fast.bench.harness import Row, bar_plot, machine, memcpy_gbps, time_ms, write_csv
+from eagle_fast.bench.harness import Row, bar_plot, machine, memcpy_gbps, time_interleaved_ms, write_csv
 from eagle_fast.ops.fused_preprocess import CLIP_MEAN, CLIP_STD, PAD_FILL, fused_preprocess
 
 
@@ -80,35 +82,41 @@ def run(cfg: PreprocessBenchConfig) -> list[Row]:
     shape = "+".join(f"{p.shape[1]}x{p.shape[0]}" for p in photos)
     rows: list[Row] = []
 
-    def add(provider, fn, dtype, threads, device="cpu", items=n, cuda=False, **extra):
-        ms = time_ms(fn, repeats=cfg.repeats, cuda=cuda)
+    def add(provider, ms, dtype, threads, device="cpu", items=n, **extra):
         rows.append(Row("preprocess", provider, device, str(dtype).removeprefix("torch."), threads, shape, ms,
                         items / ms * 1e3, extra))
-        return ms
 
     pil_run, tv_run = _hf_pipeline(fast=False), _hf_pipeline(fast=True)
     for threads in cfg.threads:
         torch.set_num_threads(threads)
         copy_gbps = memcpy_gbps(threads)
-        add("(a) HF PIL pipeline", lambda: [pil_run(p) for p in photos], torch.float32, threads)
-        add("(b) HF torchvision pipeline", lambda: [tv_run(p) for p in photos], torch.float32, threads)
+        fns = {
+            ("(a) HF PIL pipeline", torch.float32): lambda: [pil_run(p) for p in photos],
+            ("(b) HF torchvision pipeline", torch.float32): lambda: [tv_run(p) for p in photos],
+        }
         for dtype in (torch.float32, torch.bfloat16):
-            add("(c) eagle_fast reference", lambda: [fused_preprocess([t], dtype=dtype, backend="reference")
-                                                     for t in tensors], dtype, threads)
-            ms = add("(d) eagle_fast C++", lambda: [fused_preprocess([t], dtype=dtype) for t in tensors], dtype,
-                     threads)
-            gbps = n * _out_bytes(dtype) / ms / 1e6
-            rows[-1].extra.update(out_gbps=round(gbps, 2), memcpy_gbps=round(copy_gbps, 2))
+            fns[("(c) eagle_fast reference", dtype)] = functools.partial(
+                lambda d: [fused_preprocess([t], dtype=d, backend="reference") for t in tensors], dtype)
+            fns[("(d) eagle_fast C++", dtype)] = functools.partial(
+                lambda d: [fused_preprocess([t], dtype=d) for t in tensors], dtype)
+        for (provider, dtype), ms in time_interleaved_ms(fns, repeats=cfg.repeats).items():
+            add(provider, ms, dtype, threads)
+            if provider.startswith("(d)"):
+                rows[-1].extra.update(out_gbps=round(n * _out_bytes(dtype) / ms / 1e6, 2),
+                                      memcpy_gbps=round(copy_gbps, 2))
 
     if torch.cuda.is_available():
         torch.set_num_threads(max(cfg.threads))
         batch = [tensors[i % n].cuda() for i in range(cfg.gpu_batch)]
+        fns = {}
         for dtype in (torch.float32, torch.bfloat16):
             for provider, backend in (("(e) eagle_fast CUDA", "auto"), ("(f) eagle_fast Triton", "triton")):
-                ms = add(provider, lambda: fused_preprocess(batch, dtype=dtype, backend=backend), dtype,
-                         max(cfg.threads), device="cuda", items=cfg.gpu_batch, cuda=True)
-                rows[-1].extra.update(out_gbps=round(cfg.gpu_batch * _out_bytes(dtype) / ms / 1e6, 1),
-                                      memcpy_gbps=round(memcpy_gbps(1, device="cuda"), 1))
+                fns[(provider, dtype)] = functools.partial(
+                    lambda d, be: fused_preprocess(batch, dtype=d, backend=be), dtype, backend)
+        gpu_copy = memcpy_gbps(1, device="cuda")
+        for (provider, dtype), ms in time_interleaved_ms(fns, repeats=cfg.repeats, cuda=True).items():
+            add(provider, ms, dtype, max(cfg.threads), device="cuda", items=cfg.gpu_batch,
+                out_gbps=round(cfg.gpu_batch * _out_bytes(dtype) / ms / 1e6, 1), memcpy_gbps=round(gpu_copy, 1))
     return rows
 
 

@@ -78,6 +78,19 @@ def time_ms(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 1, cuda
     return statistics.median(times)
 
 
+def time_interleaved_ms(fns: dict[str, Callable[[], object]], *, repeats: int = 7, warmup: int = 1,
+                        cuda: bool = False) -> dict[str, float]:
+    """Median ms of each fn, timed in rounds (every fn once per round) so that drift in the
+    machine's speed hits all providers alike instead of whichever ran during a slow spell. Each
+    timed call follows `warmup` untimed calls of the same fn, so it runs in its own steady state
+    (caches, allocator) rather than in the wake of the previous provider."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(time_ms(fn, repeats=1, warmup=warmup, cuda=cuda))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def memcpy_gbps(threads: int, nbytes: int = 256 << 20, device: str = "cpu") -> float:
     """Copy bandwidth (bytes read + written per second) of a large tensor copy, as a roofline."""
     torch.set_num_threads(threads)

@@ -1,0 +1,271 @@
+// Row-level CPU kernels of eagle_fast::fused_preprocess (included by fused_preprocess_cpu.cpp only):
+// Pillow's fixed-point passes, normalization, moments, output stores and Pix2Struct's
+// antialiased resample of one row. Each works on contiguous memory; the hot ones are compiled
+// for AVX-512 / AVX2 / baseline and picked at load time.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "preprocess/fused_preprocess.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+// GCC vector extensions: 16-lane vectors and two-register permutes (vpermt2ps with AVX-512).
+#if defined(__GNUC__) && !defined(__clang__)
+#define EF_VECTOR_SHUFFLE 1
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+#endif
+
+// Hot loops get AVX-512 and AVX2 clones picked at load time (ifunc), keeping the wheel portable:
+// the integer multiply-accumulate of Pillow's fixed point needs 32-bit lane multiplies (SSE4.1+).
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define EF_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define EF_MULTIVERSION
+#endif
+
+namespace eagle_fast::preprocess {
+namespace {
+
+// Horizontal passes run on blocks of kRows rows transposed to (width, kRows * 3): every tap then
+// is one multiply-add over kLanes contiguous lanes, which vectorizes without gathers.
+constexpr int kRows = 16;
+constexpr int kLanes = kRows * 3;
+
+// Interleaved RGB rows (up to kRows) -> column-major block (width, kLanes), missing rows zero.
+template <typename Acc, typename Src>
+void transpose_rows(const Src* const* rows, int nrows, int width, Acc* __restrict block) {
+  for (int x = 0; x < width; ++x) {
+    Acc* col = block + static_cast<int64_t>(x) * kLanes;
+    for (int r = 0; r < kRows; ++r)
+      for (int c = 0; c < 3; ++c) col[r * 3 + c] = r < nrows ? static_cast<Acc>(rows[r][x * 3 + c]) : Acc(0);
+  }
+}
+
+// acc[l] = init + sum_i block[(start + i) * kLanes + l] * k[i], for the kLanes lanes of a block.
+template <typename Acc, typename W>
+inline void block_taps(const Acc* __restrict block, int start, const W* k, int n, Acc init, Acc* __restrict acc) {
+  for (int l = 0; l < kLanes; ++l) acc[l] = init;
+  const Acc* col = block + static_cast<int64_t>(start) * kLanes;
+  for (int i = 0; i < n; ++i, col += kLanes) {
+    const Acc ki = static_cast<Acc>(k[i]);
+    for (int l = 0; l < kLanes; ++l) acc[l] += col[l] * ki;
+  }
+}
+
+// One horizontal Pillow pass over a block of source rows: outputs [first, first + count) of the
+// resized rows, clip8'ed into `outs` (interleaved RGB).
+EF_MULTIVERSION void pil_block_horizontal(const uint8_t* const* rows, int nrows, int src_w, const Taps<int32_t>& t,
+                                          int first, int count, int32_t* block, uint8_t* const* outs) {
+  transpose_rows(rows, nrows, src_w, block);
+  alignas(64) int32_t acc[kLanes];
+  for (int x = 0; x < count; ++x) {
+    const int xx = first + x;
+    block_taps(block, t.start[xx], &t.w[static_cast<size_t>(xx) * t.ksize], t.count[xx], kHalf, acc);
+    for (int r = 0; r < nrows; ++r)
+      for (int c = 0; c < 3; ++c) outs[r][x * 3 + c] = clip8(acc[r * 3 + c]);
+  }
+}
+
+// Vertical Pillow pass for one output row: acc[j] = kHalf + sum_i rows[i][j] * k[i], j over S*3.
+EF_MULTIVERSION void pil_row_vertical(const uint8_t* rows, int64_t stride, const int32_t* k, int n, int width3,
+                      int32_t* acc, uint8_t* out) {
+  for (int j = 0; j < width3; ++j) acc[j] = kHalf;
+  for (int i = 0; i < n; ++i) {
+    const uint8_t* r = rows + i * stride;
+    const int32_t ki = k[i];
+    for (int j = 0; j < width3; ++j) acc[j] += r[j] * ki;
+  }
+  for (int j = 0; j < width3; ++j) out[j] = clip8(acc[j]);
+}
+
+// Output rows are written once and not read again here: with AVX-512, 64-byte aligned runs go out
+// as streaming stores, which skip the read-for-ownership of every output cache line (the output is
+// the bulk of this op's memory traffic). Elsewhere, and for the unaligned edges, a plain copy.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target("avx512f"))) void stream_copy_avx512(void* dst, const void* src, size_t n) {
+  auto* d = static_cast<char*>(dst);
+  auto* s = static_cast<const char*>(src);
+  const size_t head = std::min(n, (64 - reinterpret_cast<uintptr_t>(d) % 64) % 64);
+  std::memcpy(d, s, head);
+  size_t i = head;
+  for (; i + 64 <= n; i += 64) _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i), _mm512_loadu_si512(s + i));
+  std::memcpy(d + i, s + i, n - i);
+}
+void stream_copy(void* dst, const void* src, size_t n) {
+  if (__builtin_cpu_supports("avx512f")) {
+    stream_copy_avx512(dst, src, n);
+  } else {
+    std::memcpy(dst, src, n);
+  }
+}
+#else
+void stream_copy(void* dst, const void* src, size_t n) { std::memcpy(dst, src, n); }
+#endif
+
+// float -> output element. bf16 rounds to nearest-even with plain integer maths (no NaNs occur
+// here), which vectorizes where c10::BFloat16's converting constructor does not.
+inline void store(float v, float* dst) { *dst = v; }
+inline void store(float v, at::BFloat16* dst) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  *dst = at::BFloat16(static_cast<uint16_t>(bits >> 16), at::BFloat16::from_bits());
+}
+
+EF_MULTIVERSION void store_row(const float* __restrict src, int64_t n, at::BFloat16* __restrict dst) {
+  for (int64_t i = 0; i < n; ++i) store(src[i], dst + i);
+}
+inline void store_row(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
+
+// CLIP rescale + normalize of one canvas row into three float planes, with the numpy processor's
+// exact arithmetic (u * (1/255) in double, cast to float, then (x - mean) / std in float).
+EF_MULTIVERSION void normalize_row(const uint8_t* __restrict row, int width, const float* mean, const float* std,
+                                   float* __restrict o0, float* __restrict o1, float* __restrict o2) {
+  const float m0 = mean[0], m1 = mean[1], m2 = mean[2], s0 = std[0], s1 = std[1], s2 = std[2];
+  for (int x = 0; x < width; ++x) {
+    o0[x] = (static_cast<float>(row[x * 3 + 0] * (1.0 / 255.0)) - m0) / s0;
+    o1[x] = (static_cast<float>(row[x * 3 + 1] * (1.0 / 255.0)) - m1) / s1;
+    o2[x] = (static_cast<float>(row[x * 3 + 2] * (1.0 / 255.0)) - m2) / s2;
+  }
+}
+
+// Sum and sum of squares of the canvas bytes: Pix2Struct's per-image mean/std, exact in integers.
+struct Moments {
+  std::atomic<int64_t> sum{0}, sumsq{0};
+};
+
+EF_MULTIVERSION void row_moments(const uint8_t* __restrict row, int64_t n, Moments& m) {
+  // 32-bit partial sums vectorize; chunks of 8192 bytes keep the sum of squares below 2**31.
+  int64_t s = 0, q = 0;
+  for (int64_t base = 0; base < n; base += 8192) {
+    const int64_t end = std::min<int64_t>(n, base + 8192);
+    uint32_t s32 = 0, q32 = 0;
+    for (int64_t j = base; j < end; ++j) {
+      const uint32_t v = row[j];
+      s32 += v;
+      q32 += v * v;
+    }
+    s += s32;
+    q += q32;
+  }
+  m.sum += s;
+  m.sumsq += q;
+}
+
+// Pix2Struct's antialiased bilinear, vertical taps first (only fp32 rounding differs from torch's
+// order). Vertical: canvas rows -> three float planes (S + slack each). Horizontal: 16 consecutive
+// outputs at a time. When their reads fit one 32-float window (always for Eagle's 1024 -> 720),
+// each tap is a two-register permute and a multiply-add over 16 lanes instead of 16 gathers.
+constexpr int kWin = 16;
+
+struct WindowTaps {
+  int ox0 = 0, n = 0;  // first output and valid lanes (<= kWin)
+  int base = 0;        // first input pixel of the 2 * kWin window
+  bool vec = false;    // false: a read falls outside the window, the scalar path handles it
+  std::vector<int32_t> idx;  // (kmax, kWin), relative to base
+  std::vector<float> w;      // (kmax, kWin), 0 past each output's own tap count
+};
+
+std::vector<WindowTaps> window_taps(const Taps<float>& th, int kmax) {
+  const int OW = static_cast<int>(th.start.size());
+  std::vector<WindowTaps> out;
+  for (int ox0 = 0; ox0 < OW; ox0 += kWin) {
+    WindowTaps c;
+    c.ox0 = ox0;
+    c.n = std::min(kWin, OW - ox0);
+    c.base = th.start[ox0];
+    c.idx.assign(static_cast<size_t>(kmax) * kWin, 0);
+    c.w.assign(static_cast<size_t>(kmax) * kWin, 0.f);
+#if defined(EF_VECTOR_SHUFFLE)
+    c.vec = true;
+#endif
+    for (int l = 0; l < c.n; ++l) {
+      const int ox = ox0 + l;
+      for (int t = 0; t < th.count[ox]; ++t) {
+        const int rel = th.start[ox] + t - c.base;
+        c.vec = c.vec && rel < 2 * kWin;
+        c.idx[t * kWin + l] = rel < 2 * kWin ? rel : 0;
+        c.w[t * kWin + l] = th.w[static_cast<size_t>(ox) * th.ksize + t];
+      }
+    }
+    out.push_back(std::move(c));
+  }
+  return out;
+}
+
+// One output row: vertical taps into planes (3, pw) (+ an S * 3 scratch row after them), then the
+// horizontal taps, standardized; output pixel ox goes to out + out_off[ox].
+EF_MULTIVERSION void p2s_row(const uint8_t* canvas, int S, const Taps<float>& tv, const Taps<float>& th,
+                             const std::vector<WindowTaps>& win, int kmax, int oy, float mean, float inv_std,
+                             float* planes, int64_t pw, float* out, const int64_t* out_off) {
+  // Vertical taps over the interleaved rows (contiguous, vectorizes well), then one deinterleave.
+  const int64_t row3 = static_cast<int64_t>(S) * 3;
+  float* __restrict row = planes + 3 * pw;
+  for (int64_t j = 0; j < row3; ++j) row[j] = 0.f;
+  const float* kv = &tv.w[static_cast<size_t>(oy) * tv.ksize];
+  for (int i = 0; i < tv.count[oy]; ++i) {
+    const uint8_t* __restrict src = canvas + (tv.start[oy] + i) * row3;
+    const float k = kv[i];
+    for (int64_t j = 0; j < row3; ++j) row[j] += src[j] * k;
+  }
+  float* __restrict p0 = planes;
+  float* __restrict p1 = planes + pw;
+  float* __restrict p2 = planes + 2 * pw;
+  for (int x = 0; x < S; ++x) {
+    p0[x] = row[x * 3 + 0];
+    p1[x] = row[x * 3 + 1];
+    p2[x] = row[x * 3 + 2];
+  }
+  for (const WindowTaps& c : win) {
+    float r[3][kWin];
+    if (c.vec) {
+#if defined(EF_VECTOR_SHUFFLE)
+      for (int ch = 0; ch < 3; ++ch) {
+        const float* src = planes + ch * pw + c.base;
+        v16f lo, hi, acc = {};
+        std::memcpy(&lo, src, sizeof(lo));
+        std::memcpy(&hi, src + kWin, sizeof(hi));
+        for (int t = 0; t < kmax; ++t) {
+          v16i idx;
+          v16f w;
+          std::memcpy(&idx, &c.idx[t * kWin], sizeof(idx));
+          std::memcpy(&w, &c.w[t * kWin], sizeof(w));
+          acc += __builtin_shuffle(lo, hi, idx) * w;
+        }
+        acc = (acc - mean) * inv_std;
+        std::memcpy(r[ch], &acc, sizeof(acc));
+      }
+#endif
+    } else {
+      for (int l = 0; l < c.n; ++l) {
+        const int ox = c.ox0 + l;
+        const float* k = &th.w[static_cast<size_t>(ox) * th.ksize];
+        for (int ch = 0; ch < 3; ++ch) {
+          const float* src = planes + ch * pw + th.start[ox];
+          float a = 0.f;
+          for (int t = 0; t < th.count[ox]; ++t) a += src[t] * k[t];
+          r[ch][l] = (a - mean) * inv_std;
+        }
+      }
+    }
+    for (int l = 0; l < c.n; ++l) {
+      float* o = out + out_off[c.ox0 + l];
+      o[0] = r[0][l];
+      o[1] = r[1][l];
+      o[2] = r[2][l];
+    }
+  }
+}
+
+}  // namespace
+}  // namespace eagle_fast::preprocess
