@@ -79,11 +79,21 @@ std::vector<uint8_t> build_canvas(const at::Tensor& image, int S, bool pad, at::
     uint8_t* out[1] = {fill_out.data()};
     pil_block_horizontal(in, 1, p.src_w, th, p.crop_left, S, block.data(), out);
   }
+  // Rows whose 16-output windows read within 32 input pixels (up- and mild downscaling) take the
+  // permute path row by row; strong downscaling takes the transposed-block path.
+  std::vector<WindowTaps<int32_t>> win;
+  int kmax = 0;
+  if (do_h) {
+    kmax = *std::max_element(th.count.begin() + p.crop_left, th.count.begin() + p.crop_left + S);
+    win = window_taps(th, p.crop_left, S, kmax);
+  }
+  const bool windowed = do_h && all_windowed(win);
+  const int64_t pw = p.src_w + 2 * kWin + th.ksize;  // int32 plane width with zero slack
   const int64_t nblocks = (y1 - y0 + kRows - 1) / kRows;
   at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> scratch(kRows * src.fill_row.size());
     for (int r = 0; r < kRows; ++r) std::memcpy(&scratch[r * src.fill_row.size()], src.fill_row.data(), src.fill_row.size());
-    std::vector<int32_t> blk(block.size());
+    std::vector<int32_t> blk(windowed ? 0 : block.size()), planes(windowed ? 3 * pw : 0, 0);
     for (int64_t bi = begin; bi < end; ++bi) {
       const uint8_t* in[kRows];
       uint8_t* out[kRows];
@@ -99,7 +109,14 @@ std::vector<uint8_t> build_canvas(const at::Tensor& image, int S, bool pad, at::
           std::memcpy(o, src.row(y, scratch.data()) + p.crop_left * 3, row3);
         }
       }
-      if (n > 0) pil_block_horizontal(in, n, p.src_w, th, p.crop_left, S, blk.data(), out);
+      if (n == 0) continue;
+#if defined(EF_VECTOR_SHUFFLE)
+      if (windowed) {
+        for (int r = 0; r < n; ++r) pil_row_horizontal_window(in[r], p.src_w, win, kmax, planes.data(), pw, out[r]);
+        continue;
+      }
+#endif
+      pil_block_horizontal(in, n, p.src_w, th, p.crop_left, S, blk.data(), out);
     }
   });
   const int64_t plane = static_cast<int64_t>(S) * S;
@@ -214,7 +231,7 @@ void pix2struct_patches(const uint8_t* canvas, const std::vector<uint8_t>& fill_
   // partial writes of output cache lines.
   const Taps<float> tv = aa_bilinear_taps(S, OH), th = aa_bilinear_taps(S, OW);
   const int kmax = *std::max_element(th.count.begin(), th.count.end());
-  const std::vector<WindowTaps> win = window_taps(th, kmax);
+  const std::vector<WindowTaps<float>> win = window_taps(th, 0, OW, kmax);
   const int64_t pw = S + 2 * kWin + th.ksize;  // plane width with zero slack for window reads
   const int64_t row3 = static_cast<int64_t>(OW) * 3;
   std::vector<int64_t> row_off(OW);

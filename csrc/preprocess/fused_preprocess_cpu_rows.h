@@ -168,29 +168,31 @@ EF_MULTIVERSION void row_moments(const uint8_t* __restrict row, int64_t n, Momen
 // each tap is a two-register permute and a multiply-add over 16 lanes instead of 16 gathers.
 constexpr int kWin = 16;
 
+template <typename W>
 struct WindowTaps {
-  int ox0 = 0, n = 0;  // first output and valid lanes (<= kWin)
+  int ox0 = 0, n = 0;  // first output (relative to `first`) and valid lanes (<= kWin)
   int base = 0;        // first input pixel of the 2 * kWin window
   bool vec = false;    // false: a read falls outside the window, the scalar path handles it
   std::vector<int32_t> idx;  // (kmax, kWin), relative to base
-  std::vector<float> w;      // (kmax, kWin), 0 past each output's own tap count
+  std::vector<W> w;          // (kmax, kWin), 0 past each output's own tap count
 };
 
-std::vector<WindowTaps> window_taps(const Taps<float>& th, int kmax) {
-  const int OW = static_cast<int>(th.start.size());
-  std::vector<WindowTaps> out;
-  for (int ox0 = 0; ox0 < OW; ox0 += kWin) {
-    WindowTaps c;
+// Windows of kWin outputs [first, first + count) of a 1-D table, kmax = its largest tap count.
+template <typename W>
+std::vector<WindowTaps<W>> window_taps(const Taps<W>& th, int first, int count, int kmax) {
+  std::vector<WindowTaps<W>> out;
+  for (int ox0 = 0; ox0 < count; ox0 += kWin) {
+    WindowTaps<W> c;
     c.ox0 = ox0;
-    c.n = std::min(kWin, OW - ox0);
-    c.base = th.start[ox0];
+    c.n = std::min(kWin, count - ox0);
+    c.base = th.start[first + ox0];
     c.idx.assign(static_cast<size_t>(kmax) * kWin, 0);
-    c.w.assign(static_cast<size_t>(kmax) * kWin, 0.f);
+    c.w.assign(static_cast<size_t>(kmax) * kWin, W(0));
 #if defined(EF_VECTOR_SHUFFLE)
     c.vec = true;
 #endif
     for (int l = 0; l < c.n; ++l) {
-      const int ox = ox0 + l;
+      const int ox = first + ox0 + l;
       for (int t = 0; t < th.count[ox]; ++t) {
         const int rel = th.start[ox] + t - c.base;
         c.vec = c.vec && rel < 2 * kWin;
@@ -203,10 +205,47 @@ std::vector<WindowTaps> window_taps(const Taps<float>& th, int kmax) {
   return out;
 }
 
+template <typename W>
+bool all_windowed(const std::vector<WindowTaps<W>>& win) {
+  return std::all_of(win.begin(), win.end(), [](const WindowTaps<W>& c) { return c.vec; });
+}
+
+#if defined(EF_VECTOR_SHUFFLE)
+// Horizontal Pillow pass of one source row when every window of 16 outputs reads within 32 input
+// pixels (upscaling, mild downscaling): int32 planes, one permute + multiply-add per tap over 16
+// lanes, Pillow's clip8 on the vector. `planes` is (3, pw) with zeros past src_w.
+EF_MULTIVERSION void pil_row_horizontal_window(const uint8_t* src, int src_w, const std::vector<WindowTaps<int32_t>>& win,
+                                               int kmax, int32_t* planes, int64_t pw, uint8_t* out) {
+  for (int x = 0; x < src_w; ++x)
+    for (int ch = 0; ch < 3; ++ch) planes[ch * pw + x] = src[x * 3 + ch];
+  for (const WindowTaps<int32_t>& c : win) {
+    int32_t r[3][kWin];
+    for (int ch = 0; ch < 3; ++ch) {
+      const int32_t* p = planes + ch * pw + c.base;
+      v16i lo, hi, idx, w;
+      std::memcpy(&lo, p, sizeof(lo));
+      std::memcpy(&hi, p + kWin, sizeof(hi));
+      v16i acc = v16i{} + kHalf;
+      for (int t = 0; t < kmax; ++t) {
+        std::memcpy(&idx, &c.idx[t * kWin], sizeof(idx));
+        std::memcpy(&w, &c.w[t * kWin], sizeof(w));
+        acc += __builtin_shuffle(lo, hi, idx) * w;
+      }
+      v16i v = acc >> kPrecisionBits;  // clip8, lane-wise
+      v = acc <= 0 ? v16i{} : v;
+      v = acc >= (1 << kPrecisionBits << 8) ? v16i{} + 255 : v;
+      std::memcpy(r[ch], &v, sizeof(v));
+    }
+    for (int l = 0; l < c.n; ++l)
+      for (int ch = 0; ch < 3; ++ch) out[(c.ox0 + l) * 3 + ch] = static_cast<uint8_t>(r[ch][l]);
+  }
+}
+#endif
+
 // One output row: vertical taps into planes (3, pw) (+ an S * 3 scratch row after them), then the
 // horizontal taps, standardized; output pixel ox goes to out + out_off[ox].
 EF_MULTIVERSION void p2s_row(const uint8_t* canvas, int S, const Taps<float>& tv, const Taps<float>& th,
-                             const std::vector<WindowTaps>& win, int kmax, int oy, float mean, float inv_std,
+                             const std::vector<WindowTaps<float>>& win, int kmax, int oy, float mean, float inv_std,
                              float* planes, int64_t pw, float* out, const int64_t* out_off) {
   // Vertical taps over the interleaved rows (contiguous, vectorizes well), then one deinterleave.
   const int64_t row3 = static_cast<int64_t>(S) * 3;
@@ -226,7 +265,7 @@ EF_MULTIVERSION void p2s_row(const uint8_t* canvas, int S, const Taps<float>& tv
     p1[x] = row[x * 3 + 1];
     p2[x] = row[x * 3 + 2];
   }
-  for (const WindowTaps& c : win) {
+  for (const WindowTaps<float>& c : win) {
     float r[3][kWin];
     if (c.vec) {
 #if defined(EF_VECTOR_SHUFFLE)
