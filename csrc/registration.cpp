@@ -10,4 +10,9 @@ TORCH_LIBRARY(eagle_fast, m) {
       "fused_preprocess(Tensor[] images, int canvas_size, bool pad, int[] fill, float[] mean, "
       "float[] std, int clip_size, int p2s_max_patches, int p2s_patch, ScalarType dtype) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Feature maps (B, C_i, H_i, W_i), any strides (token grids arrive as channels-last views) ->
+  // (B, grid*grid, sum_i C_i * unshuffle_i^2): pixel_unshuffle, bilinear align_corners=True, concat.
+  m.def("resize_concat(Tensor[] features, int grid, int[] unshuffle) -> Tensor");
+  // Gradients of resize_concat for every feature, each shaped and strided like empty_like(feature).
+  m.def("resize_concat_backward(Tensor grad, Tensor[] features, int grid, int[] unshuffle) -> Tensor[]");
 }

@@ -1,4 +1,4 @@
-"""python -m eagle_fast.bench {preprocess} [--threads 1 2] [--repeats 7] [--out-dir bench_results]"""
+"""python -m eagle_fast.bench {preprocess,resize_concat} [options]; each subcommand has --help."""
 
 from __future__ import annotations
 
@@ -14,6 +14,13 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--repeats", type=int, default=7)
     pre.add_argument("--out-dir", default="bench_results")
     pre.add_argument("--gpu-batch", type=int, default=32)
+    rc = sub.add_parser("resize_concat", help="channel-concat fusion of expert maps, forward and backward")
+    rc.add_argument("--threads", type=int, default=2)
+    rc.add_argument("--repeats", type=int, default=7)
+    rc.add_argument("--batch", type=int, default=2)
+    rc.add_argument("--device", default="cpu")
+    rc.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    rc.add_argument("--out-dir", default="bench_results")
     args = parser.parse_args(argv)
 
     if args.bench in ("preprocess", "fused_preprocess"):
@@ -21,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
 
         run(PreprocessBenchConfig(threads=tuple(args.threads), repeats=args.repeats, out_dir=args.out_dir,
                                   gpu_batch=args.gpu_batch))
+    elif args.bench == "resize_concat":
+        from eagle_fast.bench.resize_concat import ResizeConcatBenchConfig, main as run
+
+        run(ResizeConcatBenchConfig(batch=args.batch, repeats=args.repeats, threads=args.threads, device=args.device,
+                                    out_dir=args.out_dir, memory=not args.no_memory))
     return 0
 
 

@@ -2,5 +2,8 @@
 
 from eagle_fast.ops._library import has_compiled_ops, has_cuda_kernels, has_triton
 from eagle_fast.ops.fused_preprocess import PreprocessOutput, fused_preprocess
+from eagle_fast.ops.resize_concat import resize_concat
 
-__all__ = ["PreprocessOutput", "fused_preprocess", "has_compiled_ops", "has_cuda_kernels", "has_triton"]
+__all__ = [
+    "PreprocessOutput", "fused_preprocess", "resize_concat", "has_compiled_ops", "has_cuda_kernels", "has_triton",
+]

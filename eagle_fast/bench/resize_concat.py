@@ -1,0 +1,174 @@
+"""Benchmark of resize_concat on Eagle's real fusion shapes (B=2, grid 32):
+
+  X5: CLIP tokens (B, 576, 1024) 24x24, ConvNeXt (B, 3072, 32, 32), SAM (B, 256, 64, 64) with
+      pixel_unshuffle 2, EVA (B, 1024, 64, 64), Pix2Struct (B, 1536, 45, 45) -> (B, 1024, 7680)
+  X4: the same without SAM                                                -> (B, 1024, 6656)
+
+Providers side by side: the eager reference (the original: F.interpolate + flatten + transpose per
+expert, torch.cat) and this op, forward, backward and forward+backward, fp32 and bf16, median of
+interleaved rounds. Peak extra memory = the peak allocated during one forward+backward beyond the
+inputs, the output and the input gradients (CUDA: the allocator's peak; CPU: the rise of the peak
+resident set in a fresh process, a coarse but honest proxy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from eagle_fast.bench.harness import Row, bar_plot, machine, time_interleaved_ms, write_csv
+from eagle_fast.ops.resize_concat import resize_concat
+
+SHAPES = {
+    "x5": ([("tok", 1024, 24), ("map", 3072, 32), ("map", 256, 64), ("map", 1024, 64), ("map", 1536, 45)],
+           [1, 1, 2, 1, 1]),
+    "x4": ([("tok", 1024, 24), ("map", 3072, 32), ("map", 1024, 64), ("map", 1536, 45)], [1, 1, 1, 1]),
+}
+
+
+@dataclass
+class ResizeConcatBenchConfig:
+    batch: int = 2
+    grid: int = 32
+    repeats: int = 7
+    threads: int = 2
+    device: str = "cpu"
+    out_dir: str = "bench_results"
+    memory: bool = True
+
+
+def make_features(name: str, batch: int, dtype: torch.dtype, device: str) -> tuple[list[torch.Tensor], list[int]]:
+    shapes, unshuffle = SHAPES[name]
+    g = torch.Generator().manual_seed(0)
+    feats = []
+    for kind, c, side in shapes:
+        shape = (batch, side * side, c) if kind == "tok" else (batch, c, side, side)
+        feats.append(torch.randn(shape, generator=g).to(device=device, dtype=dtype).requires_grad_(True))
+    return feats, unshuffle
+
+
+def _step_fns(feats, unshuffle, grid, backend):
+    out_holder = {}
+
+    def fwd():
+        with torch.no_grad():
+            return resize_concat(feats, grid, unshuffle, backend=backend)
+
+    def fwd_for_bwd():
+        out_holder["out"] = resize_concat(feats, grid, unshuffle, backend=backend)
+
+    grad = None
+
+    def bwd():
+        nonlocal grad
+        out = out_holder["out"]
+        if grad is None:
+            grad = torch.randn_like(out)
+        torch.autograd.grad(out, feats, grad, retain_graph=True)
+
+    def fwd_bwd():
+        out = resize_concat(feats, grid, unshuffle, backend=backend)
+        torch.autograd.grad(out, feats, torch.ones_like(out))
+
+    fwd_for_bwd()
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+
+
+def _memory_probe(name: str, batch: int, grid: int, dtype: str, backend: str, device: str) -> dict:
+    """One forward+backward in this (fresh) process; returns bytes of peak extra memory (None if
+    the CPU measurement is masked by an earlier, higher peak of the process)."""
+    import resource
+
+    dt = getattr(torch, dtype)
+    feats, unshuffle = make_features(name, batch, dt, device)
+    channels = sum((f.shape[-1] if f.dim() == 3 else f.shape[1] * u * u) for f, u in zip(feats, unshuffle))
+    grad_out = torch.ones(batch, grid * grid, channels, dtype=dt, device=device)
+    out_bytes = grad_out.numel() * grad_out.element_size()
+    grad_bytes = sum(f.numel() * f.element_size() for f in feats)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/statm") as f:
+            base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # resident now
+        before_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = resize_concat(feats, grid, unshuffle, backend=backend)
+    grads = torch.autograd.grad(out, feats, grad_out)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        after_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if after_peak <= before_peak:
+            return {"extra_bytes": None, "out_bytes": out_bytes}
+        peak = after_peak - base
+    del grads
+    return {"extra_bytes": max(peak - out_bytes - grad_bytes, 0), "out_bytes": out_bytes}
+
+
+def _probe_subprocess(name, cfg: ResizeConcatBenchConfig, dtype: str, backend: str) -> dict:
+    code = (f"import json; from eagle_fast.bench.resize_concat import _memory_probe; "
+            f"print(json.dumps(_memory_probe({name!r}, {cfg.batch}, {cfg.grid}, {dtype!r}, {backend!r}, "
+            f"{cfg.device!r})))")
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory probe failed: {res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run(cfg: ResizeConcatBenchConfig) -> list[Row]:
+    torch.set_num_threads(cfg.threads)
+    rows: list[Row] = []
+    for name in SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            feats, unshuffle = make_features(name, cfg.batch, dtype, cfg.device)
+            fns = {}
+            for provider, backend in (("eager reference", "reference"), ("eagle_fast", "auto")):
+                for step, fn in _step_fns(feats, unshuffle, cfg.grid, backend).items():
+                    fns[(provider, step)] = fn
+            times = time_interleaved_ms(fns, repeats=cfg.repeats, cuda=cfg.device == "cuda")
+            dt = str(dtype).removeprefix("torch.")
+            for (provider, step), ms in times.items():
+                extra = {"step": step}
+                if step == "fwd+bwd" and cfg.memory:
+                    backend = "reference" if provider == "eager reference" else "auto"
+                    extra.update(_probe_subprocess(name, cfg, dt, backend))
+                rows.append(Row("resize_concat", f"{provider} {step}", cfg.device, dt, cfg.threads,
+                                name, ms, 1e3 / ms, extra))
+    return rows
+
+
+def report(rows: list[Row]) -> str:
+    ref = {(r.shape, r.dtype, r.extra["step"]): r.median_ms for r in rows if r.provider.startswith("eager")}
+    lines = ["| shapes | dtype | step | eager ms | eagle_fast ms | speed-up | extra memory eager / eagle_fast (MB) |",
+             "|---|---|---|---|---|---|---|"]
+    mem = {(r.shape, r.dtype, r.provider.split()[0]): r.extra.get("extra_bytes") for r in rows}
+    for r in rows:
+        if r.provider.startswith("eager"):
+            continue
+        step = r.extra["step"]
+        e = ref[(r.shape, r.dtype, step)]
+        m = "-"
+        if step == "fwd+bwd" and (r.shape, r.dtype, "eagle_fast") in mem:
+            m = " / ".join("n/a" if v is None else f"{v / 1e6:.1f}"
+                           for v in (mem[(r.shape, r.dtype, "eager")], mem[(r.shape, r.dtype, "eagle_fast")]))
+        lines.append(f"| {r.shape} | {r.dtype} | {step} | {e:.2f} | {r.median_ms:.2f} | {e / r.median_ms:.2f}x | {m} |")
+    return "\n".join(lines)
+
+
+def main(cfg: ResizeConcatBenchConfig) -> None:
+    rows = run(cfg)
+    info = machine()
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()) + f", threads={cfg.threads}")
+    print(report(rows))
+    write_csv(rows, os.path.join(cfg.out_dir, "resize_concat.csv"))
+    bar_plot(rows, os.path.join(cfg.out_dir, "resize_concat.png"), f"resize_concat (B={cfg.batch}) — {info['cpu']}")
+    print(f"wrote {cfg.out_dir}/resize_concat.csv and {cfg.out_dir}/resize_concat.png")
+

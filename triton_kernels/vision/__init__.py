@@ -1,0 +1,1 @@
+"""Triton kernels of eagle_fast::resize_concat."""
