@@ -7,8 +7,8 @@
 Providers side by side: the eager reference (the original: F.interpolate + flatten + transpose per
 expert, torch.cat) and this op, forward, backward and forward+backward, fp32 and bf16, median of
 interleaved rounds. Peak extra memory = the peak allocated during one forward+backward beyond the
-inputs, the output and the input gradients (CUDA: the allocator's peak; CPU: the rise of the peak
-resident set in a fresh process, a coarse but honest proxy).
+inputs, the output and the input gradients, measured in a fresh process (CUDA: the allocator's peak;
+CPU: glibc's bytes in use, sampled by a thread every ~0.2 ms, so very short spikes may be missed).
 """
 
 from __future__ import annotations
@@ -79,10 +79,26 @@ def _step_fns(feats, unshuffle, grid, backend):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
 
 
+def _malloc_in_use() -> int:
+    """Bytes the C allocator has handed out now (glibc mallinfo2: arena + mmapped blocks)."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
 def _memory_probe(name: str, batch: int, grid: int, dtype: str, backend: str, device: str) -> dict:
-    """One forward+backward in this (fresh) process; returns bytes of peak extra memory (None if
-    the CPU measurement is masked by an earlier, higher peak of the process)."""
-    import resource
+    """One forward+backward in this (fresh) process; returns bytes of peak extra memory. On CPU a
+    thread samples the allocator's bytes in use every ~0.2 ms (short-lived spikes can be missed)."""
+    import threading
+    import time
 
     dt = getattr(torch, dtype)
     feats, unshuffle = make_features(name, batch, dt, device)
@@ -90,26 +106,32 @@ def _memory_probe(name: str, batch: int, grid: int, dtype: str, backend: str, de
     grad_out = torch.ones(batch, grid * grid, channels, dtype=dt, device=device)
     out_bytes = grad_out.numel() * grad_out.element_size()
     grad_bytes = sum(f.numel() * f.element_size() for f in feats)
+    peak, stop = [0], threading.Event()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        with open("/proc/self/statm") as f:
-            base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # resident now
-        before_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = _malloc_in_use()
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], _malloc_in_use())
+                time.sleep(0.0002)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
     out = resize_concat(feats, grid, unshuffle, backend=backend)
     grads = torch.autograd.grad(out, feats, grad_out)
     if device == "cuda":
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
+        used = torch.cuda.max_memory_allocated() - base
     else:
-        after_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        if after_peak <= before_peak:
-            return {"extra_bytes": None, "out_bytes": out_bytes}
-        peak = after_peak - base
+        stop.set()
+        sampler.join()
+        used = max(peak[0], _malloc_in_use()) - base
     del grads
-    return {"extra_bytes": max(peak - out_bytes - grad_bytes, 0), "out_bytes": out_bytes}
+    return {"extra_bytes": max(used - out_bytes - grad_bytes, 0), "out_bytes": out_bytes}
 
 
 def _probe_subprocess(name, cfg: ResizeConcatBenchConfig, dtype: str, backend: str) -> dict:
@@ -157,8 +179,7 @@ def report(rows: list[Row]) -> str:
         e = ref[(r.shape, r.dtype, step)]
         m = "-"
         if step == "fwd+bwd" and (r.shape, r.dtype, "eagle_fast") in mem:
-            m = " / ".join("n/a" if v is None else f"{v / 1e6:.1f}"
-                           for v in (mem[(r.shape, r.dtype, "eager")], mem[(r.shape, r.dtype, "eagle_fast")]))
+            m = f"{mem[(r.shape, r.dtype, 'eager')] / 1e6:.1f} / {mem[(r.shape, r.dtype, 'eagle_fast')] / 1e6:.1f}"
         lines.append(f"| {r.shape} | {r.dtype} | {step} | {e:.2f} | {r.median_ms:.2f} | {e / r.median_ms:.2f}x | {m} |")
     return "\n".join(lines)
 
