@@ -106,6 +106,10 @@ def _memory_probe(name: str, batch: int, grid: int, dtype: str, backend: str, de
     grad_out = torch.ones(batch, grid * grid, channels, dtype=dt, device=device)
     out_bytes = grad_out.numel() * grad_out.element_size()
     grad_bytes = sum(f.numel() * f.element_size() for f in feats)
+    # Warm up on a tiny problem first: the autograd engine, thread pools and kernel caches allocate
+    # once per process, which is not the op's memory.
+    tiny = [torch.randn(1, 2, 4, 4, dtype=dt, device=device, requires_grad=True)]
+    torch.autograd.grad(resize_concat(tiny, 2, backend=backend).sum(), tiny)
     peak, stop = [0], threading.Event()
     if device == "cuda":
         torch.cuda.synchronize()
