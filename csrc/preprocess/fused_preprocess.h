@@ -12,11 +12,7 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__CUDACC__)
-#define EF_HD __host__ __device__ __forceinline__
-#else
-#define EF_HD inline
-#endif
+#include "common/host_device.h"
 
 namespace eagle_fast::preprocess {
 

@@ -10,11 +10,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define EF_HD __host__ __device__ __forceinline__
-#else
-#define EF_HD inline
-#endif
+#include "common/host_device.h"
 
 namespace eagle_fast::resize_concat {
 

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from triton_kernels.utils import cast_out
+
 _PRECISION_BITS = 22  # Pillow's fixed point, as in the reference
 _BLOCK_R, _BLOCK_C = 8, 256  # row x (column*channel) tiles; powers of 2 (Triton, interpreter)
 
@@ -41,17 +43,6 @@ _IMG_OFF, _IMG_H, _IMG_W, _TOP, _LEFT, _TMP_OFF, _TMP_ROWS, _ROW0 = (tl.constexp
 def _clip8(acc):
     # Pillow's clip8: acc already holds the +0.5 rounding term (1 << 21).
     return tl.where(acc >= (1 << 30), 255, tl.where(acc <= 0, 0, acc >> 22))
-
-
-@triton.jit
-def _cast_out(x, ty: tl.constexpr):
-    # float32 -> output dtype, round-to-nearest-even like torch's .to(bfloat16). The interpreter's
-    # fp32 -> bf16 cast truncates, so round the bits first; the final cast is then exact anywhere.
-    if ty == tl.bfloat16:
-        bits = x.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(ty)
 
 
 @triton.jit
@@ -121,7 +112,7 @@ def _pil_resample_v_normalize_kernel(tmp_ptr, meta_ptr, start_ptr, w_ptr, lut_pt
     ch = cols % 3
     val = tl.load(lut_ptr + u * 3 + ch[None, :], mask=ok, other=0.0)
     dst = ((bb * 3 + ch[None, :]) * S + rows[:, None]) * S + (cols // 3)[None, :]
-    tl.store(pv_ptr + dst, _cast_out(val, pv_ptr.dtype.element_ty), mask=ok)
+    tl.store(pv_ptr + dst, cast_out(val, pv_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -161,7 +152,7 @@ def _bilinear_align_corners_kernel(canvas_ptr, lut_ptr, src_ptr, out_ptr, S, C,
     bot = lx0[None, :] * v10 + lx1[None, :] * v11
     out = ly0[:, None] * top + ly1[:, None] * bot
     dst = out_ptr + (bc.to(tl.int64) * C + oy[:, None]) * C + ox[None, :]
-    tl.store(dst, _cast_out(out, out_ptr.dtype.element_ty), mask=ok)
+    tl.store(dst, cast_out(out, out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -218,13 +209,13 @@ def _aa_resample_v_patches_kernel(tmp_ptr, start_ptr, w_ptr, patches_ptr, mask_p
     feat = 2 + ((rows % PATCH)[:, None] * PATCH + (j % PATCH)[None, :]) * 3 + ch[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
     out_ty = patches_ptr.dtype.element_ty
-    tl.store(row_base + feat, _cast_out(acc, out_ty), mask=ok)
+    tl.store(row_base + feat, cast_out(acc, out_ty), mask=ok)
     # The patch's first element writes its 1-based (row, col) ids and its attention mask.
     first = ok & ((rows % PATCH) == 0)[:, None] & (((j % PATCH) == 0) & (ch == 0))[None, :]
     ids_r = (r[:, None] + 1 + k * 0).to(tl.float32)  # `+ k * 0`: broadcast to the 2-D tile
     ids_c = (c[None, :] + 1 + k * 0).to(tl.float32)
-    tl.store(row_base, _cast_out(ids_r, out_ty), mask=first)
-    tl.store(row_base + 1, _cast_out(ids_c, out_ty), mask=first)
+    tl.store(row_base, cast_out(ids_r, out_ty), mask=first)
+    tl.store(row_base + 1, cast_out(ids_c, out_ty), mask=first)
     tl.store(mask_ptr + b * P + k, tl.full((BLOCK_R, BLOCK_C), 1.0, tl.float32).to(mask_ptr.dtype.element_ty),
              mask=first)
 

@@ -18,7 +18,7 @@ inputs) exactly as axis_tap does (scale = (n-1)/(G-1), src = scale*g, i0 = int(s
 travel as small tables: computing src in-kernel would let the GPU compiler fuse scale*g into
 src - i0 as an FMA and shift lambda. Accumulation is fp32 (fp64 for fp64); bf16/fp16 values are
 loaded and upcast first (bf16 arithmetic is wrong in the interpreter), and fp32 -> bf16 stores go
-through `_cast_out`, round-to-nearest-even (the interpreter's own cast truncates).
+through `cast_out`, round-to-nearest-even (the interpreter's own cast truncates).
 """
 
 from __future__ import annotations
@@ -30,19 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
+from triton_kernels.utils import cast_out
+
 _TILE = tl.constexpr(2048)  # elements per program tile (BLOCK_M * BLOCK_C); powers of 2
 _MAX_BLOCK_C = 128
-
-
-@triton.jit
-def _cast_out(x, ty: tl.constexpr):
-    # accumulator -> output dtype, round-to-nearest-even like torch's .to(bfloat16). The interpreter's
-    # fp32 -> bf16 cast truncates, so round the bits first; the final cast is then exact anywhere.
-    if ty == tl.bfloat16:
-        bits = x.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(ty)
 
 
 @triton.jit
@@ -85,7 +76,7 @@ def _resize_concat_fwd_kernel(x_ptr, out_ptr, ty_idx, ty_lam, tx_idx, tx_lam,
     lx1 = lx1[:, None]
     val = ly0[:, None] * (lx0 * v00 + lx1 * v01) + ly1[:, None] * (lx0 * v10 + lx1 * v11)
     dst = out_ptr + m.to(tl.int64)[:, None] * C_TOT + C_OFF + cu[None, :]
-    tl.store(dst, _cast_out(val, out_ptr.dtype.element_ty), mask=ok)
+    tl.store(dst, cast_out(val, out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -121,7 +112,7 @@ def _resize_concat_bwd_kernel(g_ptr, gin_ptr, ry_g, ry_w, rx_g, rx_w, gsb, gsn, 
             acc += wgt[:, None] * v
     dst = gin_ptr + (b.to(tl.int64) * sb + hy.to(tl.int64) * sy + wx.to(tl.int64) * sx)[:, None] \
         + c.to(tl.int64)[None, :] * sc
-    tl.store(dst, _cast_out(acc, gin_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+    tl.store(dst, cast_out(acc, gin_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
 # ----------------------------------------------------------------------------- host side
