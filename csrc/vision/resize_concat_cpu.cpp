@@ -9,9 +9,10 @@
 // Two loop orders, picked per feature from its strides (both exact for any strides):
 //   channel-inner: channels-last / token views (sc <= sx): per output cell the C' values of the
 //     4 taps are contiguous (or evenly strided) in the input and contiguous in the output.
-//   row-inner: NCHW-like (sx < sc): per channel, the 2 input rows of the taps are walked along x,
-//     writing the G cells of one output row (G cache lines, stay in L1 across channels).
-// Forward: at::parallel_for over (b, gy) output rows; fp32 accumulation (fp64 for fp64).
+//   row-inner: NCHW-like (sx < sc): tiles of kTile channels; per channel the 2 input rows of the
+//     taps are walked along x, and each output cell receives its kTile channels as one run.
+// Forward: at::parallel_for over (b, gy) output rows for channel-inner features and over
+// (b, channel tile) for row-inner ones; fp32 accumulation (fp64 for fp64).
 // Backward: at::parallel_for over (b, block of CB unshuffled channels), so each task owns disjoint
 // input elements; it scatters w * grad into a task-local accumulator (n, n, CB) in a fixed cell
 // order, then stores it through the input's strides. Same bits for any thread count.

@@ -31,7 +31,7 @@ def _hf_clip_processor():
 
 
 def _assert_canvas_matches(ours: np.ndarray, theirs: np.ndarray):
-    """The issue's bar: >= 99% of canvas values identical to Pillow's, none more than 1 LSB off."""
+    """The acceptance bar: >= 99% of canvas values identical to Pillow's, none more than 1 LSB off."""
     diff = np.abs(ours.astype(np.int16) - theirs.astype(np.int16))
     assert (diff == 0).mean() >= 0.99, f"only {(diff == 0).mean():.4%} identical"
     assert diff.max() <= 1
