@@ -23,5 +23,11 @@ a = fused_preprocess([img], canvas_size=64, clip_size=24, pix2struct_max_patches
 b = fused_preprocess([img], canvas_size=64, clip_size=24, pix2struct_max_patches=16, pix2struct_patch=8, backend="reference")
 assert torch.equal(a.pixel_values, b.pixel_values)
 assert (a.clip - b.clip).abs().max() < 1e-5 and (a.flattened_patches - b.flattened_patches).abs().max() < 1e-4
+from eagle_fast.ops import resize_concat
+feats = [torch.randn(2, 3, 6, 6, requires_grad=True), torch.randn(2, 16, 5, requires_grad=True)]
+out = resize_concat(feats, 4, [1, 1])
+assert (out - resize_concat(feats, 4, [1, 1], backend="reference")).abs().max() < 1e-5
+out.sum().backward()
+assert all(f.grad is not None for f in feats)
 print("wheel smoke test: ok,", eagle_fast.__file__, "cuda kernels:", ops.has_cuda_kernels())
 PY
