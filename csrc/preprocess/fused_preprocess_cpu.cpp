@@ -21,8 +21,8 @@
 #include <memory>
 #include <type_traits>
 
-#include <sys/mman.h>
 
+#include "common/page_cache.h"
 #include "preprocess/fused_preprocess.h"
 #include "preprocess/fused_preprocess_cpu_rows.h"
 
@@ -68,7 +68,7 @@ std::vector<uint8_t> build_canvas(const at::Tensor& image, int S, bool pad, at::
   const int y0 = do_v ? tv.start[p.crop_top] : p.crop_top;
   const int y1 = do_v ? tv.start[p.crop_top + S - 1] + tv.count[p.crop_top + S - 1] : p.crop_top + S;
   const int64_t row3 = static_cast<int64_t>(S) * 3;
-  auto temp = std::make_unique_for_overwrite<uint8_t[]>(static_cast<size_t>(y1 - y0) * row3);  // resized rows
+  const PageCache::Scratch temp = PageCache::instance().scratch(static_cast<size_t>(y1 - y0) * row3);  // resized rows
 
   // Pad mode: every fill row resamples to the same output row; computed once, then copied.
   std::vector<uint8_t> fill_out;
@@ -226,43 +226,49 @@ void pix2struct_patches(const uint8_t* canvas, const std::vector<uint8_t>& fill_
   const float inv_std = static_cast<float>(1.0 / std::max(std::sqrt(var), 1.0 / std::sqrt(static_cast<double>(n))));
   const float meanf = static_cast<float>(static_cast<double>(sum) / n);
 
-  // One patch row (p output rows) at a time into an L2-sized buffer, then every patch of it is
-  // assembled (ids + p*p*3 values) and streamed out whole: no full-size float temporary, and no
-  // partial writes of output cache lines.
+  // One patch row (p output rows) at a time, computed straight into its flattened patches in an
+  // L2-sized buffer (cols, D), then streamed out whole: no full-size float temporary, no
+  // reassembly copy, and no partial writes of output cache lines.
   const Taps<float> tv = aa_bilinear_taps(S, OH), th = aa_bilinear_taps(S, OW);
   const int kmax = *std::max_element(th.count.begin(), th.count.end());
   const std::vector<WindowTaps<float>> win = window_taps(th, 0, OW, kmax);
   const int64_t pw = S + 2 * kWin + th.ksize;  // plane width with zero slack for window reads
-  const int64_t row3 = static_cast<int64_t>(OW) * 3;
-  std::vector<int64_t> row_off(OW);
-  for (int ox = 0; ox < OW; ++ox) row_off[ox] = static_cast<int64_t>(ox) * 3;
+  const int64_t row_vals = static_cast<int64_t>(p) * 3;  // one patch's share of an output row
+  const int64_t nvals = static_cast<int64_t>(cols) * D;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> planes(3 * pw + 3 * static_cast<int64_t>(S), 0.f), buf(p * row3), fill_vals(row3);
-    std::vector<T> patch(D);
+    std::vector<float> planes(3 * pw + 3 * static_cast<int64_t>(S), 0.f), buf(nvals), fill_vals(cols * row_vals);
+    std::vector<T> buf_out(std::is_same_v<T, float> ? 0 : nvals);
     bool have_fill = false;  // fill_vals holds a row computed from pad-colour canvas rows only
     for (int64_t pr = begin; pr < end; ++pr) {
       for (int py = 0; py < p; ++py) {
         const int oy = pr * p + py;
-        float* dst = buf.data() + py * row3;
+        float* dst = buf.data() + 2 + py * row_vals;
         // Rows reading only (identical) pad-colour canvas rows equal each other up to fp32
         // rounding of their weight sums (~1e-7): compute one, copy it.
         bool fill_only = true;
         for (int i = 0; i < tv.count[oy] && fill_only; ++i) fill_only = fill_rows[tv.start[oy] + i];
         if (fill_only && have_fill) {
-          std::memcpy(dst, fill_vals.data(), row3 * sizeof(float));
+          for (int cc = 0; cc < cols; ++cc)
+            std::memcpy(dst + cc * D, fill_vals.data() + cc * row_vals, row_vals * sizeof(float));
           continue;
         }
-        p2s_row(canvas, S, tv, th, win, kmax, oy, meanf, inv_std, planes.data(), pw, dst, row_off.data());
+        p2s_row(canvas, S, tv, th, win, kmax, oy, meanf, inv_std, planes.data(), pw, dst, p, D);
         if (fill_only) {
-          std::memcpy(fill_vals.data(), dst, row3 * sizeof(float));
+          for (int cc = 0; cc < cols; ++cc)
+            std::memcpy(fill_vals.data() + cc * row_vals, dst + cc * D, row_vals * sizeof(float));
           have_fill = true;
         }
       }
-      for (int cc = 0; cc < cols; ++cc) {
-        patch[0] = static_cast<T>(static_cast<float>(pr + 1));
-        patch[1] = static_cast<T>(static_cast<float>(cc + 1));
-        for (int py = 0; py < p; ++py) store_row(buf.data() + py * row3 + cc * p * 3, p * 3, patch.data() + 2 + py * p * 3);
-        stream_copy(patches + (pr * cols + cc) * static_cast<int64_t>(D), patch.data(), D * sizeof(T));
+      for (int cc = 0; cc < cols; ++cc) {  // row and column ids, 1-based
+        buf[cc * D] = static_cast<float>(pr + 1);
+        buf[cc * D + 1] = static_cast<float>(cc + 1);
+      }
+      T* out = patches + pr * nvals;
+      if constexpr (std::is_same_v<T, float>) {
+        stream_copy(out, buf.data(), nvals * sizeof(float));
+      } else {
+        store_row(buf.data(), nvals, buf_out.data());
+        stream_copy(out, buf_out.data(), nvals * sizeof(T));
       }
     }
   });
@@ -272,19 +278,10 @@ void pix2struct_patches(const uint8_t* canvas, const std::vector<uint8_t>& fill_
   }
 }
 
-// Large outputs (a 1024 canvas is 12 MB in fp32) on 2 MB transparent huge pages where the kernel
-// offers them: first-touch faults drop 512-fold, which at one image per call is a sizeable share
-// of the work. Smaller outputs use torch's allocator.
+// Large outputs (a 1024 canvas is 12 MB in fp32) come from the page cache: huge pages, reused
+// across calls instead of faulted in and zeroed afresh for every image.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opt) {
-  constexpr size_t kHuge = size_t{2} << 20;
-  const size_t nbytes = c10::multiply_integers(sizes) * c10::elementSize(opt.dtype().toScalarType());
-  void* ptr = nullptr;
-  if (nbytes < 2 * kHuge || posix_memalign(&ptr, kHuge, (nbytes + kHuge - 1) / kHuge * kHuge) != 0)
-    return at::empty(sizes, opt);
-#if defined(MADV_HUGEPAGE)
-  madvise(ptr, (nbytes + kHuge - 1) / kHuge * kHuge, MADV_HUGEPAGE);  // advice only: failure is harmless
-#endif
-  return at::from_blob(ptr, sizes, [](void* p) { std::free(p); }, opt);
+  return PageCache::instance().empty(sizes, opt);
 }
 
 void check_images(at::TensorList images) {
@@ -311,7 +308,7 @@ void run_all(at::TensorList images, int S, bool pad, at::IntArrayRef fill, at::A
     for (int u = 0; u < 256; ++u)
       lut[c][u] = clip_normalize(static_cast<uint8_t>(u), static_cast<float>(mean[c]), static_cast<float>(std[c]));
   // Uninitialized on purpose: every byte is written by stage 1 before it is read.
-  auto canvas = std::make_unique_for_overwrite<uint8_t[]>(static_cast<size_t>(S) * S * 3);
+  const PageCache::Scratch canvas = PageCache::instance().scratch(static_cast<size_t>(S) * S * 3);
   for (size_t b = 0; b < images.size(); ++b) {
     const at::Tensor im = images[b].contiguous();
     Moments moments;
@@ -334,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_preprocess_cpu(
   const int64_t B = images.size();
   const auto opt = images[0].options().dtype(dtype);
   at::Tensor pv = empty_output({B, 3, canvas_size, canvas_size}, opt);
-  at::Tensor clip = clip_size > 0 ? at::empty({B, 3, clip_size, clip_size}, opt) : at::empty({0}, opt);
+  at::Tensor clip = clip_size > 0 ? empty_output({B, 3, clip_size, clip_size}, opt) : at::empty({0}, opt);
   at::Tensor patches = p2s_max_patches > 0
                            ? empty_output({B, p2s_max_patches, 2 + p2s_patch * p2s_patch * 3}, opt)
                            : at::empty({0}, opt);

@@ -12,18 +12,13 @@
 #include <cstring>
 #include <vector>
 
+#include "common/rgb_vec.h"
 #include "preprocess/fused_preprocess.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
-// GCC vector extensions: 16-lane vectors and two-register permutes (vpermt2ps with AVX-512).
-#if defined(__GNUC__) && !defined(__clang__)
-#define EF_VECTOR_SHUFFLE 1
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-#endif
 
 // Hot loops get AVX-512 and AVX2 clones picked at load time (ifunc), keeping the wheel portable:
 // the integer multiply-accumulate of Pillow's fixed point needs 32-bit lane multiplies (SSE4.1+).
@@ -216,10 +211,16 @@ bool all_windowed(const std::vector<WindowTaps<W>>& win) {
 // lanes, Pillow's clip8 on the vector. `planes` is (3, pw) with zeros past src_w.
 EF_MULTIVERSION void pil_row_horizontal_window(const uint8_t* src, int src_w, const std::vector<WindowTaps<int32_t>>& win,
                                                int kmax, int32_t* planes, int64_t pw, uint8_t* out) {
-  for (int x = 0; x < src_w; ++x)
+  int x = 0;
+  for (; x + kWin <= src_w; x += kWin) {
+    v16i v[3];
+    load_rgb16(src + x * 3, v);
+    for (int ch = 0; ch < 3; ++ch) std::memcpy(planes + ch * pw + x, &v[ch], sizeof(v16i));
+  }
+  for (; x < src_w; ++x)
     for (int ch = 0; ch < 3; ++ch) planes[ch * pw + x] = src[x * 3 + ch];
   for (const WindowTaps<int32_t>& c : win) {
-    int32_t r[3][kWin];
+    v16i r[3];
     for (int ch = 0; ch < 3; ++ch) {
       const int32_t* p = planes + ch * pw + c.base;
       v16i lo, hi, idx, w;
@@ -233,20 +234,26 @@ EF_MULTIVERSION void pil_row_horizontal_window(const uint8_t* src, int src_w, co
       }
       v16i v = acc >> kPrecisionBits;  // clip8, lane-wise
       v = acc <= 0 ? v16i{} : v;
-      v = acc >= (1 << kPrecisionBits << 8) ? v16i{} + 255 : v;
-      std::memcpy(r[ch], &v, sizeof(v));
+      r[ch] = acc >= (1 << kPrecisionBits << 8) ? v16i{} + 255 : v;
     }
-    for (int l = 0; l < c.n; ++l)
-      for (int ch = 0; ch < 3; ++ch) out[(c.ox0 + l) * 3 + ch] = static_cast<uint8_t>(r[ch][l]);
+    if (c.n == kWin) {
+      store_rgb16(r[0], r[1], r[2], out + c.ox0 * 3);
+    } else {
+      uint8_t tail[3 * kWin];
+      store_rgb16(r[0], r[1], r[2], tail);
+      std::memcpy(out + c.ox0 * 3, tail, c.n * 3);
+    }
   }
 }
 #endif
 
 // One output row: vertical taps into planes (3, pw) (+ an S * 3 scratch row after them), then the
-// horizontal taps, standardized; output pixel ox goes to out + out_off[ox].
+// horizontal taps, standardized, written straight into the flattened patches of its patch row:
+// output pixel ox lands at out + (ox / p) * D + (ox % p) * 3 (out points at this row's first value
+// in the first patch).
 EF_MULTIVERSION void p2s_row(const uint8_t* canvas, int S, const Taps<float>& tv, const Taps<float>& th,
                              const std::vector<WindowTaps<float>>& win, int kmax, int oy, float mean, float inv_std,
-                             float* planes, int64_t pw, float* out, const int64_t* out_off) {
+                             float* planes, int64_t pw, float* out, int p, int64_t D) {
   // Vertical taps over the interleaved rows (contiguous, vectorizes well), then one deinterleave.
   const int64_t row3 = static_cast<int64_t>(S) * 3;
   float* __restrict row = planes + 3 * pw;
@@ -257,18 +264,21 @@ EF_MULTIVERSION void p2s_row(const uint8_t* canvas, int S, const Taps<float>& tv
     const float k = kv[i];
     for (int64_t j = 0; j < row3; ++j) row[j] += src[j] * k;
   }
-  float* __restrict p0 = planes;
-  float* __restrict p1 = planes + pw;
-  float* __restrict p2 = planes + 2 * pw;
-  for (int x = 0; x < S; ++x) {
-    p0[x] = row[x * 3 + 0];
-    p1[x] = row[x * 3 + 1];
-    p2[x] = row[x * 3 + 2];
-  }
-  for (const WindowTaps<float>& c : win) {
-    float r[3][kWin];
-    if (c.vec) {
+  int x = 0;
 #if defined(EF_VECTOR_SHUFFLE)
+  for (; x + kWin <= S; x += kWin) {
+    v16f v[3], c[3];
+    std::memcpy(v, row + x * 3, sizeof(v));
+    deinterleave3(v[0], v[1], v[2], c);
+    for (int ch = 0; ch < 3; ++ch) std::memcpy(planes + ch * pw + x, &c[ch], sizeof(v16f));
+  }
+#endif
+  for (; x < S; ++x)
+    for (int ch = 0; ch < 3; ++ch) planes[ch * pw + x] = row[x * 3 + ch];
+  for (const WindowTaps<float>& c : win) {
+#if defined(EF_VECTOR_SHUFFLE)
+    if (c.vec) {
+      v16f r[3], o[3];
       for (int ch = 0; ch < 3; ++ch) {
         const float* src = planes + ch * pw + c.base;
         v16f lo, hi, acc = {};
@@ -281,27 +291,30 @@ EF_MULTIVERSION void p2s_row(const uint8_t* canvas, int S, const Taps<float>& tv
           std::memcpy(&w, &c.w[t * kWin], sizeof(w));
           acc += __builtin_shuffle(lo, hi, idx) * w;
         }
-        acc = (acc - mean) * inv_std;
-        std::memcpy(r[ch], &acc, sizeof(acc));
+        r[ch] = (acc - mean) * inv_std;
       }
-#endif
-    } else {
-      for (int l = 0; l < c.n; ++l) {
-        const int ox = c.ox0 + l;
-        const float* k = &th.w[static_cast<size_t>(ox) * th.ksize];
-        for (int ch = 0; ch < 3; ++ch) {
-          const float* src = planes + ch * pw + th.start[ox];
-          float a = 0.f;
-          for (int t = 0; t < th.count[ox]; ++t) a += src[t] * k[t];
-          r[ch][l] = (a - mean) * inv_std;
+      interleave3(r[0], r[1], r[2], o);
+      if (p % kWin == 0) {  // the window lies in one patch row: 48 contiguous floats
+        std::memcpy(out + (c.ox0 / p) * D + (c.ox0 % p) * 3, o, c.n * 3 * sizeof(float));
+      } else {
+        const float* v = reinterpret_cast<const float*>(o);
+        for (int l = 0; l < c.n; ++l) {
+          const int ox = c.ox0 + l;
+          std::memcpy(out + (ox / p) * D + (ox % p) * 3, v + l * 3, 3 * sizeof(float));
         }
       }
+      continue;
     }
+#endif
     for (int l = 0; l < c.n; ++l) {
-      float* o = out + out_off[c.ox0 + l];
-      o[0] = r[0][l];
-      o[1] = r[1][l];
-      o[2] = r[2][l];
+      const int ox = c.ox0 + l;
+      const float* k = &th.w[static_cast<size_t>(ox) * th.ksize];
+      for (int ch = 0; ch < 3; ++ch) {
+        const float* src = planes + ch * pw + th.start[ox];
+        float a = 0.f;
+        for (int t = 0; t < th.count[ox]; ++t) a += src[t] * k[t];
+        out[(ox / p) * D + (ox % p) * 3 + ch] = (a - mean) * inv_std;
+      }
     }
   }
 }

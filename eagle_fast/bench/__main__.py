@@ -14,6 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--repeats", type=int, default=7)
     pre.add_argument("--out-dir", default="bench_results")
     pre.add_argument("--gpu-batch", type=int, default=32)
+    pre.add_argument("--min-sample-ms", type=float, default=200.0,
+                     help="each timed sample repeats a provider's calls for at least this long")
     rc = sub.add_parser("resize_concat", help="channel-concat fusion of expert maps, forward and backward")
     rc.add_argument("--threads", type=int, default=2)
     rc.add_argument("--repeats", type=int, default=7)
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         from eagle_fast.bench.fused_preprocess import PreprocessBenchConfig, main as run
 
         run(PreprocessBenchConfig(threads=tuple(args.threads), repeats=args.repeats, out_dir=args.out_dir,
-                                  gpu_batch=args.gpu_batch))
+                                  gpu_batch=args.gpu_batch, min_sample_ms=args.min_sample_ms))
     elif args.bench == "resize_concat":
         from eagle_fast.bench.resize_concat import ResizeConcatBenchConfig, main as run
 

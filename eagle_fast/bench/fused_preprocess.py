@@ -32,6 +32,7 @@ class PreprocessBenchConfig:
     repeats: int = 7
     out_dir: str = "bench_results"
     gpu_batch: int = 32
+    min_sample_ms: float = 200.0  # each timed sample: calls back to back for at least this long
 
 
 def _photos() -> list[np.ndarray]:
@@ -99,7 +100,7 @@ def run(cfg: PreprocessBenchConfig) -> list[Row]:
                 lambda d: [fused_preprocess([t], dtype=d, backend="reference") for t in tensors], dtype)
             fns[("(d) eagle_fast C++", dtype)] = functools.partial(
                 lambda d: [fused_preprocess([t], dtype=d) for t in tensors], dtype)
-        for (provider, dtype), ms in time_interleaved_ms(fns, repeats=cfg.repeats).items():
+        for (provider, dtype), ms in time_interleaved_ms(fns, repeats=cfg.repeats, min_sample_ms=cfg.min_sample_ms).items():
             add(provider, ms, dtype, threads)
             if provider.startswith("(d)"):
                 rows[-1].extra.update(out_gbps=round(n * _out_bytes(dtype) / ms / 1e6, 2),
@@ -114,7 +115,7 @@ def run(cfg: PreprocessBenchConfig) -> list[Row]:
                 fns[(provider, dtype)] = functools.partial(
                     lambda d, be: fused_preprocess(batch, dtype=d, backend=be), dtype, backend)
         gpu_copy = memcpy_gbps(1, device="cuda")
-        for (provider, dtype), ms in time_interleaved_ms(fns, repeats=cfg.repeats, cuda=True).items():
+        for (provider, dtype), ms in time_interleaved_ms(fns, repeats=cfg.repeats, cuda=True, min_sample_ms=cfg.min_sample_ms).items():
             add(provider, ms, dtype, max(cfg.threads), device="cuda", items=cfg.gpu_batch,
                 out_gbps=round(cfg.gpu_batch * _out_bytes(dtype) / ms / 1e6, 1), memcpy_gbps=round(gpu_copy, 1))
     return rows

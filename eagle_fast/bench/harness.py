@@ -7,6 +7,7 @@ are tied to the machine line printed with them.
 from __future__ import annotations
 
 import csv
+import gc
 import os
 import platform
 import statistics
@@ -62,32 +63,51 @@ def _git_sha() -> str:
         return "unknown"
 
 
-def time_ms(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 1, cuda: bool = False) -> float:
-    """Median wall time of `fn` in milliseconds (synchronizing CUDA around each call when asked)."""
+def time_ms(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 1, cuda: bool = False,
+            min_sample_ms: float = 0.0) -> float:
+    """Median wall time of one call of `fn` in milliseconds (synchronizing CUDA around each sample
+    when asked). A sample runs `fn` back to back until it lasts at least `min_sample_ms` and counts
+    the mean per call, so that a fast fn is not timed on one call alone, right after another
+    workload has left the caches and TLBs cold. Python's garbage collector is paused while timing
+    (as `timeit` does): a collection triggered by another provider's garbage would land on whoever
+    runs next."""
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            calls, t0 = 0, time.perf_counter()
+            while True:
+                fn()
+                calls += 1
+                if cuda:
+                    torch.cuda.synchronize()
+                elapsed = (time.perf_counter() - t0) * 1e3
+                if elapsed >= min_sample_ms:
+                    break
+            times.append(elapsed / calls)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     return statistics.median(times)
 
 
 def time_interleaved_ms(fns: dict[str, Callable[[], object]], *, repeats: int = 7, warmup: int = 1,
-                        cuda: bool = False) -> dict[str, float]:
-    """Median ms of each fn, timed in rounds (every fn once per round) so that drift in the
-    machine's speed hits all providers alike instead of whichever ran during a slow spell. Each
-    timed call follows `warmup` untimed calls of the same fn, so it runs in its own steady state
-    (caches, allocator) rather than in the wake of the previous provider."""
+                        cuda: bool = False, min_sample_ms: float = 0.0) -> dict[str, float]:
+    """Median ms per call of each fn, timed in rounds (every fn once per round) so that drift in
+    the machine's speed hits all providers alike instead of whichever ran during a slow spell. Each
+    timed sample follows `warmup` untimed calls of the same fn and lasts at least `min_sample_ms`
+    (see `time_ms`), so it runs in its own steady state rather than in the wake of the previous
+    provider."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            times[k].append(time_ms(fn, repeats=1, warmup=warmup, cuda=cuda))
+            times[k].append(time_ms(fn, repeats=1, warmup=warmup, cuda=cuda, min_sample_ms=min_sample_ms))
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -142,7 +142,7 @@ def test_cpu_kernel_on_real_photos_mixed_batch(real_photos):
         assert torch.equal(single.flattened_patches[0], got.flattened_patches[i])
 
 
-@pytest.mark.parametrize("canvas,clip,patches,patch", [(64, 24, 16, 8), (33, 7, 10, 4), (48, 0, 0, 16), (40, 40, 9, 3)])
+@pytest.mark.parametrize("canvas,clip,patches,patch", [(64, 24, 16, 8), (33, 7, 10, 4), (48, 0, 0, 16), (40, 40, 9, 3), (100, 12, 9, 32)])
 def test_cpu_kernel_small_canvases_and_skips(canvas, clip, patches, patch):
     images = [_rand_image(h, w, seed=h) for h, w in [(7, 5), (13, 29), (1, 1), (40, 40), (100, 70)]]
     for pad in (True, False):
