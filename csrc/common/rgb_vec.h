@@ -82,16 +82,6 @@ inline void interleave3(V a, V b, V c, V o[3]) {
   }
 }
 
-// 16 pixels of interleaved uint8 RGB (48 bytes) -> three int32 channel vectors.
-inline void load_rgb16(const uint8_t* src, v16i c[3]) {
-  v16u8 b0, b1, b2;  // three plain 16-byte loads (a 48-byte copy to an array goes through the stack)
-  std::memcpy(&b0, src, 16);
-  std::memcpy(&b1, src + 16, 16);
-  std::memcpy(&b2, src + 32, 16);
-  deinterleave3(__builtin_convertvector(b0, v16i), __builtin_convertvector(b1, v16i),
-                __builtin_convertvector(b2, v16i), c);
-}
-
 // Three channel vectors with values in 0..255 -> 16 pixels of interleaved uint8 RGB (48 bytes).
 inline void store_rgb16(v16i r, v16i g, v16i b, uint8_t* dst) {
   v16i o[3];

@@ -4,9 +4,10 @@
 //   1. Pillow BICUBIC canvas: horizontal pass over only the source rows the vertical taps read
 //      (Pillow's "ybox"), then the vertical pass, fused with the CLIP normalization into
 //      pixel_values (3, S, S). Pad mode never materializes the padded square.
-//   2. CLIP input: bilinear align_corners=True from the normalized canvas, (3, c, c).
+//   2. CLIP input: bilinear align_corners=True from the normalized canvas, (3, c, c); its
+//      horizontal half runs inside stage 1 on the normalized rows while they are in L1.
 //   3. Pix2Struct: exact integer mean/std of the canvas, antialiased bilinear to (rows*p, cols*p),
-//      standardized, assembled patch by patch and streamed into the patches (P, 2 + p*p*3).
+//      standardized, written patch row by patch row into the patches (P, 2 + p*p*3).
 // Rows are split over threads with at::parallel_for; the row kernels (fused_preprocess_cpu_rows.h)
 // run over contiguous memory. The arithmetic lives in fused_preprocess.h, shared with CUDA.
 #include <ATen/ATen.h>
@@ -19,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <type_traits>
 
 
@@ -53,11 +55,47 @@ struct Source {
   }
 };
 
+// Stage 2 (CLIP input (3, c, c), bilinear align_corners=True over the normalized canvas) runs in
+// two halves. Horizontal: while stage 1 holds a canvas row's normalized planes in L1, the rows that
+// some CLIP row reads are interpolated along x into `h` (one slot of (3, c) per such row).
+// Vertical: clip_vertical() blends slot pairs into the output once the canvas is done.
+struct ClipPlan {
+  int c = 0;
+  float scale = 0.f;
+  std::vector<int> x0, x1, slot;  // slot: canvas row -> its row of h, or -1 when no CLIP row reads it
+  std::vector<float> lx;
+  std::unique_ptr<float[]> h;  // (rows read, 3, c), every value written before it is read
+
+  ClipPlan(int S, int c_size) : c(c_size), scale(align_corners_scale(S, c_size)), slot(S, -1) {
+    x0.resize(c);
+    x1.resize(c);
+    lx.resize(c);
+    for (int ox = 0; ox < c; ++ox) linear_align_corners(ox, S, scale, x0[ox], x1[ox], lx[ox]);
+    int n = 0;
+    for (int oy = 0; oy < c; ++oy) {
+      int y0, y1;
+      float ly;
+      linear_align_corners(oy, S, scale, y0, y1, ly);
+      for (const int y : {y0, y1})
+        if (slot[y] < 0) slot[y] = n++;
+    }
+    h = std::make_unique_for_overwrite<float[]>(static_cast<size_t>(n) * 3 * c);
+  }
+
+  // planes: (3, S) normalized canvas row y.
+  void horizontal(const float* planes, int S, int y) {
+    if (slot[y] < 0) return;
+    float* out = h.get() + static_cast<int64_t>(slot[y]) * 3 * c;
+    for (int ch = 0; ch < 3; ++ch)
+      linear_row(planes + static_cast<int64_t>(ch) * S, x0.data(), x1.data(), lx.data(), c, out + ch * c);
+  }
+};
+
 // Stage 1: the uint8 canvas (S, S, 3) and the normalized pixel_values (3, S, S). Returns, per canvas
 // row, whether it is a pure pad-colour row (those rows are identical; stage 3 reuses that).
 template <typename T>
 std::vector<uint8_t> build_canvas(const at::Tensor& image, int S, bool pad, at::IntArrayRef fill, const float* mean,
-                                  const float* std, uint8_t* canvas, T* pixels, Moments* moments) {
+                                  const float* std, uint8_t* canvas, T* pixels, Moments* moments, ClipPlan* clip) {
   const int h = image.size(0), w = image.size(1);
   const CanvasPlan p = plan_canvas(h, w, S, pad);
   Source src(image.data_ptr<uint8_t>(), h, w, p, fill);
@@ -125,43 +163,48 @@ std::vector<uint8_t> build_canvas(const at::Tensor& image, int S, bool pad, at::
   // so those rows are copies, normalized once.
   std::vector<uint8_t> fill_rows(S, 0);
   std::vector<T> fill_pixels;
+  std::vector<float> fill_norm;
   int64_t fill_sum = 0, fill_sumsq = 0;
   if (!fill_out.empty() && do_v) {
     for (int oy = 0; oy < S; ++oy) {
       const int a = tv.start[p.crop_top + oy], b = a + tv.count[p.crop_top + oy];
       fill_rows[oy] = b <= p.img_top || a >= p.img_top + h;
     }
-    std::vector<float> f(row3);
-    normalize_row(fill_out.data(), S, mean, std, f.data(), f.data() + S, f.data() + 2 * S);
+    fill_norm.resize(row3);
+    normalize_row(fill_out.data(), S, mean, std, fill_norm.data(), fill_norm.data() + S, fill_norm.data() + 2 * S);
     fill_pixels.resize(row3);
-    store_row(f.data(), row3, fill_pixels.data());
+    store_row(fill_norm.data(), row3, fill_pixels.data());
     for (const uint8_t v : fill_out) {
       fill_sum += v;
       fill_sumsq += static_cast<int64_t>(v) * v;
     }
   }
   at::parallel_for(0, S, 8, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> acc(row3);
     std::vector<float> planes(row3);  // normalized fp32 row (3, S), streamed out (rounded first for bf16)
     std::vector<T> planes_bf16(std::is_same_v<T, float> ? 0 : S);
-    int64_t n_fill = 0;
+    std::vector<int32_t> acc(row3);
+    int64_t n_fill = 0, sum = 0, sumsq = 0;
     for (int64_t oy = begin; oy < end; ++oy) {
       uint8_t* crow = canvas + oy * row3;
       T* out = pixels + oy * S;
       if (fill_rows[oy]) {
         std::memcpy(crow, fill_out.data(), row3);
         for (int c = 0; c < 3; ++c) stream_copy(out + c * plane, fill_pixels.data() + c * S, S * sizeof(T));
+        if (clip) clip->horizontal(fill_norm.data(), S, oy);
         ++n_fill;
         continue;
       }
       if (do_v) {
         const int yy = p.crop_top + oy;
         pil_row_vertical(temp.get() + (tv.start[yy] - y0) * row3, row3,
-                         &tv.w[static_cast<size_t>(yy) * tv.ksize], tv.count[yy], row3, acc.data(), crow);
+                         &tv.w[static_cast<size_t>(yy) * tv.ksize], tv.count[yy], row3, acc.data(), crow, &sum,
+                         &sumsq);
       } else {
         std::memcpy(crow, temp.get() + (p.crop_top + oy - y0) * row3, row3);
+        row_moments(crow, row3, &sum, &sumsq);
       }
       normalize_row(crow, S, mean, std, planes.data(), planes.data() + S, planes.data() + 2 * S);
+      if (clip) clip->horizontal(planes.data(), S, oy);
       for (int c = 0; c < 3; ++c) {
         if constexpr (std::is_same_v<T, float>) {
           stream_copy(out + c * plane, planes.data() + c * S, S * sizeof(float));
@@ -170,41 +213,30 @@ std::vector<uint8_t> build_canvas(const at::Tensor& image, int S, bool pad, at::
           stream_copy(out + c * plane, planes_bf16.data(), S * sizeof(T));
         }
       }
-      if (moments) row_moments(crow, row3, *moments);
     }
-    if (moments && n_fill) {
-      moments->sum += n_fill * fill_sum;
-      moments->sumsq += n_fill * fill_sumsq;
+    if (moments) {
+      moments->sum += sum + n_fill * fill_sum;
+      moments->sumsq += sumsq + n_fill * fill_sumsq;
     }
   });
   return fill_rows;
 }
 
-// Stage 2: CLIP input (3, c, c), bilinear align_corners=True over the normalized canvas.
+// Stage 2, vertical half: out (3, c, c) from the horizontally interpolated rows.
 template <typename T>
-void clip_resize(const uint8_t* canvas, int S, int c_size, const std::array<std::array<float, 256>, 3>& lut,
-                 T* out) {
-  const float scale = align_corners_scale(S, c_size);
-  std::vector<int> x0(c_size), x1(c_size);
-  std::vector<float> lx(c_size);
-  for (int ox = 0; ox < c_size; ++ox) linear_align_corners(ox, S, scale, x0[ox], x1[ox], lx[ox]);
-  const int64_t plane = static_cast<int64_t>(c_size) * c_size;
-  at::parallel_for(0, c_size, 16, [&](int64_t begin, int64_t end) {
+void clip_vertical(const ClipPlan& cp, int S, T* out) {
+  const int c = cp.c;
+  const int64_t plane = static_cast<int64_t>(c) * c;
+  at::parallel_for(0, c, 16, [&](int64_t begin, int64_t end) {
     for (int64_t oy = begin; oy < end; ++oy) {
       int y0, y1;
       float ly;
-      linear_align_corners(oy, S, scale, y0, y1, ly);
-      const uint8_t* r0 = canvas + static_cast<int64_t>(y0) * S * 3;
-      const uint8_t* r1 = canvas + static_cast<int64_t>(y1) * S * 3;
-      for (int c = 0; c < 3; ++c) {
-        const float* l = lut[c].data();
-        T* o = out + c * plane + oy * c_size;
-        for (int ox = 0; ox < c_size; ++ox) {
-          const float w1 = lx[ox], w0 = 1.f - w1;
-          const float top = w0 * l[r0[x0[ox] * 3 + c]] + w1 * l[r0[x1[ox] * 3 + c]];
-          const float bot = w0 * l[r1[x0[ox] * 3 + c]] + w1 * l[r1[x1[ox] * 3 + c]];
-          o[ox] = static_cast<T>((1.f - ly) * top + ly * bot);
-        }
+      linear_align_corners(oy, S, cp.scale, y0, y1, ly);
+      const float* top = cp.h.get() + static_cast<int64_t>(cp.slot[y0]) * 3 * c;
+      const float* bot = cp.h.get() + static_cast<int64_t>(cp.slot[y1]) * 3 * c;
+      for (int ch = 0; ch < 3; ++ch) {
+        T* o = out + ch * plane + oy * c;
+        for (int ox = 0; ox < c; ++ox) store((1.f - ly) * top[ch * c + ox] + ly * bot[ch * c + ox], o + ox);
       }
     }
   });
@@ -303,18 +335,17 @@ void run_all(at::TensorList images, int S, bool pad, at::IntArrayRef fill, at::A
              at::Tensor& patches, at::Tensor& mask) {
   const float meanf[3] = {static_cast<float>(mean[0]), static_cast<float>(mean[1]), static_cast<float>(mean[2])};
   const float stdf[3] = {static_cast<float>(std[0]), static_cast<float>(std[1]), static_cast<float>(std[2])};
-  std::array<std::array<float, 256>, 3> lut;  // normalized value of every byte, for the CLIP gather
-  for (int c = 0; c < 3; ++c)
-    for (int u = 0; u < 256; ++u)
-      lut[c][u] = clip_normalize(static_cast<uint8_t>(u), static_cast<float>(mean[c]), static_cast<float>(std[c]));
+  std::optional<ClipPlan> clip_plan;  // tables shared by every image of the batch
+  if (c_size > 0) clip_plan.emplace(S, c_size);
   // Uninitialized on purpose: every byte is written by stage 1 before it is read.
   const PageCache::Scratch canvas = PageCache::instance().scratch(static_cast<size_t>(S) * S * 3);
   for (size_t b = 0; b < images.size(); ++b) {
     const at::Tensor im = images[b].contiguous();
     Moments moments;
-    const std::vector<uint8_t> fill_rows =
-        build_canvas<T>(im, S, pad, fill, meanf, stdf, canvas.get(), pv[b].data_ptr<T>(), P > 0 ? &moments : nullptr);
-    if (c_size > 0) clip_resize<T>(canvas.get(), S, c_size, lut, clip[b].data_ptr<T>());
+    const std::vector<uint8_t> fill_rows = build_canvas<T>(im, S, pad, fill, meanf, stdf, canvas.get(),
+                                                           pv[b].data_ptr<T>(), P > 0 ? &moments : nullptr,
+                                                           clip_plan ? &*clip_plan : nullptr);
+    if (clip_plan) clip_vertical<T>(*clip_plan, S, clip[b].data_ptr<T>());
     if (P > 0) pix2struct_patches<T>(canvas.get(), fill_rows, S, P, p, moments, patches[b].data_ptr<T>(), mask[b].data_ptr<T>());
   }
 }

@@ -71,16 +71,30 @@ EF_MULTIVERSION void pil_block_horizontal(const uint8_t* const* rows, int nrows,
   }
 }
 
-// Vertical Pillow pass for one output row: acc[j] = kHalf + sum_i rows[i][j] * k[i], j over S*3.
+// Vertical Pillow pass for one output row: out[j] = clip8(kHalf + sum_i rows[i][j] * k[i]), j over
+// width3 bytes. Adds the row's byte sum and sum of squares (Pix2Struct's moments) to *sum, *sumsq
+// while the row is in L1.
 EF_MULTIVERSION void pil_row_vertical(const uint8_t* rows, int64_t stride, const int32_t* k, int n, int width3,
-                      int32_t* acc, uint8_t* out) {
+                                      int32_t* __restrict acc, uint8_t* __restrict out, int64_t* sum, int64_t* sumsq) {
   for (int j = 0; j < width3; ++j) acc[j] = kHalf;
   for (int i = 0; i < n; ++i) {
-    const uint8_t* r = rows + i * stride;
+    const uint8_t* __restrict r = rows + i * stride;
     const int32_t ki = k[i];
     for (int j = 0; j < width3; ++j) acc[j] += r[j] * ki;
   }
-  for (int j = 0; j < width3; ++j) out[j] = clip8(acc[j]);
+  // 32-bit partial sums vectorize; chunks of 8192 bytes keep the sum of squares below 2**32.
+  for (int base = 0; base < width3; base += 8192) {
+    uint32_t s32 = 0, q32 = 0;
+    for (int j = base; j < std::min(width3, base + 8192); ++j) {
+      // clip8 without branches (vectorizes): for ss > 0, ss >> 22 >= 256 exactly when ss >= 2**30.
+      const uint32_t v = static_cast<uint32_t>(std::clamp(acc[j] >> kPrecisionBits, 0, 255));
+      out[j] = static_cast<uint8_t>(v);
+      s32 += v;
+      q32 += v * v;
+    }
+    *sum += s32;
+    *sumsq += q32;
+  }
 }
 
 // Output rows are written once and not read again here: with AVX-512, 64-byte aligned runs go out
@@ -134,12 +148,18 @@ EF_MULTIVERSION void normalize_row(const uint8_t* __restrict row, int width, con
   }
 }
 
+// Linear interpolation along one row: out[i] = (1 - l[i]) * src[i0[i]] + l[i] * src[i1[i]].
+EF_MULTIVERSION void linear_row(const float* __restrict src, const int* __restrict i0, const int* __restrict i1,
+                                const float* __restrict l, int n, float* __restrict out) {
+  for (int i = 0; i < n; ++i) out[i] = (1.f - l[i]) * src[i0[i]] + l[i] * src[i1[i]];
+}
+
 // Sum and sum of squares of the canvas bytes: Pix2Struct's per-image mean/std, exact in integers.
 struct Moments {
   std::atomic<int64_t> sum{0}, sumsq{0};
 };
 
-EF_MULTIVERSION void row_moments(const uint8_t* __restrict row, int64_t n, Moments& m) {
+EF_MULTIVERSION void row_moments(const uint8_t* __restrict row, int64_t n, int64_t* sum, int64_t* sumsq) {
   // 32-bit partial sums vectorize; chunks of 8192 bytes keep the sum of squares below 2**31.
   int64_t s = 0, q = 0;
   for (int64_t base = 0; base < n; base += 8192) {
@@ -153,8 +173,8 @@ EF_MULTIVERSION void row_moments(const uint8_t* __restrict row, int64_t n, Momen
     s += s32;
     q += q32;
   }
-  m.sum += s;
-  m.sumsq += q;
+  *sum += s;
+  *sumsq += q;
 }
 
 // Pix2Struct's antialiased bilinear, vertical taps first (only fp32 rounding differs from torch's
@@ -211,13 +231,8 @@ bool all_windowed(const std::vector<WindowTaps<W>>& win) {
 // lanes, Pillow's clip8 on the vector. `planes` is (3, pw) with zeros past src_w.
 EF_MULTIVERSION void pil_row_horizontal_window(const uint8_t* src, int src_w, const std::vector<WindowTaps<int32_t>>& win,
                                                int kmax, int32_t* planes, int64_t pw, uint8_t* out) {
-  int x = 0;
-  for (; x + kWin <= src_w; x += kWin) {
-    v16i v[3];
-    load_rgb16(src + x * 3, v);
-    for (int ch = 0; ch < 3; ++ch) std::memcpy(planes + ch * pw + x, &v[ch], sizeof(v16i));
-  }
-  for (; x < src_w; ++x)
+  // (GCC vectorizes this stride-3 widening loop well; its generic u8 -> i32 vector conversion not.)
+  for (int x = 0; x < src_w; ++x)
     for (int ch = 0; ch < 3; ++ch) planes[ch * pw + x] = src[x * 3 + ch];
   for (const WindowTaps<int32_t>& c : win) {
     v16i r[3];
