@@ -170,7 +170,7 @@ std::vector<uint8_t> build_canvas(const at::Tensor& image, int S, bool pad, at::
       const int a = tv.start[p.crop_top + oy], b = a + tv.count[p.crop_top + oy];
       fill_rows[oy] = b <= p.img_top || a >= p.img_top + h;
     }
-    fill_norm.resize(row3);
+    fill_norm.resize(row3 + 64);  // + slack for linear_row's 64-float windows
     normalize_row(fill_out.data(), S, mean, std, fill_norm.data(), fill_norm.data() + S, fill_norm.data() + 2 * S);
     fill_pixels.resize(row3);
     store_row(fill_norm.data(), row3, fill_pixels.data());
@@ -180,7 +180,8 @@ std::vector<uint8_t> build_canvas(const at::Tensor& image, int S, bool pad, at::
     }
   }
   at::parallel_for(0, S, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> planes(row3);  // normalized fp32 row (3, S), streamed out (rounded first for bf16)
+    // normalized fp32 row (3, S), streamed out (rounded first for bf16); + slack for linear_row
+    std::vector<float> planes(row3 + 64);
     std::vector<T> planes_bf16(std::is_same_v<T, float> ? 0 : S);
     std::vector<int32_t> acc(row3);
     int64_t n_fill = 0, sum = 0, sumsq = 0;

@@ -148,11 +148,46 @@ EF_MULTIVERSION void normalize_row(const uint8_t* __restrict row, int width, con
   }
 }
 
-// Linear interpolation along one row: out[i] = (1 - l[i]) * src[i0[i]] + l[i] * src[i1[i]].
+// Linear interpolation along one row: out[i] = (1 - l[i]) * src[i0[i]] + l[i] * src[i1[i]], with
+// i1 - i0 in {0, 1} and i0 non-decreasing (align_corners bilinear).
+inline void linear_row_scalar(const float* __restrict src, const int* __restrict i0, const int* __restrict i1,
+                              const float* __restrict l, int begin, int n, float* __restrict out) {
+  for (int i = begin; i < n; ++i) out[i] = (1.f - l[i]) * src[i0[i]] + l[i] * src[i1[i]];
+}
+
+#if defined(EF_VECTOR_SHUFFLE)
+// 16 outputs at a time whose reads lie within a 64-float window from src + i0[first]: each of the
+// two taps is two two-register permutes and a select (AMD's gathers are slower than scalar loads).
+// `src` must be readable up to 64 floats past the last window's start.
 EF_MULTIVERSION void linear_row(const float* __restrict src, const int* __restrict i0, const int* __restrict i1,
                                 const float* __restrict l, int n, float* __restrict out) {
-  for (int i = 0; i < n; ++i) out[i] = (1.f - l[i]) * src[i0[i]] + l[i] * src[i1[i]];
+  int i = 0;
+  for (; i + 16 <= n && i1[i + 15] - i0[i] < 64; i += 16) {
+    const float* w = src + i0[i];
+    v16f q0, q1, q2, q3, lw;  // separate loads: a copy into an array would go through the stack
+    std::memcpy(&q0, w, sizeof(q0));
+    std::memcpy(&q1, w + 16, sizeof(q1));
+    std::memcpy(&q2, w + 32, sizeof(q2));
+    std::memcpy(&q3, w + 48, sizeof(q3));
+    std::memcpy(&lw, l + i, sizeof(lw));
+    v16i a, b;
+    std::memcpy(&a, i0 + i, sizeof(a));
+    std::memcpy(&b, i1 + i, sizeof(b));
+    a -= i0[i];
+    b -= i0[i];
+    // permutes read the low 5 bits of each index; bit 5 picks the upper register pair
+    const v16f va = a < 32 ? __builtin_shuffle(q0, q1, a) : __builtin_shuffle(q2, q3, a);
+    const v16f vb = b < 32 ? __builtin_shuffle(q0, q1, b) : __builtin_shuffle(q2, q3, b);
+    const v16f r = (1.f - lw) * va + lw * vb;
+    std::memcpy(out + i, &r, sizeof(r));
+  }
+  linear_row_scalar(src, i0, i1, l, i, n, out);
 }
+#else
+inline void linear_row(const float* src, const int* i0, const int* i1, const float* l, int n, float* out) {
+  linear_row_scalar(src, i0, i1, l, 0, n, out);
+}
+#endif
 
 // Sum and sum of squares of the canvas bytes: Pix2Struct's per-image mean/std, exact in integers.
 struct Moments {
