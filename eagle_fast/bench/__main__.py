@@ -1,4 +1,4 @@
-"""python -m eagle_fast.bench {preprocess,resize_concat} [options]; each subcommand has --help."""
+"""python -m eagle_fast.bench {preprocess,resize_concat,attention} [options]; each subcommand has --help."""
 
 from __future__ import annotations
 
@@ -23,6 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     rc.add_argument("--device", default="cpu")
     rc.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     rc.add_argument("--out-dir", default="bench_results")
+    at = sub.add_parser("attention", help="flash attention sweep: eagle_fast vs sdpa (vs flash-attn when installed)")
+    at.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    at.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    at.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    at.add_argument("--causal", choices=["both", "on", "off"], default="both")
+    at.add_argument("--shapes", nargs="+", default=None, metavar="BxS",
+                    help="batch x sequence pairs, e.g. 8x2048 (default: the device's sweep)")
+    at.add_argument("--width", type=int, default=None, help="model width H*D (default: 2048 on CUDA, 256 on CPU)")
+    at.add_argument("--repeats", type=int, default=7)
+    at.add_argument("--threads", type=int, default=2)
+    at.add_argument("--out-dir", default="bench_results")
     args = parser.parse_args(argv)
 
     if args.bench in ("preprocess", "fused_preprocess"):
@@ -35,7 +46,21 @@ def main(argv: list[str] | None = None) -> int:
 
         run(ResizeConcatBenchConfig(batch=args.batch, repeats=args.repeats, threads=args.threads, device=args.device,
                                     out_dir=args.out_dir, memory=not args.no_memory))
+    elif args.bench == "attention":
+        from eagle_fast.bench.attention import AttentionBenchConfig, main as run
+
+        shapes = None if args.shapes is None else tuple(tuple(int(x) for x in s.split("x")) for s in args.shapes)
+        causal = {"both": (False, True), "on": (True,), "off": (False,)}[args.causal]
+        run(AttentionBenchConfig(device=args.device, dtype=args.dtype, head_dims=tuple(args.head_dims), causal=causal,
+                                 shapes=shapes, width=args.width, repeats=args.repeats, threads=args.threads,
+                                 out_dir=args.out_dir))
     return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

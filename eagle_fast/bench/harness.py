@@ -134,17 +134,19 @@ def write_csv(rows: list[Row], path: str) -> None:
             w.writerow([d[k] for k in keys] + [repr(d["extra"])] + list(info.values()))
 
 
-def bar_plot(rows: list[Row], path: str, title: str) -> None:
+def bar_plot(rows: list[Row], path: str, title: str, ylabel: str = "items / s (higher is better)",
+             label: Callable[[Row], str] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r.provider}\n{r.device} {r.dtype} {r.threads}t" for r in rows]
+    label = label or (lambda r: f"{r.provider}\n{r.device} {r.dtype} {r.threads}t")
+    labels = [label(r) for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
     ax.bar(range(len(rows)), [r.items_per_s for r in rows], color="tab:blue")
     ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("items / s (higher is better)")
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()

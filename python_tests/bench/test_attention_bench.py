@@ -1,0 +1,25 @@
+"""The attention benchmark runs end to end on a tiny CPU sweep and reports every provider x mode."""
+
+import csv
+
+from eagle_fast.bench.attention import AttentionBenchConfig, flops, main, run
+
+
+def test_flops_convention():
+    assert flops(2, 1024, 16, 128, False, "fwd") == 4 * 2 * 1024**2 * 16 * 128
+    assert flops(2, 1024, 16, 128, True, "fwd") == 2 * 2 * 1024**2 * 16 * 128
+    assert flops(1, 8, 1, 8, False, "fwd_bwd") == 3.5 * flops(1, 8, 1, 8, False, "fwd")
+
+
+def test_tiny_cpu_sweep(tmp_path, capsys):
+    cfg = AttentionBenchConfig(device="cpu", dtype="float32", head_dims=(32,), causal=(True,), shapes=((1, 40),),
+                               width=64, repeats=1, threads=1, out_dir=str(tmp_path))
+    rows = run(cfg)
+    assert {(r.provider, r.extra["mode"]) for r in rows} == {
+        (p, m) for p in ("eagle_fast", "sdpa", "math reference") for m in ("fwd", "bwd", "fwd_bwd")}
+    assert all(r.median_ms > 0 and r.items_per_s > 0 for r in rows)
+    main(cfg)
+    assert "| B1 S40 H2 D32 causal | fwd | eagle_fast |" in capsys.readouterr().out
+    with open(tmp_path / "attention.csv") as f:
+        assert len(list(csv.reader(f))) == 1 + len(rows)
+    assert (tmp_path / "attention.png").stat().st_size > 0
