@@ -13,13 +13,12 @@ report are exercised everywhere.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from eagle_fast.bench.harness import Row, bar_plot, machine, time_interleaved_ms, write_csv
+from eagle_fast.bench.harness import Row, publish, time_interleaved_ms
 from eagle_fast.ops.attention import _attention_reference, attention
 
 GPU_SHAPES = ((32, 512), (16, 1024), (8, 2048), (4, 4096), (2, 8192), (1, 16384))
@@ -126,11 +125,6 @@ def report(rows: list[Row]) -> str:
 
 def main(cfg: AttentionBenchConfig) -> None:
     rows = run(cfg)
-    info = machine()
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()) + f", threads={cfg.threads}")
-    print(report(rows))
-    write_csv(rows, os.path.join(cfg.out_dir, "attention.csv"))
-    bar_plot(rows, os.path.join(cfg.out_dir, "attention.png"),
-             f"attention {cfg.dtype} on {info.get('gpu', info['cpu'])}", ylabel="TFLOP/s (higher is better)",
-             label=lambda r: f"{r.provider} {r.extra['mode']}\n{r.shape}")
-    print(f"wrote {cfg.out_dir}/attention.csv and {cfg.out_dir}/attention.png")
+    publish(rows, report(rows), cfg.out_dir, "attention", f"attention {cfg.dtype}",
+            machine_note=f", threads={cfg.threads}", ylabel="TFLOP/s (higher is better)",
+            label=lambda r: f"{r.provider} {r.extra['mode']}\n{r.shape}")

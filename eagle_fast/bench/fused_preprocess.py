@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eagle_fast.bench.harness import Row, bar_plot, machine, memcpy_gbps, time_interleaved_ms, write_csv
+from eagle_fast.bench.harness import Row, memcpy_gbps, publish, time_interleaved_ms
 from eagle_fast.ops.fused_preprocess import CLIP_MEAN, CLIP_STD, PAD_FILL, fused_preprocess
 
 
@@ -135,12 +135,5 @@ def report(rows: list[Row]) -> str:
 
 
 def main(cfg: PreprocessBenchConfig) -> None:
-    import os
-
     rows = run(cfg)
-    info = machine()
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
-    print(report(rows))
-    write_csv(rows, os.path.join(cfg.out_dir, "preprocess.csv"))
-    bar_plot(rows, os.path.join(cfg.out_dir, "preprocess.png"), f"X5 preprocessing fan-out — {info['cpu']}")
-    print(f"wrote {cfg.out_dir}/preprocess.csv and {cfg.out_dir}/preprocess.png")
+    publish(rows, report(rows), cfg.out_dir, "preprocess", "X5 preprocessing fan-out")

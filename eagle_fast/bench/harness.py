@@ -152,3 +152,15 @@ def bar_plot(rows: list[Row], path: str, title: str, ylabel: str = "items / s (h
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def publish(rows: list[Row], table: str, out_dir: str, name: str, title: str, machine_note: str = "",
+            **plot_kw) -> None:
+    """Prints the machine line and the table, appends the rows to out_dir/name.csv and plots
+    out_dir/name.png (title gets the CPU or GPU model appended)."""
+    info = machine()
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()) + machine_note)
+    print(table)
+    write_csv(rows, os.path.join(out_dir, f"{name}.csv"))
+    bar_plot(rows, os.path.join(out_dir, f"{name}.png"), f"{title} — {info.get('gpu', info['cpu'])}", **plot_kw)
+    print(f"wrote {out_dir}/{name}.csv and {out_dir}/{name}.png")

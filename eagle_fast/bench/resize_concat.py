@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eagle_fast.bench.harness import Row, bar_plot, machine, time_interleaved_ms, write_csv
+from eagle_fast.bench.harness import Row, publish, time_interleaved_ms
 from eagle_fast.ops.resize_concat import resize_concat
 
 SHAPES = {
@@ -190,10 +190,5 @@ def report(rows: list[Row]) -> str:
 
 def main(cfg: ResizeConcatBenchConfig) -> None:
     rows = run(cfg)
-    info = machine()
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()) + f", threads={cfg.threads}")
-    print(report(rows))
-    write_csv(rows, os.path.join(cfg.out_dir, "resize_concat.csv"))
-    bar_plot(rows, os.path.join(cfg.out_dir, "resize_concat.png"), f"resize_concat (B={cfg.batch}) — {info['cpu']}")
-    print(f"wrote {cfg.out_dir}/resize_concat.csv and {cfg.out_dir}/resize_concat.png")
-
+    publish(rows, report(rows), cfg.out_dir, "resize_concat", f"resize_concat (B={cfg.batch})",
+            machine_note=f", threads={cfg.threads}")

@@ -50,17 +50,49 @@ def _row_range(CU, b, SEQ, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _query_program(CU, H, GROUP, SEQ_Q, SEQ_K, VARLEN: tl.constexpr):
+    """For a program over (query tile, batch * query head): batch, head, kv head and the row
+    ranges of its sequence's queries and keys."""
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    q_start, seq_q, lse_start = _row_range(CU, b, SEQ_Q, VARLEN)
+    k_start, seq_k, _ = _row_range(CU, b, SEQ_K, VARLEN)
+    return b, h, h // GROUP, q_start, seq_q, lse_start, k_start, seq_k
+
+
+@triton.jit
+def _load_tile(ptr, rows, row_stride, offs_d, row_ok, d_ok, UPCAST: tl.constexpr):
+    """(len(rows), BLOCK_D) tile of a (row, D) matrix; zeros outside; fp32 in the interpreter."""
+    x = tl.load(ptr + rows[:, None] * row_stride + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b with fp32 accumulation: IEEE fp32 for fp32 inputs, else in b's dtype (tensor cores)."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a.to(b.dtype), b)
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, h, TOTAL_Q, lse_start, offs_m, m_ok):
+    """Saved log-sum-exp (as log2) and delta = rowsum(dout * out) of query rows offs_m of head h."""
+    lse2 = tl.load(LSE + h * TOTAL_Q + lse_start + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + h * TOTAL_Q + lse_start + offs_m, mask=m_ok, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, CU, scale_log2,
                      sq_b, sq_r, sq_h, sk_b, sk_r, sk_h, sv_b, sv_r, sv_h, so_b, so_r, so_h,
                      SEQ_Q, SEQ_K, TOTAL_Q, H, GROUP, D,
                      CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    hk = h // GROUP
-    q_start, seq_q, lse_start = _row_range(CU, b, SEQ_Q, VARLEN)
-    k_start, seq_k, _ = _row_range(CU, b, SEQ_K, VARLEN)
+    b, h, hk, q_start, seq_q, lse_start, k_start, seq_k = _query_program(CU, H, GROUP, SEQ_Q, SEQ_K, VARLEN)
     if pid_m * BLOCK_M >= seq_q:
         return
     Q += b * sq_b + h * sq_h
@@ -73,10 +105,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU, scale_log2,
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < seq_q
     d_ok = offs_d < D
-    q = tl.load(Q + (q_start + offs_m)[:, None] * sq_r + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
-                other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_tile(Q, q_start + offs_m, sq_r, offs_d, m_ok, d_ok, UPCAST)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -86,17 +115,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU, scale_log2,
     for start_n in range(0, end_n, BLOCK_N):
         n = start_n + offs_n
         n_ok = n < seq_k
-        kt = tl.load(K + (k_start + n)[None, :] * sk_r + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
-                     other=0.0)  # (BLOCK_D, BLOCK_N)
-        v = tl.load(V + (k_start + n)[:, None] * sv_r + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
-                    other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee")
-        else:
-            s = tl.dot(q, kt)
+        k = _load_tile(K, k_start + n, sk_r, offs_d, n_ok, d_ok, UPCAST)
+        v = _load_tile(V, k_start + n, sv_r, offs_d, n_ok, d_ok, UPCAST)
+        s = _dot(q, tl.trans(k), IEEE)
         s = s * scale_log2
         visible = n_ok[None, :]
         if CAUSAL:
@@ -107,11 +128,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU, scale_log2,
         p = tl.math.exp2(s - m_base[:, None])
         alpha = tl.math.exp2(m_i - m_base)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            pv = tl.dot(p, v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
+        acc = acc * alpha[:, None] + _dot(p, v, IEEE)
         m_i = m_new
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -147,12 +164,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, scale, scale_log2
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < seq_k
     d_ok = offs_d < D
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + (k_start + offs_n)[:, None] * sk_r + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + (k_start + offs_n)[:, None] * sv_r + offs_d[None, :], mask=kv_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_tile(K, k_start + offs_n, sk_r, offs_d, n_ok, d_ok, UPCAST)
+    v = _load_tile(V, k_start + offs_n, sv_r, offs_d, n_ok, d_ok, UPCAST)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     start_m = 0
@@ -163,34 +176,18 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, scale, scale_log2
         for m0 in range(start_m, seq_q, BLOCK_M):
             offs_m = m0 + offs_m0
             m_ok = offs_m < seq_q
-            qd_mask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + h * sq_h + (q_start + offs_m)[:, None] * sq_r + offs_d[None, :], mask=qd_mask, other=0.0)
-            do = tl.load(DO + h * sdo_h + (q_start + offs_m)[:, None] * sdo_r + offs_d[None, :], mask=qd_mask,
-                         other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse2 = tl.load(LSE + h * TOTAL_Q + lse_start + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(DELTA + h * TOTAL_Q + lse_start + offs_m, mask=m_ok, other=0.0)
-            if IEEE:
-                st = tl.dot(k, tl.trans(q), input_precision="ieee")  # (BLOCK_N, BLOCK_M)
-            else:
-                st = tl.dot(k, tl.trans(q))
+            q = _load_tile(Q + h * sq_h, q_start + offs_m, sq_r, offs_d, m_ok, d_ok, UPCAST)
+            do = _load_tile(DO + h * sdo_h, q_start + offs_m, sdo_r, offs_d, m_ok, d_ok, UPCAST)
+            lse2, delta = _row_stats(LSE, DELTA, h, TOTAL_Q, lse_start, offs_m, m_ok)
+            st = _dot(k, tl.trans(q), IEEE)  # (BLOCK_N, BLOCK_M)
             visible = n_ok[:, None] & m_ok[None, :]
             if CAUSAL:
                 visible = visible & (offs_n[:, None] <= offs_m[None, :] + diag)
             pt = tl.where(visible, tl.math.exp2(st * scale_log2 - lse2[None, :]), 0.0)
-            if IEEE:
-                dv += tl.dot(pt, do, input_precision="ieee")
-                dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
-            else:
-                dv += tl.dot(pt.to(do.dtype), do)
-                dpt = tl.dot(v, tl.trans(do))
-            dst = pt * (dpt - delta[None, :])
-            if IEEE:
-                dk += tl.dot(dst, q, input_precision="ieee")
-            else:
-                dk += tl.dot(dst.to(q.dtype), q)
+            dv += _dot(pt, do, IEEE)
+            dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
+            dk += _dot(dst, q, IEEE)
+    kv_mask = n_ok[:, None] & d_ok[None, :]
     tl.store(DK + (k_start + offs_n)[:, None] * sdk_r + offs_d[None, :], cast_out(dk * scale, DK.dtype.element_ty),
              mask=kv_mask)
     tl.store(DV + (k_start + offs_n)[:, None] * sdv_r + offs_d[None, :], cast_out(dv, DV.dtype.element_ty),
@@ -204,11 +201,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, scale, scale_log2,
                         CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    hk = h // GROUP
-    q_start, seq_q, lse_start = _row_range(CU, b, SEQ_Q, VARLEN)
-    k_start, seq_k, _ = _row_range(CU, b, SEQ_K, VARLEN)
+    b, h, hk, q_start, seq_q, lse_start, k_start, seq_k = _query_program(CU, H, GROUP, SEQ_Q, SEQ_K, VARLEN)
     if pid_m * BLOCK_M >= seq_q:
         return
     Q += b * sq_b + h * sq_h
@@ -222,14 +215,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, scale, scale_log2,
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < seq_q
     d_ok = offs_d < D
-    qd_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + (q_start + offs_m)[:, None] * sq_r + offs_d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(DO + (q_start + offs_m)[:, None] * sdo_r + offs_d[None, :], mask=qd_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    lse2 = tl.load(LSE + h * TOTAL_Q + lse_start + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + h * TOTAL_Q + lse_start + offs_m, mask=m_ok, other=0.0)
+    q = _load_tile(Q, q_start + offs_m, sq_r, offs_d, m_ok, d_ok, UPCAST)
+    do = _load_tile(DO, q_start + offs_m, sdo_r, offs_d, m_ok, d_ok, UPCAST)
+    lse2, delta = _row_stats(LSE, DELTA, h, TOTAL_Q, lse_start, offs_m, m_ok)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     end_n = seq_k
     if CAUSAL:
@@ -237,29 +225,17 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, scale, scale_log2,
     for start_n in range(0, end_n, BLOCK_N):
         n = start_n + offs_n0
         n_ok = n < seq_k
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + (k_start + n)[:, None] * sk_r + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + (k_start + n)[:, None] * sv_r + offs_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-            dp = tl.dot(do, tl.trans(v))
+        k = _load_tile(K, k_start + n, sk_r, offs_d, n_ok, d_ok, UPCAST)
+        v = _load_tile(V, k_start + n, sv_r, offs_d, n_ok, d_ok, UPCAST)
+        s = _dot(q, tl.trans(k), IEEE)
+        dp = _dot(do, tl.trans(v), IEEE)
         visible = m_ok[:, None] & n_ok[None, :]
         if CAUSAL:
             visible = visible & (n[None, :] <= offs_m[:, None] + diag)
         p = tl.where(visible, tl.math.exp2(s * scale_log2 - lse2[:, None]), 0.0)
-        ds = p * (dp - delta[:, None])
-        if IEEE:
-            dq += tl.dot(ds, k, input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
+        dq += _dot(p * (dp - delta[:, None]), k, IEEE)
     tl.store(DQ + (q_start + offs_m)[:, None] * sdq_r + offs_d[None, :], cast_out(dq * scale, DQ.dtype.element_ty),
-             mask=qd_mask)
+             mask=m_ok[:, None] & d_ok[None, :])
 
 
 # ----------------------------------------------------------------------------- launchers
