@@ -1,5 +1,6 @@
 """eagle_fast: a fast re-implementation of NVIDIA's Eagle mixture-of-vision-experts MLLM."""
 
+import eagle_fast.model  # noqa: F401  (registers "eagle_llama" with transformers' Auto classes)
 from eagle_fast.vision.processor import EagleImageProcessor
 
 __version__ = "0.1.0"

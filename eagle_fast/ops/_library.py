@@ -7,10 +7,13 @@ a CPU-only torch) the ops fall back to their pure-torch references and one warni
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
 import os
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -64,3 +67,21 @@ def has_triton() -> bool:
     except ImportError:
         return False
     return True
+
+
+_REFERENCE: contextvars.ContextVar[bool] = contextvars.ContextVar("eagle_fast_reference_ops", default=False)
+
+
+@contextlib.contextmanager
+def reference_ops(enabled: bool = True) -> Iterator[None]:
+    """Within the block every op called with backend="auto" runs its pure-torch reference: the
+    naive path of a whole model, to compare against its fast path. Thread- and task-local."""
+    token = _REFERENCE.set(enabled)
+    try:
+        yield
+    finally:
+        _REFERENCE.reset(token)
+
+
+def reference_active() -> bool:
+    return _REFERENCE.get()

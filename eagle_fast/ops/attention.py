@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from eagle_fast.ops._library import has_triton
+from eagle_fast.ops._library import has_triton, reference_active
 
 BACKENDS = ("auto", "flash", "triton", "sdpa", "reference")
 _FORCED: contextvars.ContextVar[str] = contextvars.ContextVar("eagle_fast_attention_backend", default="auto")
@@ -329,7 +329,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
     if backend == "auto":
-        backend = _FORCED.get()
+        backend = "reference" if reference_active() else _FORCED.get()
         if attn_mask is not None and backend in ("flash", "triton"):
             backend = "sdpa"  # a forced kernel applies where it can; masked calls stay on sdpa
     if backend == "auto":

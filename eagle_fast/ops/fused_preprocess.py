@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from eagle_fast.ops._library import has_cuda_kernels, has_triton, load_compiled
+from eagle_fast.ops._library import has_cuda_kernels, has_triton, load_compiled, reference_active
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -314,6 +314,8 @@ def fused_preprocess(
         _check_images(images), canvas_size, pad, [int(v) for v in fill], [float(v) for v in mean],
         [float(v) for v in std], clip_size, pix2struct_max_patches, pix2struct_patch, dtype,
     )
+    if backend == "auto" and reference_active():
+        backend = "reference"
     if backend == "auto":
         out = torch.ops.eagle_fast.fused_preprocess(*args)
     elif backend == "reference":

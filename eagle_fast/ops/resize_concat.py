@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from eagle_fast.ops._library import has_cuda_kernels, has_triton, load_compiled
+from eagle_fast.ops._library import has_cuda_kernels, has_triton, load_compiled, reference_active
 
 # ----------------------------------------------------------------------------- reference
 
@@ -148,6 +148,8 @@ def resize_concat(
         if u < 1 or m.shape[2] % u:
             raise ValueError(f"feature {i}: unshuffle {u} does not divide its {m.shape[2]}x{m.shape[3]} map")
         maps.append(m)
+    if backend == "auto" and reference_active():
+        backend = "reference"
     if backend == "auto":
         return torch.ops.eagle_fast.resize_concat(maps, grid, unshuffle)
     if backend == "reference":

@@ -157,10 +157,30 @@ class EagleImageProcessor:
         return path
 
     @classmethod
+    def from_model_config(cls, config: Any, **overrides: Any) -> EagleImageProcessor:
+        """The processor an Eagle model config implies (an EagleLlamaConfig, or the dict of an
+        official config.json): its mixture, aspect mode, canvas size and experts' input sizes."""
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        experts = get("mm_expert_configs") or {}
+        clip, p2s = experts.get("clip-448", {}), experts.get("pix2struct-1024", {})
+        kw = dict(vision_towers=get("mm_vision_tower"), image_aspect_ratio=get("image_aspect_ratio") or "pad",
+                  image_size=get("image_size") or 1024, clip_size=clip.get("image_size", 336),
+                  pix2struct_max_patches=p2s.get("max_patches", 2048), pix2struct_patch=p2s.get("patch_size", 16))
+        return cls(**{**kw, **overrides})
+
+    @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> EagleImageProcessor:
-        """Load from a directory holding `preprocessor_config.json`, or from that JSON file."""
+        """Load from a directory holding `preprocessor_config.json` (or that JSON file), or from a
+        model directory whose Eagle `config.json` implies it (official repos ship no processor file)."""
         path = os.fspath(path)
         if os.path.isdir(path):
+            model_config = os.path.join(path, "config.json")
+            if not os.path.exists(os.path.join(path, CONFIG_NAME)) and os.path.exists(model_config):
+                with open(model_config, encoding="utf-8") as f:
+                    data = json.load(f)
+                if "mm_vision_tower" not in data:
+                    raise ValueError(f"{model_config}: not an Eagle model config (no mm_vision_tower)")
+                return cls.from_model_config(data)
             path = os.path.join(path, CONFIG_NAME)
         try:
             with open(path, encoding="utf-8") as f:

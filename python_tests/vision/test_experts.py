@@ -9,22 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from eagle_fast.model.presets import TINY_EXPERTS
 from eagle_fast.ops import fused_preprocess
 from eagle_fast.vision.experts import build_expert
 from eagle_fast.vision.experts.eva import EvaBlock, EvaConfig, rope_2d, rotate_pairs, window_partition, \
     window_unpartition
 
-TINY = {
-    "clip-448": dict(image_size=56, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=2),
-    "convnext-1024": dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), image_size=64, num_classes=10),
-    "sam-1024": dict(image_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
-                     window_size=2, global_attn_indexes=[1], output_channels=8),
-    "det-1024": dict(image_size=64, patch_size=8, dim=32, depth=3, heads=2, mlp_hidden=40, window=4,
-                     global_blocks=(1,), pretrain_grid=3),
-    "pix2struct-1024": dict(hidden_size=32, d_ff=64, d_kv=16, num_attention_heads=2, num_hidden_layers=2,
-                            max_patches=16, image_size=64),
-}
+TINY = TINY_EXPERTS  # every expert of the eagle-tiny presets
 
 
 def _randomize(module, seed=0):

@@ -151,12 +151,23 @@ class EvaViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.pretrain_grid ** 2 + 1, cfg.dim))
         self.blocks = nn.ModuleList(
             EvaBlock(cfg, 0 if i in cfg.global_blocks else cfg.window) for i in range(cfg.depth))
-        head_dim = cfg.dim // cfg.heads
-        for name, n in (("win", cfg.window), ("glb", cfg.grid)):
-            cos, sin = rope_2d(head_dim, n, cfg.rope_pt_seq)
+        for name, (cos, sin) in self._rope_tables().items():
             self.register_buffer(f"rope_{name}_cos", cos, persistent=False)
             self.register_buffer(f"rope_{name}_sin", sin, persistent=False)
         self.grad_checkpointing = False
+
+    def _rope_tables(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        head_dim = self.cfg.dim // self.cfg.heads
+        return {name: rope_2d(head_dim, n, self.cfg.rope_pt_seq)
+                for name, n in (("win", self.cfg.window), ("glb", self.cfg.grid))}
+
+    @torch.no_grad()
+    def reset_rope(self) -> None:
+        """Recomputes the RoPE tables in place: checkpoint loaders that build the model on the meta
+        device leave non-persistent buffers uninitialized."""
+        for name, (cos, sin) in self._rope_tables().items():
+            getattr(self, f"rope_{name}_cos").copy_(cos)
+            getattr(self, f"rope_{name}_sin").copy_(sin)
 
     def resized_pos_embed(self, h: int, w: int) -> torch.Tensor:
         """(1, h, w, C): the stored grid (CLS dropped) resized bicubic, align_corners=False, in fp32."""

@@ -1,0 +1,130 @@
+"""EagleLlamaForCausalLM: a transformers LlamaForCausalLM with Eagle's vision mixture and projector.
+
+State-dict layout exactly the official one: Llama keys (`model.layers.N...`, `lm_head`), the
+projector under `model.mm_projector.*`, the experts under
+`model.vision_tower.vision_towers.{k}.vision_tower.*`. Images enter as an EagleImageProcessor
+output (`images=`); `input_ids` carry -200 where each image goes (see model/splice.py). Batches
+whose samples hold no image skip the vision compute entirely.
+
+    model = EagleLlamaForCausalLM(config)
+    out = model(input_ids, attention_mask, labels=labels, images=processor(pil_images))
+    new_tokens = model.generate(input_ids, images=processor(pil_images), max_new_tokens=64)
+    with eagle_fast.ops.reference_ops():   # the same model on every op's pure-torch reference
+        ref = model(input_ids, attention_mask, images=...)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM, LlamaModel
+from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
+
+from eagle_fast.model.config import EagleLlamaConfig
+from eagle_fast.model.projector import build_projector
+from eagle_fast.model.splice import IMAGE_TOKEN_INDEX, count_images, splice
+from eagle_fast.ops import reference_ops
+from eagle_fast.ops.attention_hf import register_transformers_attention
+from eagle_fast.vision.experts.eva import EvaViT
+from eagle_fast.vision.mixture import VisionMixture
+
+
+class _EagleDefaults:
+    """Hooks shared by the two model classes. Attention defaults to eagle_fast's op
+    ("eagle_attention"; pass attn_implementation="sdpa" or "eager" to change it). transformers
+    builds models on the meta device and then initializes, per module, what the checkpoint does not
+    hold: here also the EVA RoPE tables (non-persistent buffers)."""
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        if requested_attention is None:
+            requested_attention = register_transformers_attention()
+        return super().get_correct_attn_implementation(requested_attention, is_init_check)
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, EvaViT):
+            module.reset_rope()
+
+
+class EagleLlamaModel(_EagleDefaults, LlamaModel):
+    config_class = EagleLlamaConfig
+
+    def __init__(self, config: EagleLlamaConfig):
+        super().__init__(config)
+        self.vision_tower = VisionMixture(config.mm_vision_tower, config.mm_grid, config.mm_expert_configs)
+        if config.mm_hidden_size is None:
+            config.mm_hidden_size = self.vision_tower.hidden_size
+        elif config.mm_hidden_size != self.vision_tower.hidden_size:
+            raise ValueError(f"mm_hidden_size {config.mm_hidden_size} does not match the experts of "
+                             f"{config.mm_vision_tower!r} ({self.vision_tower.hidden_size} channels)")
+        self.mm_projector = build_projector(config.mm_projector_type, config.mm_hidden_size, config.hidden_size)
+        self.post_init()
+
+
+class EagleLlamaForCausalLM(_EagleDefaults, LlamaForCausalLM):
+    config_class = EagleLlamaConfig
+    _no_split_modules = ["LlamaDecoderLayer"]
+
+    def __init__(self, config: EagleLlamaConfig):
+        LlamaPreTrainedModel.__init__(self, config)
+        self.model = EagleLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    # ------------------------------------------------------------------ vision
+
+    def encode_images(self, images: dict[str, Any]) -> torch.Tensor:
+        """Processor output for N images -> projected features (N, grid * grid, hidden)."""
+        fused = self.model.vision_tower(images)
+        weight = next(self.model.mm_projector.parameters(), None)  # none for "identity"
+        return self.model.mm_projector(fused if weight is None else fused.to(weight.dtype))
+
+    def _splice_inputs(self, input_ids, attention_mask, labels, images):
+        counts = count_images(input_ids, attention_mask)
+        if sum(counts) == 0 and images is None:
+            return None
+        n_images = 0 if images is None else _num_images(images)
+        features = self.encode_images(images) if n_images else []
+        return splice(input_ids, attention_mask, labels, list(features) if n_images else [],
+                      self.model.embed_tokens)
+
+    # ------------------------------------------------------------------ forward / generate
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, inputs_embeds: torch.FloatTensor | None = None,
+                labels: torch.LongTensor | None = None, images: dict[str, Any] | None = None,
+                reference: bool = False, **kwargs):
+        """LlamaForCausalLM.forward plus `images` (an EagleImageProcessor output for the batch's
+        images, in order of appearance) and `reference=True` (every op on its pure-torch reference)."""
+        if reference:
+            with reference_ops():
+                return self.forward(input_ids, attention_mask, position_ids, inputs_embeds, labels, images, **kwargs)
+        if input_ids is not None and inputs_embeds is None:
+            s = self._splice_inputs(input_ids, attention_mask, labels, images)
+            if s is not None:
+                input_ids, inputs_embeds, attention_mask, position_ids, labels = (
+                    None, s.inputs_embeds, s.attention_mask, s.position_ids, s.labels)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.LongTensor | None = None, images: dict[str, Any] | None = None,
+                 attention_mask: torch.Tensor | None = None, **kwargs):
+        """HF generation (KV cache, greedy, sampling). With image placeholders in `input_ids` the
+        prompt is spliced first and generation runs from its embeddings; as with any
+        `inputs_embeds` generation, the result then holds only the new tokens."""
+        if input_ids is not None and (images is not None or (input_ids == IMAGE_TOKEN_INDEX).any()):
+            s = self._splice_inputs(input_ids, attention_mask, None, images)
+            return super().generate(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask, **kwargs)
+        return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def _num_images(images: dict[str, Any]) -> int:
+    if "pixel_values" in images and images["pixel_values"] is not None:
+        return images["pixel_values"].shape[0]
+    for v in images.get("expert_inputs", {}).values():
+        return (v["flattened_patches"] if isinstance(v, dict) else v).shape[0]
+    return 0
