@@ -29,5 +29,13 @@ out = resize_concat(feats, 4, [1, 1])
 assert (out - resize_concat(feats, 4, [1, 1], backend="reference")).abs().max() < 1e-5
 out.sum().backward()
 assert all(f.grad is not None for f in feats)
+q, k, v = (torch.randn(1, 33, n, 64) for n in (4, 2, 2))
+assert (ops.attention(q, k, v, causal=True) - ops.attention(q, k, v, causal=True, backend="reference")).abs().max() < 1e-5
+from transformers import AutoModelForCausalLM
+from eagle_fast.model import presets
+model = AutoModelForCausalLM.from_config(presets.get("eagle-tiny-x5"))
+images = eagle_fast.EagleImageProcessor.from_model_config(model.config)([img])
+ids = torch.tensor([[1, -200, 5, 6]])
+assert model(ids, images=images).logits.shape == (1, 3 + 16, model.config.vocab_size)
 print("wheel smoke test: ok,", eagle_fast.__file__, "cuda kernels:", ops.has_cuda_kernels())
 PY

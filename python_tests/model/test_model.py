@@ -43,9 +43,7 @@ def test_mixture_equals_the_original_algorithm():
     maps = mixture.expert_maps(images)
     parts = []
     for expert, m in zip(mixture.vision_towers, maps):
-        if m.dim() == 3:  # CLIP tokens -> (B, C, g, g)
-            side = int(m.shape[1] ** 0.5)
-            m = m.transpose(1, 2).reshape(m.shape[0], -1, side, side)
+        assert m.dim() == 4 and m.shape[1] * expert.spec.unshuffle ** 2 == expert.hidden_size
         if expert.spec.unshuffle > 1:
             m = F.pixel_unshuffle(m, expert.spec.unshuffle)
         m = F.interpolate(m.float(), size=(4, 4), mode="bilinear", align_corners=True)

@@ -47,7 +47,8 @@ def test_clip_drops_cls_before_pre_layernorm_and_skips_post_layernorm():
         h = layer(h, None)
         h = h[0] if isinstance(h, tuple) else h
     got = expert(x)
-    assert got.shape == (2, 16, 32)
+    assert got.shape == (2, 32, 4, 4)  # the 4 x 4 token grid as a map
+    got = got.flatten(2).transpose(1, 2)
     assert (got - h).abs().max() < 1e-5
     standard = hf(x).last_hidden_state[:, 1:]  # the usual LLaVA path differs
     assert (got - standard).abs().max() > 1e-3

@@ -7,8 +7,8 @@ keys are `vision_tower.<library keys>`, as in the official checkpoints) and decl
   hidden_size  channels of its output map;
   grid         side of its output map before fusion (after any pixel-unshuffle);
   unshuffle    pixel_unshuffle factor the fusion applies to its raw map (SAM: 2).
-`forward(inputs)` returns the raw map (B, C, H, W) (or a square token grid (B, H*W, C)), which
-`ops.resize_concat` unshuffles and resamples to the mixture's grid.
+`forward(inputs)` returns the raw map (B, C, H, W) (any strides: token grids come back as
+channels-last views), which `ops.resize_concat` unshuffles and resamples to the mixture's grid.
 """
 
 from __future__ import annotations

@@ -53,8 +53,11 @@ class ClipExpert(VisionExpert):
         self.spec = ExpertSpec(name, "clip", self.cfg.hidden_size, self.cfg.image_size // self.cfg.patch_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (B, 3, 336, 336) -> tokens (B, 576, hidden)."""
+        """pixel_values (B, 3, 336, 336) -> map (B, hidden, 24, 24), a channels-last view of the
+        (B, 576, hidden) tokens (no copy; resize_concat reads it in place)."""
         vm = self.vision_tower.vision_model
         x = vm.embeddings(pixel_values.to(self.param_dtype()))[:, 1:]  # CLS dropped before the pre-LN
         x = vm.pre_layrnorm(x)
-        return vm.encoder(inputs_embeds=x).last_hidden_state
+        tokens = vm.encoder(inputs_embeds=x).last_hidden_state
+        g = self.grid
+        return tokens.view(tokens.shape[0], g, g, -1).permute(0, 3, 1, 2)
