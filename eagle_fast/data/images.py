@@ -9,6 +9,7 @@ One channel is replicated, a fourth (alpha) is dropped — both as PIL's convert
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,3 +84,52 @@ def to_rgb_batch(images: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[torc
             raise ValueError("no images given")
         return [to_rgb_uint8(im, i, max_pixels) for i, im in enumerate(images)]
     return [to_rgb_uint8(images, 0, max_pixels)]
+
+
+DEFAULT_MAX_BYTES = 64 << 20  # image files larger than this are refused unread
+
+
+class ImageFileError(ValueError):
+    """An image file that cannot be used; `reason` is "path_escape", "missing_image" or "corrupt_image"."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+def resolve_image_path(name: str, image_folder: str) -> str:
+    """`name` inside `image_folder` (symlinks resolved); absolute paths and `..` that leave the
+    folder are refused."""
+    if not isinstance(name, str) or not name:
+        raise ImageFileError("missing_image", f"image entry {name!r} is not a file name")
+    root = os.path.realpath(image_folder)
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, path]) != root:
+        raise ImageFileError("path_escape", f"{name!r} resolves outside the image folder {image_folder!r}")
+    return path
+
+
+def load_image_file(name: str, image_folder: str, max_bytes: int = DEFAULT_MAX_BYTES,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Decode an image file to uint8 RGB (H, W, 3): EXIF orientation applied, palette / RGBA /
+    grayscale converted as PIL's convert("RGB"), size limits enforced, truncated files refused."""
+    path = resolve_image_path(name, image_folder)
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        raise ImageFileError("missing_image", f"{path}: no such file") from None
+    if size > max_bytes:
+        raise ImageFileError("corrupt_image", f"{path}: {size} bytes exceeds the {max_bytes}-byte limit")
+    import PIL.ImageOps
+
+    try:
+        with PIL.Image.open(path) as im:
+            if im.width * im.height > max_pixels:
+                raise ImageFileError("corrupt_image", f"{path}: {im.width}x{im.height} exceeds {max_pixels} pixels")
+            im.load()  # decode now: truncated or corrupt data raises here, not later
+            im = PIL.ImageOps.exif_transpose(im)
+            return to_rgb_uint8(im, max_pixels=max_pixels)
+    except ImageFileError:
+        raise
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as exc:
+        raise ImageFileError("corrupt_image", f"{path}: cannot decode ({exc})") from None

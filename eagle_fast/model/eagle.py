@@ -96,19 +96,59 @@ class EagleLlamaForCausalLM(_EagleDefaults, LlamaForCausalLM):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, inputs_embeds: torch.FloatTensor | None = None,
                 labels: torch.LongTensor | None = None, images: dict[str, Any] | None = None,
-                reference: bool = False, **kwargs):
+                packed_seq_lens: torch.Tensor | None = None, reference: bool = False, **kwargs):
         """LlamaForCausalLM.forward plus `images` (an EagleImageProcessor output for the batch's
-        images, in order of appearance) and `reference=True` (every op on its pure-torch reference)."""
+        images, in order of appearance), `packed_seq_lens` (one row holding several records of
+        these token lengths: positions restart and attention stays within each record) and
+        `reference=True` (every op on its pure-torch reference)."""
         if reference:
             with reference_ops():
-                return self.forward(input_ids, attention_mask, position_ids, inputs_embeds, labels, images, **kwargs)
+                return self.forward(input_ids, attention_mask, position_ids, inputs_embeds, labels, images,
+                                    packed_seq_lens, **kwargs)
+        row_lens = None
+        if packed_seq_lens is not None:
+            row_lens = self._packed_row_lengths(input_ids, packed_seq_lens)
         if input_ids is not None and inputs_embeds is None:
-            s = self._splice_inputs(input_ids, attention_mask, labels, images)
+            s = self._splice_inputs(input_ids, attention_mask if row_lens is None else None, labels, images)
             if s is not None:
                 input_ids, inputs_embeds, attention_mask, position_ids, labels = (
                     None, s.inputs_embeds, s.attention_mask, s.position_ids, s.labels)
+        if row_lens is not None:
+            ref = input_ids if input_ids is not None else inputs_embeds
+            attention_mask, position_ids = self._packed(row_lens, ref.shape[1], ref.device, kwargs)
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+
+    def _packed_row_lengths(self, input_ids, packed_seq_lens) -> list[int]:
+        """Token lengths of the packed records -> their lengths after splicing (an image: grid^2 rows)."""
+        if input_ids is not None and input_ids.shape[0] != 1:
+            raise ValueError(f"packed_seq_lens: a packed batch is one row, got {input_ids.shape[0]}")
+        lens = [int(n) for n in packed_seq_lens.tolist()]
+        if input_ids is None:
+            return lens
+        rows, out, start = self.config.mm_grid ** 2, [], 0
+        for n in lens:
+            n_img = int((input_ids[0, start:start + n] == IMAGE_TOKEN_INDEX).sum())
+            out.append(n - n_img + n_img * rows)
+            start += n
+        if start != input_ids.shape[1]:
+            raise ValueError(f"packed_seq_lens sum to {start} tokens, the packed row has {input_ids.shape[1]}")
+        return out
+
+    def _packed(self, lens: list[int], total: int, device, kwargs):
+        """Positions restarting per record, and attention kept within each record: varlen kwargs for
+        eagle_fast's attention; for other implementations transformers derives the block mask from
+        the restarting positions."""
+        if sum(lens) != total:
+            raise ValueError(f"packed records span {sum(lens)} rows, the packed row has {total}")
+        position_ids = torch.cat([torch.arange(n, device=device) for n in lens])[None]
+        kwargs.setdefault("use_cache", False)  # a packed row is a training batch; transformers only
+        # derives per-record masks from restarting positions when no cache is built
+        if self.config._attn_implementation != "eagle_attention":
+            return None, position_ids
+        cu = torch.tensor([0] + lens, device=device).cumsum(0).to(torch.int32)
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lens), max_length_k=max(lens))
+        return torch.ones((1, total), dtype=torch.long, device=device), position_ids
 
     @torch.no_grad()
     def generate(self, input_ids: torch.LongTensor | None = None, images: dict[str, Any] | None = None,

@@ -128,3 +128,17 @@ def test_truncation_counts_image_rows(llama_tokenizer):
     with pytest.raises(DataError) as e:
         tokenize_conversation([{"from": "human", "value": "<image> hello?"}], llama_tokenizer)  # no reply
     assert e.value.reason == "no_supervised_tokens"
+
+
+def test_bpe_ids_equal_the_original_chunked_tokenization(smollm_tokenizer):
+    """GPT-2-style BPE: the ids are the tokenizer's own on each <image> chunk of the rendered text."""
+    out = tokenize_conversation(CONV, smollm_tokenizer, "chatml")
+    text = ("<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nWhat is in the picture?"
+            "<|im_end|><|im_start|>assistant\nA red cube.<|im_end|><|im_start|>user\nAnd its size?<|im_end|>"
+            "<|im_start|>assistant\nSmall.<|im_end|>")
+    want = []
+    for k, chunk in enumerate(text.split("<image>")):
+        if k:
+            want.append(IMG)
+        want += smollm_tokenizer(chunk, add_special_tokens=k == 0)["input_ids"]
+    assert out["input_ids"] == want
