@@ -75,3 +75,29 @@ class ModalityLengthSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices())
+
+
+class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches for packing: consecutive indices of `sampler` grouped while their lengths (rows:
+    text tokens + image rows, e.g. `abs(dataset.modality_lengths())`) fit `max_tokens`. A record
+    longer than the budget forms a batch alone. Use with EagleCollator(pack=True)."""
+
+    def __init__(self, sampler, lengths, max_tokens: int):
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        self.sampler, self.lengths, self.max_tokens = sampler, np.abs(np.asarray(lengths, np.int64)), max_tokens
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batch, total = [], 0
+        for i in self.sampler:
+            n = max(int(self.lengths[i]), 1)
+            if batch and total + n > self.max_tokens:
+                yield batch
+                batch, total = [], 0
+            batch.append(i)
+            total += n
+        if batch:
+            yield batch
+
+    def __len__(self) -> int:
+        return sum(1 for _ in iter(self))

@@ -193,3 +193,13 @@ def test_mixture_of_files_with_weights(tmp_path):
     assert sum(i.startswith("a") for i in ids) == 5 and len({i for i in ids if i.startswith("a")}) == 5
     assert sorted(i for i in ids if i.startswith("b")) == sorted([f"b{i}" for i in range(4)] * 2)
     assert ids == [open_source(f"{a}:0.5,{b}:2", seed=1).read(i).data["id"] for i in range(len(ids))]
+
+
+def test_token_budget_batches_for_packing():
+    from eagle_fast.data import TokenBudgetBatchSampler
+
+    lengths = np.array([30, -50, 20, 200, 10, 40, -5])
+    batches = list(TokenBudgetBatchSampler(range(7), lengths, max_tokens=100))
+    assert batches == [[0, 1, 2], [3], [4, 5, 6]]  # the 200-row record alone
+    assert all(sum(abs(lengths[i]) for i in b) <= 100 for b in batches if len(b) > 1)
+    assert sorted(i for b in batches for i in b) == list(range(7))
