@@ -1,0 +1,130 @@
+"""Training configuration: one dataclass (the original Eagle/LLaVA flag names, same meanings) and
+named recipes returning it.
+
+    cfg = recipe("tiny-x5", stage="sft", output_dir="runs/t", max_steps=20)
+    cfg = recipe("eagle-x5-7b", stage="pretrain", data_path=..., image_folder=...)
+
+Official recipes reproduce the reference scripts' hyper-parameters (DESIGN §1 "Training"):
+stage 1 (pretrain) projector only, lr 1e-3, global batch 256; stage 2 (sft) everything, lr 2e-5,
+global batch 128; both 1 epoch, cosine, 3% warmup, wd 0, bf16, max length 2048, gradient
+checkpointing, ZeRO-2. Tiny recipes run on a CPU in minutes on the built-in easy-VQA data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+STAGES = ("prealign", "pretrain", "sft")
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "tiny-x5"
+    stage: str = "sft"
+    output_dir: str = "runs/tiny-x5"
+    # model
+    preset: str = "eagle-tiny-x5"  # used when model_name_or_path is None
+    model_name_or_path: str | None = None  # an Eagle checkpoint, or an LLM to put the experts on
+    vision_tower: str | None = None  # mixture override, e.g. "clip-448;convnext-1024"
+    mm_projector_type: str = "mlp2x_gelu"
+    pretrain_mm_mlp_adapter: str | None = None  # mm_projector.bin of stage 1
+    tune_mm_mlp_adapter: bool = False  # the original's stage-1 switch (= stage "pretrain")
+    freeze_vision: bool = False
+    tokenizer_name_or_path: str | None = None  # None: the checkpoint's, or the built-in Llama SentencePiece
+    # data
+    version: str = "vicuna_v1"  # conversation template
+    data_path: str | None = None  # None on tiny recipes: the built-in easy-VQA set
+    image_folder: str | None = None
+    image_aspect_ratio: str = "pad"
+    model_max_length: int = 2048
+    group_by_modality_length: bool = False
+    dataloader_num_workers: int = 0
+    max_bad_fraction: float = 0.01
+    # optimisation
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-5
+    mm_projector_lr: float | None = None
+    vision_tower_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    tf32: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    # checkpoints and logs
+    save_steps: int = 500
+    save_total_limit: int = 1
+    resume: str | None = None  # "auto" or a checkpoint directory
+    logging_steps: int = 1
+    deepspeed: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown original flags, kept for the record
+
+    def __post_init__(self) -> None:
+        if self.tune_mm_mlp_adapter and self.stage == "sft":
+            self.stage = "pretrain"  # the original expresses stage 1 with this flag
+        if self.stage not in STAGES:
+            raise ValueError(f"stage {self.stage!r}: one of {STAGES}")
+        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("batch size and gradient accumulation must be >= 1")
+
+    def replace(self, **kw: Any) -> TrainConfig:
+        return dataclasses.replace(self, **kw)
+
+
+def _official(preset: str, version: str) -> dict[str, Any]:
+    return dict(preset=preset, version=version, model_max_length=2048, bf16=True, tf32=True,
+                gradient_checkpointing=True, deepspeed="zero2", weight_decay=0.0, warmup_ratio=0.03,
+                lr_scheduler_type="cosine", num_train_epochs=1.0, dataloader_num_workers=4, save_steps=24000,
+                save_total_limit=1)
+
+
+# stage -> overrides; global batch = per-device x accumulation x 32 GPUs in the reference scripts
+STAGE_DEFAULTS = {
+    "pretrain": dict(learning_rate=1e-3, per_device_train_batch_size=8, image_aspect_ratio="square",
+                     version="plain"),
+    "sft": dict(learning_rate=2e-5, per_device_train_batch_size=4, image_aspect_ratio="pad",
+                group_by_modality_length=True),
+    "prealign": dict(learning_rate=1e-3, per_device_train_batch_size=8, image_aspect_ratio="pad"),
+}
+RECIPES: dict[str, dict[str, Any]] = {
+    "eagle-x4-7b": _official("eagle-x4-7b", "vicuna_v1"),
+    "eagle-x5-7b": _official("eagle-x5-7b", "vicuna_v1"),
+    "eagle-x4-13b": _official("eagle-x4-13b", "vicuna_v1"),
+    "eagle-x5-13b": _official("eagle-x5-13b", "vicuna_v1"),
+    "eagle-x4-8b-plus": _official("eagle-x4-8b-plus", "llama3"),
+    "eagle-x5-34b": _official("eagle-x5-34b", "chatml"),
+    "tiny-x4": dict(preset="eagle-tiny-x4", version="vicuna_v1", model_max_length=256, save_steps=50,
+                    per_device_train_batch_size=8, warmup_ratio=0.05),
+    "tiny-x5": dict(preset="eagle-tiny-x5", version="vicuna_v1", model_max_length=256, save_steps=50,
+                    per_device_train_batch_size=8, warmup_ratio=0.05),
+}
+TINY_STAGE = {"pretrain": dict(learning_rate=3e-3, version="plain"), "sft": dict(learning_rate=1e-3),
+              "prealign": dict(learning_rate=3e-3)}
+
+
+def recipe(name: str, stage: str = "sft", **overrides: Any) -> TrainConfig:
+    """The named recipe for `stage`, with keyword overrides (unknown keys are an error)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: one of {STAGES}")
+    kw: dict[str, Any] = dict(recipe=name, stage=stage, output_dir=f"runs/{name}-{stage}")
+    kw.update(RECIPES[name])
+    if name.startswith("tiny"):
+        kw.update(TINY_STAGE[stage])
+    else:
+        kw.update(STAGE_DEFAULTS[stage])
+        kw["version"] = "plain" if stage == "pretrain" else RECIPES[name]["version"]
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown training option(s) {unknown}")
+    kw.update(overrides)
+    return TrainConfig(**kw)

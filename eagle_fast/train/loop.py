@@ -1,0 +1,213 @@
+"""The training loop: one process, or one per rank under torchrun (DDP, gloo on CPU / nccl on GPU).
+
+Per optimizer step, `gradient_accumulation_steps` micro-batches; the loss is the per-token mean
+over every learned token of the step on every rank (each micro-batch's summed loss divided by that
+global count, DDP summing across ranks), not a mean of means. AdamW with LLaVA's no-decay groups
+(biases and norms) and optional separate learning rates for the projector and the experts; cosine
+schedule with warmup; gradient clipping; bf16 autocast when asked. Data order is a function of
+(seed, epoch) and the position in the epoch, so a resumed run sees exactly the batches it would
+have seen: with the optimizer, scheduler and RNG states restored, resuming is bitwise exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+
+from eagle_fast.data import EagleCollator, EagleDataset, ModalityLengthSampler
+from eagle_fast.model.splice import IGNORE_INDEX
+from eagle_fast.train.checkpoint import find_resume, load_model_weights, rng_state, save_checkpoint, set_rng_state
+from eagle_fast.train.config import TrainConfig
+from eagle_fast.train.setup import build_data, build_model, build_tokenizer, freeze_for_stage, projector_state
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Trainable parameters in groups: (decay | no decay) x (LLM | projector | experts) lrs."""
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2 or "norm" in name or name.endswith(".bias")
+        lr = cfg.learning_rate
+        if "mm_projector" in name and cfg.mm_projector_lr is not None:
+            lr = cfg.mm_projector_lr
+        elif ".vision_tower." in name and cfg.vision_tower_lr is not None:
+            lr = cfg.vision_tower_lr
+        groups.setdefault((no_decay, lr), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": 0.0 if nd else cfg.weight_decay}
+            for (nd, lr), ps in groups.items()]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.rank, self.world = _dist()
+        torch.manual_seed(cfg.seed)
+        self.tokenizer = build_tokenizer(cfg)
+        self.model, self.processor = build_model(cfg, self.tokenizer)
+        freeze_for_stage(self.model, cfg)
+        self.dataset: EagleDataset = build_data(cfg, self.tokenizer, self.processor, self.model)
+        self.collate = EagleCollator(pad_token_id=self.tokenizer.pad_token_id or 0)
+        self.net = self.model
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.learning_rate, betas=(0.9, 0.999))
+        self.micro_per_epoch = math.ceil(len(self.dataset) / (cfg.per_device_train_batch_size * self.world))
+        steps_per_epoch = max(self.micro_per_epoch // cfg.gradient_accumulation_steps, 1)
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer,
+                                       num_warmup_steps=int(cfg.warmup_ratio * self.total_steps),
+                                       num_training_steps=self.total_steps)
+        self.step, self.epoch, self.position = 0, 0, 0  # position: micro-batches done in this epoch
+        self.skipped: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ data order
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        cfg = self.cfg
+        if cfg.group_by_modality_length:
+            sampler = ModalityLengthSampler(self.dataset.modality_lengths(), cfg.per_device_train_batch_size,
+                                            self.world, self.rank, cfg.seed)
+            sampler.set_epoch(epoch)
+            order = sampler.indices()
+        else:
+            perm = np.random.default_rng([cfg.seed, epoch]).permutation(len(self.dataset))
+            per_rank = -(-len(perm) // self.world)
+            perm = np.concatenate([perm, perm[: per_rank * self.world - len(perm)]])  # even split
+            order = perm[self.rank::self.world].tolist()
+        b = cfg.per_device_train_batch_size
+        return [order[i:i + b] for i in range(0, len(order), b)]
+
+    def _micro_batches(self):
+        """Endless (epoch, position, batch) from the current position on; workers load ahead."""
+        while True:
+            batches = self._epoch_batches(self.epoch)[self.position:]
+            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate,
+                                                 num_workers=self.cfg.dataloader_num_workers)
+            for batch in loader:
+                self.position += 1
+                yield batch
+            self.epoch, self.position = self.epoch + 1, 0
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "position": self.position, "config": asdict(self.cfg),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(), "skipped": dict(self.skipped), "world": self.world}
+
+    def resume(self, path: str) -> None:
+        load_model_weights(self.model, path)
+        st = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+        if st["world"] != self.world:
+            raise ValueError(f"{path}: saved with {st['world']} ranks, resuming with {self.world}")
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.step, self.epoch, self.position = st["step"], st["epoch"], st["position"]
+        self.skipped = st["skipped"]
+        set_rng_state(st["rng"])
+
+    def save(self) -> str:
+        return save_checkpoint(self.cfg.output_dir, self.step, self.model, self.state(), self.cfg.save_total_limit,
+                               savers=(self.tokenizer, self.processor))
+
+    # ------------------------------------------------------------------ loop
+
+    def _learned(self, batch) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        ckpt = find_resume(cfg.output_dir, cfg.resume)
+        if ckpt:
+            self.resume(ckpt)
+        metrics = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if self.rank == 0 else None
+        bar = None
+        if self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.recipe} {cfg.stage}", dynamic_ncols=True)
+        stream = self._micro_batches()
+        self.net.train()
+        t0, losses = time.time(), []
+        while self.step < self.total_steps:
+            micro = []
+            while len(micro) < cfg.gradient_accumulation_steps:
+                batch = next(stream)
+                for s in batch["skipped"]:
+                    self.skipped[s["skipped"]] = self.skipped.get(s["skipped"], 0) + 1
+                if batch["input_ids"] is not None:
+                    micro.append(batch)
+            n_items = torch.tensor(sum(self._learned(b) for b in micro), dtype=torch.long)
+            if self.world > 1:
+                torch.distributed.all_reduce(n_items)
+            loss_sum, tokens = 0.0, 0
+            for batch in micro:
+                with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16,
+                                    enabled=cfg.bf16):
+                    out = self.net(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                                   images=batch["images"], num_items_in_batch=n_items)
+                loss = out.loss * self.world  # DDP averages gradients over ranks; we want their sum
+                loss.backward()
+                loss_sum += out.loss.item()
+                tokens += int(batch["attention_mask"].sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            losses.append(loss_sum)
+            if metrics is not None:
+                rec = {"step": self.step, "loss": loss_sum, "lr": self.scheduler.get_last_lr()[0],
+                       "grad_norm": float(grad_norm), "epoch": self.epoch, "tokens": tokens,
+                       "elapsed_s": round(time.time() - t0, 3)}
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
+                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tokens / max(time.time() - t0, 1e-9):.0f}")
+                bar.update(1)
+            if cfg.save_steps > 0 and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
+                self._save_rank0()
+        if bar is not None:
+            bar.close()
+        if metrics is not None:
+            metrics.close()
+        self._save_rank0()
+        self._final()
+        return {"steps": self.step, "losses": losses, "skipped": dict(self.skipped)}
+
+    def _save_rank0(self) -> None:
+        if self.rank == 0:
+            self.save()
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def _final(self) -> None:
+        if self.rank != 0:
+            return
+        final = os.path.join(self.cfg.output_dir, "final")
+        self.model.save_pretrained(final, safe_serialization=True)
+        self.tokenizer.save_pretrained(final)
+        self.processor.save_pretrained(final)
+        if self.cfg.stage == "pretrain":
+            torch.save(projector_state(self.model), os.path.join(self.cfg.output_dir, "mm_projector.bin"))
+        if any(self.skipped.values()):
+            print(f"skipped records: {self.skipped}")
+        from eagle_fast.train.plot import loss_curve
+
+        loss_curve(os.path.join(self.cfg.output_dir, "metrics.jsonl"), os.path.join(self.cfg.output_dir, "loss.png"))

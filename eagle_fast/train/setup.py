@@ -1,0 +1,114 @@
+"""Building what a training run needs from its config: tokenizer, model (+ image processor),
+dataset, and the per-stage trainable set."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import torch
+
+from eagle_fast.data import EagleDataset
+from eagle_fast.model import EagleLlamaConfig, EagleLlamaForCausalLM, presets
+from eagle_fast.train.config import TrainConfig
+from eagle_fast.vision.processor import EagleImageProcessor
+
+
+def builtin_tokenizer_dir(root: str) -> str:
+    """A Llama/Vicuna-format SentencePiece tokenizer (the model shipped in mistral-common), as an HF
+    tokenizer folder: the offline default of the tiny recipes (pad = unk, as Vicuna)."""
+    import mistral_common
+
+    folder = os.path.join(root, "tokenizer")
+    if not os.path.exists(os.path.join(folder, "tokenizer_config.json")):
+        os.makedirs(folder, exist_ok=True)
+        shutil.copy(os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1"),
+                    os.path.join(folder, "tokenizer.model"))
+        cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+               "pad_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": True,
+               "model_max_length": 2048, "padding_side": "right"}
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump(cfg, f)
+    return folder
+
+
+def build_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    path = cfg.tokenizer_name_or_path or cfg.model_name_or_path or builtin_tokenizer_dir(
+        os.path.join(cfg.output_dir, "assets"))
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:  # Vicuna's convention: pad with unk (the original does the same)
+        tok.pad_token = tok.unk_token or tok.eos_token
+    tok.model_max_length = cfg.model_max_length
+    return tok
+
+
+def build_model(cfg: TrainConfig, tokenizer) -> tuple[EagleLlamaForCausalLM, EagleImageProcessor]:
+    overrides: dict[str, Any] = {"mm_projector_type": cfg.mm_projector_type,
+                                 "image_aspect_ratio": cfg.image_aspect_ratio,
+                                 "tokenizer_model_max_length": cfg.model_max_length}
+    if cfg.vision_tower:
+        overrides["mm_vision_tower"] = cfg.vision_tower
+    if cfg.model_name_or_path is None:
+        base = presets.get(cfg.preset, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **overrides)
+        if cfg.vision_tower and base.mm_expert_configs:
+            base.mm_expert_configs = {k: v for k, v in base.mm_expert_configs.items() if k in cfg.vision_tower}
+        model = EagleLlamaForCausalLM(base)
+    else:
+        from transformers import AutoConfig
+
+        src = AutoConfig.from_pretrained(cfg.model_name_or_path)
+        if src.model_type == "eagle_llama":
+            model = EagleLlamaForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=torch.float32)
+        else:  # an LLM: the experts and projector are new
+            eagle = EagleLlamaConfig(**{**src.to_dict(), **overrides, "model_type": "eagle_llama"})
+            model = EagleLlamaForCausalLM.from_pretrained(cfg.model_name_or_path, config=eagle, dtype=torch.float32)
+    if cfg.pretrain_mm_mlp_adapter:
+        state = torch.load(cfg.pretrain_mm_mlp_adapter, map_location="cpu", weights_only=True)
+        prefix = "model.mm_projector."
+        model.model.mm_projector.load_state_dict({k[len(prefix):]: v for k, v in state.items()
+                                                  if k.startswith(prefix)})
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for e in model.model.vision_tower.vision_towers:
+            if hasattr(e.vision_tower, "grad_checkpointing"):
+                e.vision_tower.grad_checkpointing = True
+    return model, EagleImageProcessor.from_model_config(model.config)
+
+
+def freeze_for_stage(model: EagleLlamaForCausalLM, cfg: TrainConfig) -> None:
+    """pretrain: the projector alone; sft: everything (the experts too unless freeze_vision)."""
+    if cfg.stage == "prealign":
+        raise NotImplementedError("stage 'prealign' (per-expert alignment against a frozen LLM) is not "
+                                  "available yet; use 'pretrain' or 'sft'")
+    if cfg.stage == "pretrain":
+        model.requires_grad_(False)
+        model.model.mm_projector.requires_grad_(True)
+    else:
+        model.requires_grad_(True)
+        if cfg.freeze_vision:
+            model.model.vision_tower.requires_grad_(False)
+
+
+def projector_state(model: EagleLlamaForCausalLM) -> dict[str, torch.Tensor]:
+    """The projector with the official stage-1 keys (model.mm_projector.{0,2}.*)."""
+    return {f"model.mm_projector.{k}": v.detach().clone() for k, v in model.model.mm_projector.state_dict().items()}
+
+
+def build_data(cfg: TrainConfig, tokenizer, processor: EagleImageProcessor, model) -> EagleDataset:
+    data_path, image_folder = cfg.data_path, cfg.image_folder
+    if data_path is None:
+        if not cfg.recipe.startswith("tiny"):
+            raise ValueError(f"recipe {cfg.recipe!r} needs data_path and image_folder")
+        from eagle_fast.data.builtin import easy_vqa_dataset
+
+        builtin = easy_vqa_dataset(os.path.join(cfg.output_dir, "assets", "easy_vqa"))
+        data_path = builtin.pretrain if cfg.stage == "pretrain" else builtin.sft
+        image_folder = builtin.image_folder
+    if image_folder is None:
+        raise ValueError("image_folder is required with data_path")
+    return EagleDataset(data_path, image_folder, tokenizer, processor, cfg.version, cfg.model_max_length,
+                        image_tokens=model.config.mm_grid ** 2, seed=cfg.seed, max_bad_fraction=cfg.max_bad_fraction)

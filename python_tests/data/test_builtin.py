@@ -1,0 +1,108 @@
+"""easy-VQA as LLaVA JSONL: counts, image paths, turn structure, captions, idempotency."""
+
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from eagle_fast.data.builtin import easy_vqa_dataset
+from eagle_fast.data.records import RecordSource
+
+pytest.importorskip("easy_vqa")
+
+SHAPES = {"circle", "rectangle", "triangle"}
+
+
+def _load(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("easyvqa")
+    ds = easy_vqa_dataset(root, max_train_images=50, max_eval_images=20)
+    return root, ds, _load(ds.pretrain), _load(ds.sft), _load(ds.eval)
+
+
+def test_counts_and_ids(built):
+    from easy_vqa import get_test_questions
+
+    _, _, pretrain, sft, evals = built
+    assert len(pretrain) == len(sft) == 50
+    assert [r["id"] for r in pretrain] == [f"easyvqa-train-{i}" for i in range(50)]  # lowest ids, ascending
+    q, _, ids = get_test_questions()
+    assert len(evals) == sum(1 for i in ids if i < 20)
+    assert evals[0]["id"] == "easyvqa-test-0-0" and len({r["id"] for r in evals}) == len(evals)
+
+
+def test_images_resolve_inside_folder(built):
+    _, ds, pretrain, sft, evals = built
+    folder = os.path.realpath(ds.image_folder)
+    for rel in {r["image"] for r in pretrain + sft + evals}:
+        assert not os.path.isabs(rel)
+        path = os.path.realpath(os.path.join(ds.image_folder, rel))
+        assert os.path.commonpath([folder, path]) == folder
+        with Image.open(path) as im:
+            assert im.size == (64, 64)
+
+
+def test_sft_turns_alternate(built):
+    _, _, _, sft, _ = built
+    for r in sft:
+        conv = r["conversations"]
+        assert len(conv) >= 2 and len(conv) % 2 == 0
+        assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+        assert conv[0]["value"].startswith("<image>\n")
+        assert sum(t["value"].count("<image>") for t in conv) == 1
+
+
+def test_eval_answers_known(built):
+    _, ds, _, _, evals = built
+    assert len(ds.answers) == 13
+    for r in evals:
+        human, gpt = r["conversations"]
+        assert human["value"].startswith("<image>\n") and human["value"].count("<image>") == 1
+        assert r["answer"] == gpt["value"] and r["answer"] in ds.answers
+
+
+def test_captions_match_answers(built):
+    _, ds, pretrain, sft, _ = built
+    colors = set(ds.answers) - SHAPES - {"yes", "no"}
+    qa = {r["id"]: r["conversations"] for r in sft}
+    for r in pretrain:
+        assert r["conversations"][0]["value"] == "<image>\nDescribe the image briefly."
+        caption = r["conversations"][1]["value"]
+        first = set(caption.split(".")[0].split())  # the positive part: "A blue rectangle"
+        turns = qa[r["id"]]
+        named = {t["value"] for t in turns[1::2]} - {"yes", "no"}  # answers to 'what ...' questions
+        assert named <= first, (caption, named)
+        # every colour/shape the caption asserts is also backed by some question of that image
+        text = " ".join(t["value"] for t in turns)
+        assert all(w in text for w in first & (colors | SHAPES)), caption
+        assert first & (colors | SHAPES) or "not" in caption
+
+
+def test_idempotent(built):
+    root, ds, *_ = built
+    files = (ds.pretrain, ds.sft, ds.eval)
+    before = [os.stat(p).st_mtime_ns for p in files]
+    again = easy_vqa_dataset(root, max_train_images=50, max_eval_images=20)
+    assert again == ds
+    assert [os.stat(p).st_mtime_ns for p in files] == before
+    assert not [n for n in os.listdir(root) if n.endswith(".tmp")]
+
+
+def test_rebuilds_on_new_params(tmp_path):
+    easy_vqa_dataset(tmp_path, max_train_images=3, max_eval_images=1)
+    smaller = easy_vqa_dataset(tmp_path, max_train_images=2, max_eval_images=1)
+    assert len(_load(smaller.pretrain)) == len(_load(smaller.sft)) == 2
+
+
+def test_record_source_indexes_files(built):
+    _, ds, pretrain, sft, evals = built
+    for path, records in ((ds.pretrain, pretrain), (ds.sft, sft), (ds.eval, evals)):
+        src = RecordSource(path)
+        assert len(src) == len(records)
+        assert src.read(len(src) - 1).data == records[-1]

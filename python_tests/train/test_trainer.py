@@ -1,0 +1,142 @@
+"""The trainer on the tiny recipe (CPU): loss falls, stage-1 trains only the projector and its
+mm_projector.bin feeds stage 2, resume after a real kill -9 is bitwise exact, a checkpoint cut
+short leaves the previous one in force, and the CLI maps the original flags."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from eagle_fast.train.__main__ import parse
+from eagle_fast.train.checkpoint import find_resume, load_model_weights, save_checkpoint
+from eagle_fast.train.config import recipe
+from eagle_fast.train.loop import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """8 single-question easy-VQA records (the built-in set, cut down) as a fixed training set."""
+    from eagle_fast.data.builtin import easy_vqa_dataset
+
+    root = tmp_path_factory.mktemp("easyvqa")
+    built = easy_vqa_dataset(root, max_train_images=8, max_eval_images=1)
+    small = root / "small.jsonl"
+    with open(built.sft) as f, open(small, "w") as out:
+        for line in f:
+            rec = json.loads(line)
+            rec["conversations"] = rec["conversations"][:2]
+            out.write(json.dumps(rec) + "\n")
+    return str(small), built.image_folder, str(built.pretrain)
+
+
+def _cfg(tmp_path, small_data, **kw):
+    data, images, _ = small_data
+    base = dict(output_dir=str(tmp_path / "run"), data_path=data, image_folder=images, per_device_train_batch_size=4,
+                max_steps=30, save_steps=0, model_max_length=96)
+    base.update(kw)
+    return recipe("tiny-x5", "sft", **base)
+
+
+def test_loss_falls_over_30_steps(tmp_path, small_data):
+    out = Trainer(_cfg(tmp_path, small_data, learning_rate=3e-3)).train()
+    losses = out["losses"]
+    assert len(losses) == 30 and losses[-1] < 0.6 * losses[0], losses
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, 31)) and all("loss" in r for r in rows)
+    assert (tmp_path / "run" / "final" / "config.json").exists() and (tmp_path / "run" / "loss.png").exists()
+
+
+def test_pretrain_trains_only_the_projector_and_feeds_sft(tmp_path, small_data):
+    cfg = _cfg(tmp_path, small_data, max_steps=3, version="plain", data_path=small_data[2])
+    cfg = cfg.replace(stage="pretrain")
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    after = trainer.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("model.mm_projector.") for k in changed), sorted(changed)[:5]
+    bin_path = tmp_path / "run" / "mm_projector.bin"
+    saved = torch.load(bin_path, weights_only=True)
+    assert set(saved) == {"model.mm_projector.0.weight", "model.mm_projector.0.bias", "model.mm_projector.2.weight",
+                          "model.mm_projector.2.bias"}
+    sft = Trainer(_cfg(tmp_path / "sft", small_data, max_steps=1, pretrain_mm_mlp_adapter=str(bin_path)))
+    for k, v in saved.items():
+        assert torch.equal(sft.model.state_dict()[k], v)
+
+
+def _run(args, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.update(env_extra or {})
+    return subprocess.Popen([sys.executable, "-m", "eagle_fast.train", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_resume_after_kill_9_is_bitwise_exact(tmp_path, small_data):
+    data, images, _ = small_data
+    common = ["--recipe", "tiny-x5", "--data_path", data, "--image_folder", images, "--per_device_train_batch_size",
+              "2", "--max_steps", "8", "--model_max_length", "96", "--save_steps", "2", "--save_total_limit", "2"]
+    full = _run(common + ["--output_dir", str(tmp_path / "full")])
+    assert full.wait(timeout=600) == 0, full.stderr.read()
+    victim = _run(common + ["--output_dir", str(tmp_path / "cut")])
+    latest = tmp_path / "cut" / "latest"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if latest.exists() and latest.read_text().strip() == "checkpoint-4":
+            break
+        assert victim.poll() is None, victim.stderr.read()
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "cut" / "final").exists()
+    resumed = _run(common + ["--output_dir", str(tmp_path / "cut"), "--resume", "auto"])
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(tmp_path / "full" / "checkpoint-8" / "trainer_state.pt", weights_only=False)
+    sb = torch.load(tmp_path / "cut" / "checkpoint-8" / "trainer_state.pt", weights_only=False)
+    assert (sa["epoch"], sa["position"]) == (sb["epoch"], sb["position"])
+    for x, y in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_a_checkpoint_cut_short_leaves_the_previous_one(tmp_path):
+    from eagle_fast.model import EagleLlamaForCausalLM, presets
+
+    model = EagleLlamaForCausalLM(presets.get("eagle-tiny-clip"))
+    out = str(tmp_path)
+    save_checkpoint(out, 1, model, {"step": 1}, keep=2)
+
+    class Dying(torch.nn.Module):  # dies half-way through writing, like a kill during the save
+        def save_pretrained(self, path, **kw):
+            open(os.path.join(path, "model.safetensors"), "wb").write(b"partial")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(out, 2, Dying(), {"step": 2}, keep=2)
+    assert find_resume(out, "auto") == os.path.join(out, "checkpoint-1")
+    fresh = EagleLlamaForCausalLM(presets.get("eagle-tiny-clip"))
+    load_model_weights(fresh, find_resume(out, "auto"))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    save_checkpoint(out, 3, model, {"step": 3}, keep=1)  # the next save cleans up and prunes
+    assert sorted(os.listdir(out)) == ["checkpoint-3", "latest"]
+
+
+def test_cli_maps_original_flags():
+    cfg = parse(["--recipe", "eagle-x5-7b", "--model_name_or_path", "lmsys/vicuna-7b-v1.5", "--version", "plain",
+                 "--tune_mm_mlp_adapter", "True", "--mm_vision_select_layer", "-2", "--bf16", "True",
+                 "--learning_rate", "1e-3", "--group_by_modality_length", "--set", "save_steps=10"])
+    assert cfg.stage == "pretrain" and cfg.model_name_or_path == "lmsys/vicuna-7b-v1.5" and cfg.bf16
+    assert cfg.learning_rate == 1e-3 and cfg.group_by_modality_length and cfg.save_steps == 10
+    assert cfg.extra == {"mm_vision_select_layer": "-2"} and cfg.deepspeed == "zero2"
+    with pytest.raises(SystemExit):
+        parse(["--set", "no_such_option=1"])
