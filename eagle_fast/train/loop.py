@@ -167,6 +167,10 @@ class Trainer:
                 loss.backward()
                 loss_sum += out.loss.item()
                 tokens += int(batch["attention_mask"].sum())
+            if self.world > 1:  # the step's loss over every rank's tokens, for the log
+                total = torch.tensor([loss_sum, tokens], dtype=torch.float64)
+                torch.distributed.all_reduce(total)
+                loss_sum, tokens = float(total[0]), int(total[1])
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()

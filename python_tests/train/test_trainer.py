@@ -140,3 +140,27 @@ def test_cli_maps_original_flags():
     assert cfg.extra == {"mm_vision_select_layer": "-2"} and cfg.deepspeed == "zero2"
     with pytest.raises(SystemExit):
         parse(["--set", "no_such_option=1"])
+
+
+def test_two_ranks_ddp_agree_with_one_process(tmp_path, small_data):
+    """torchrun, 2 CPU ranks (gloo), 2 records each per step == 1 process with 4 per step."""
+    data, images, _ = small_data
+    common = ["--recipe", "tiny-x5", "--data_path", data, "--image_folder", images, "--max_steps", "4",
+              "--model_max_length", "96", "--save_steps", "0"]
+    one = _run(common + ["--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")])
+    assert one.wait(timeout=600) == 0, one.stderr.read()
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29531", "-m", "eagle_fast.train", *common, "--per_device_train_batch_size", "2",
+                          "--output_dir", str(tmp_path / "two")], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-5, worst
+    la = [json.loads(x)["loss"] for x in open(tmp_path / "one" / "metrics.jsonl")]
+    lb = [json.loads(x)["loss"] for x in open(tmp_path / "two" / "metrics.jsonl")]
+    assert len(la) == len(lb) == 4 and all(abs(x - y) < 1e-5 for x, y in zip(la, lb)), (la, lb)
