@@ -1,4 +1,4 @@
-"""python -m eagle_fast.bench {preprocess,resize_concat,attention} [options]; each subcommand has --help."""
+"""python -m eagle_fast.bench {preprocess,resize_concat,attention,train} [options]; each subcommand has --help."""
 
 from __future__ import annotations
 
@@ -34,6 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     at.add_argument("--repeats", type=int, default=7)
     at.add_argument("--threads", type=int, default=2)
     at.add_argument("--out-dir", default="bench_results")
+    tr = sub.add_parser("train", help="tiny-recipe training steps: fast path vs reference ops")
+    tr.add_argument("--recipe", default="tiny-x5")
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--batches", type=int, default=4)
+    tr.add_argument("--repeats", type=int, default=5)
+    tr.add_argument("--threads", type=int, default=2)
+    tr.add_argument("--out-dir", default="bench_results")
     args = parser.parse_args(argv)
 
     if args.bench in ("preprocess", "fused_preprocess"):
@@ -54,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         run(AttentionBenchConfig(device=args.device, dtype=args.dtype, head_dims=tuple(args.head_dims), causal=causal,
                                  shapes=shapes, width=args.width, repeats=args.repeats, threads=args.threads,
                                  out_dir=args.out_dir))
+    elif args.bench == "train":
+        from eagle_fast.bench.train import TrainBenchConfig, main as run
+
+        run(TrainBenchConfig(recipe=args.recipe, batch_size=args.batch_size, batches=args.batches,
+                             repeats=args.repeats, threads=args.threads, out_dir=args.out_dir))
     return 0
 
 

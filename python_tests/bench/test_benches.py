@@ -1,4 +1,4 @@
-"""The attention benchmark runs end to end on a tiny CPU sweep and reports every provider x mode."""
+"""The benchmarks run end to end on tiny CPU settings and report every provider (attention: every mode; train: both paths)."""
 
 import csv
 
@@ -23,3 +23,11 @@ def test_tiny_cpu_sweep(tmp_path, capsys):
     with open(tmp_path / "attention.csv") as f:
         assert len(list(csv.reader(f))) == 1 + len(rows)
     assert (tmp_path / "attention.png").stat().st_size > 0
+
+
+def test_train_bench_runs(tmp_path):
+    from eagle_fast.bench.train import TrainBenchConfig, report, run
+
+    rows = run(TrainBenchConfig(batch_size=2, batches=1, repeats=1, threads=1, out_dir=str(tmp_path)))
+    assert {r.provider for r in rows} == {"eagle_fast", "reference ops"} and all(r.items_per_s > 0 for r in rows)
+    assert "| reference ops |" in report(rows)
