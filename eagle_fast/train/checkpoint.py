@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 LATEST = "latest"
+FULL_STATE = "full_state.safetensors"
 
 
 def rng_state() -> dict[str, Any]:
@@ -52,7 +53,15 @@ def save_checkpoint(output_dir: str, step: int, model: torch.nn.Module, state: d
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if hasattr(model, "peft_config"):  # LoRA: the adapter for users, the full state for resuming
+        from safetensors.torch import save_model
+
+        from eagle_fast.train.lora import save_lora
+
+        save_lora(model, tmp)
+        save_model(model, os.path.join(tmp, FULL_STATE))
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
     for obj in savers:  # tokenizer, image processor: anything with save_pretrained(dir)
         obj.save_pretrained(tmp)
     torch.save(state, os.path.join(tmp, "trainer_state.pt"))
@@ -95,8 +104,11 @@ def find_resume(output_dir: str, resume: str | None) -> str | None:
 
 def load_model_weights(model: torch.nn.Module, path: str) -> None:
     """Loads the checkpoint's safetensors shards into `model` in place (exact values)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, load_model
 
+    if os.path.exists(os.path.join(path, FULL_STATE)):
+        load_model(model, os.path.join(path, FULL_STATE), strict=True)
+        return
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     state: dict[str, torch.Tensor] = {}
     for f in files:

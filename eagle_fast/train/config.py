@@ -33,6 +33,13 @@ class TrainConfig:
     tune_mm_mlp_adapter: bool = False  # the original's stage-1 switch (= stage "pretrain")
     freeze_vision: bool = False
     tokenizer_name_or_path: str | None = None  # None: the checkpoint's, or the built-in Llama SentencePiece
+    # LoRA on the LLM's linear layers (peft); the projector (and unfrozen experts) train fully
+    lora_enable: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_bias: str = "none"
+    bits: int = 16  # 4 / 8: QLoRA (bitsandbytes, CUDA only)
     # data
     version: str = "vicuna_v1"  # conversation template
     data_path: str | None = None  # None on tiny recipes: the built-in easy-VQA set

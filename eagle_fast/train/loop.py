@@ -59,6 +59,12 @@ class Trainer:
         self.tokenizer = build_tokenizer(cfg)
         self.model, self.processor = build_model(cfg, self.tokenizer)
         freeze_for_stage(self.model, cfg)
+        if cfg.lora_enable:
+            from eagle_fast.train.lora import apply_lora
+
+            if cfg.model_name_or_path is None and self.rank == 0:  # the base a merge will need
+                self.model.save_pretrained(os.path.join(cfg.output_dir, "base"), safe_serialization=True)
+            self.model = apply_lora(self.model, cfg)
         self.dataset: EagleDataset = build_data(cfg, self.tokenizer, self.processor, self.model)
         self.collate = EagleCollator(pad_token_id=self.tokenizer.pad_token_id or 0)
         self.net = self.model
@@ -205,7 +211,12 @@ class Trainer:
         if self.rank != 0:
             return
         final = os.path.join(self.cfg.output_dir, "final")
-        self.model.save_pretrained(final, safe_serialization=True)
+        if self.cfg.lora_enable:
+            from eagle_fast.train.lora import save_lora
+
+            save_lora(self.model, final)
+        else:
+            self.model.save_pretrained(final, safe_serialization=True)
         self.tokenizer.save_pretrained(final)
         self.processor.save_pretrained(final)
         if self.cfg.stage == "pretrain":

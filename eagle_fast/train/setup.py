@@ -98,7 +98,8 @@ def freeze_for_stage(model: EagleLlamaForCausalLM, cfg: TrainConfig) -> None:
 
 def projector_state(model: EagleLlamaForCausalLM) -> dict[str, torch.Tensor]:
     """The projector with the official stage-1 keys (model.mm_projector.{0,2}.*)."""
-    return {f"model.mm_projector.{k}": v.detach().clone() for k, v in model.model.mm_projector.state_dict().items()}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under LoRA
+    return {f"model.mm_projector.{k}": v.detach().clone() for k, v in base.model.mm_projector.state_dict().items()}
 
 
 def build_data(cfg: TrainConfig, tokenizer, processor: EagleImageProcessor, model) -> EagleDataset:

@@ -164,3 +164,31 @@ def test_two_ranks_ddp_agree_with_one_process(tmp_path, small_data):
     la = [json.loads(x)["loss"] for x in open(tmp_path / "one" / "metrics.jsonl")]
     lb = [json.loads(x)["loss"] for x in open(tmp_path / "two" / "metrics.jsonl")]
     assert len(la) == len(lb) == 4 and all(abs(x - y) < 1e-5 for x, y in zip(la, lb)), (la, lb)
+
+
+def test_lora_adapters_save_reload_and_merge_to_the_same_logits(tmp_path, small_data):
+    from transformers import AutoModelForCausalLM
+
+    from eagle_fast.train.lora import load_lora, merge_lora
+
+    trainer = Trainer(_cfg(tmp_path, small_data, max_steps=3, lora_enable=True, lora_r=4, lora_alpha=8,
+                           lora_dropout=0.0, learning_rate=1e-2))
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n or "mm_projector" in n or ".vision_tower." in n for n in trained)
+    assert any("lora_" in n for n in trained) and any("mm_projector" in n for n in trained)
+    trainer.train()
+    trainer.model.eval()
+    batch = trainer.collate([trainer.dataset[i] for i in range(2)])
+    args = (batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        want = trainer.model(*args, images=batch["images"]).logits
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "base").eval()
+        assert (base(*args, images=batch["images"]).logits - want).abs().max() > 1e-4  # training changed it
+        reloaded = load_lora(base, str(tmp_path / "run" / "final")).eval()
+        assert (reloaded(*args, images=batch["images"]).logits - want).abs().max() < 1e-5
+        merged = merge_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "base"),
+                            str(tmp_path / "run" / "final"), out_dir=str(tmp_path / "merged")).eval()
+        assert type(merged).__name__ == "EagleLlamaForCausalLM"
+        assert (merged(*args, images=batch["images"]).logits - want).abs().max() < 1e-4
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        assert (again(*args, images=batch["images"]).logits - want).abs().max() < 1e-4
