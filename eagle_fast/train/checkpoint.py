@@ -45,32 +45,48 @@ def _atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(output_dir: str, step: int, model: torch.nn.Module, state: dict[str, Any], keep: int,
-                    savers: tuple[Any, ...] = ()) -> str:
-    """Writes checkpoint-{step} atomically and points `latest` at it; returns its path."""
-    name = f"checkpoint-{step}"
-    final = os.path.join(output_dir, name)
-    tmp = final + ".tmp"
+def begin(output_dir: str, step: int) -> str:
+    """A fresh temporary directory for checkpoint-{step} (call on one rank, then synchronize)."""
+    tmp = os.path.join(output_dir, f"checkpoint-{step}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    if hasattr(model, "peft_config"):  # LoRA: the adapter for users, the full state for resuming
+    return tmp
+
+
+def write_model(model: torch.nn.Module, path: str, savers: tuple[Any, ...] = ()) -> None:
+    """The model in HF format (LoRA: adapter + non-LoRA trainables + the full state for resuming)."""
+    if hasattr(model, "peft_config"):
         from safetensors.torch import save_model
 
         from eagle_fast.train.lora import save_lora
 
-        save_lora(model, tmp)
-        save_model(model, os.path.join(tmp, FULL_STATE))
+        save_lora(model, path)
+        save_model(model, os.path.join(path, FULL_STATE))
     else:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(path, safe_serialization=True)
     for obj in savers:  # tokenizer, image processor: anything with save_pretrained(dir)
-        obj.save_pretrained(tmp)
-    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        obj.save_pretrained(path)
+
+
+def commit(output_dir: str, step: int, keep: int) -> str:
+    """Renames the complete temporary directory into place, then points `latest` at it, then prunes."""
+    name = f"checkpoint-{step}"
+    final = os.path.join(output_dir, name)
     if os.path.exists(final):
         shutil.rmtree(final)
-    os.replace(tmp, final)
+    os.replace(final + ".tmp", final)
     _atomic_write_text(os.path.join(output_dir, LATEST), name + "\n")
     _prune(output_dir, keep, newest=name)
     return final
+
+
+def save_checkpoint(output_dir: str, step: int, model: torch.nn.Module, state: dict[str, Any], keep: int,
+                    savers: tuple[Any, ...] = ()) -> str:
+    """Single-process form: writes checkpoint-{step} atomically and points `latest` at it."""
+    tmp = begin(output_dir, step)
+    write_model(model, tmp, savers)
+    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+    return commit(output_dir, step, keep)
 
 
 def _prune(output_dir: str, keep: int, newest: str) -> None:

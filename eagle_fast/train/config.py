@@ -7,7 +7,7 @@ named recipes returning it.
 Official recipes reproduce the reference scripts' hyper-parameters (DESIGN §1 "Training"):
 stage 1 (pretrain) projector only, lr 1e-3, global batch 256; stage 2 (sft) everything, lr 2e-5,
 global batch 128; both 1 epoch, cosine, 3% warmup, wd 0, bf16, max length 2048, gradient
-checkpointing (the reference scripts' ZeRO-2 is not driven yet: runs use DDP). Tiny recipes run on a CPU in minutes on the built-in easy-VQA data.
+checkpointing, DeepSpeed ZeRO-2 (launch under torchrun or deepspeed). Tiny recipes run on a CPU in minutes on the built-in easy-VQA data.
 """
 
 from __future__ import annotations
@@ -86,9 +86,8 @@ class TrainConfig:
 
 
 def _official(preset: str, version: str) -> dict[str, Any]:
-    # the reference scripts run DeepSpeed ZeRO-2; this trainer does not drive DeepSpeed yet (DDP only)
     return dict(preset=preset, version=version, model_max_length=2048, bf16=True, tf32=True,
-                gradient_checkpointing=True, weight_decay=0.0, warmup_ratio=0.03,
+                gradient_checkpointing=True, deepspeed="zero2", weight_decay=0.0, warmup_ratio=0.03,
                 lr_scheduler_type="cosine", num_train_epochs=1.0, dataloader_num_workers=4, save_steps=24000,
                 save_total_limit=1)
 

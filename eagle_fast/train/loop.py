@@ -23,7 +23,9 @@ import torch
 
 from eagle_fast.data import EagleCollator, EagleDataset, ModalityLengthSampler
 from eagle_fast.model.splice import IGNORE_INDEX
-from eagle_fast.train.checkpoint import find_resume, load_model_weights, rng_state, save_checkpoint, set_rng_state
+from eagle_fast.train import ds
+from eagle_fast.train.checkpoint import begin, commit, find_resume, load_model_weights, rng_state, set_rng_state, \
+    write_model
 from eagle_fast.train.config import TrainConfig
 from eagle_fast.train.setup import build_data, build_model, build_tokenizer, freeze_for_stage, projector_state
 
@@ -67,9 +69,6 @@ class Trainer:
             self.model = apply_lora(self.model, cfg)
         self.dataset: EagleDataset = build_data(cfg, self.tokenizer, self.processor, self.model)
         self.collate = EagleCollator(pad_token_id=self.tokenizer.pad_token_id or 0)
-        self.net = self.model
-        if self.world > 1:
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.learning_rate, betas=(0.9, 0.999))
         self.micro_per_epoch = math.ceil(len(self.dataset) / (cfg.per_device_train_batch_size * self.world))
         steps_per_epoch = max(self.micro_per_epoch // cfg.gradient_accumulation_steps, 1)
@@ -79,6 +78,12 @@ class Trainer:
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=int(cfg.warmup_ratio * self.total_steps),
                                        num_training_steps=self.total_steps)
+        self.engine = None  # DeepSpeed: the engine owns optimizer steps, clipping and the schedule
+        self.net = self.model
+        if cfg.deepspeed:
+            self.engine = self.net = ds.initialize(self.model, self.optimizer, self.scheduler, cfg, self.world)
+        elif self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
         self.step, self.epoch, self.position = 0, 0, 0  # position: micro-batches done in this epoch
         self.skipped: dict[str, int] = {}
 
@@ -113,24 +118,51 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def state(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "position": self.position, "config": asdict(self.cfg),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": rng_state(), "skipped": dict(self.skipped), "world": self.world}
+        st = {"step": self.step, "epoch": self.epoch, "position": self.position, "config": asdict(self.cfg),
+              "skipped": dict(self.skipped), "world": self.world}
+        if self.engine is None:  # DeepSpeed keeps these in its own checkpoint files
+            st.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
+        return st
 
     def resume(self, path: str) -> None:
-        load_model_weights(self.model, path)
         st = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
         if st["world"] != self.world:
             raise ValueError(f"{path}: saved with {st['world']} ranks, resuming with {self.world}")
-        self.optimizer.load_state_dict(st["optimizer"])
-        self.scheduler.load_state_dict(st["scheduler"])
+        if self.engine is not None:
+            self.engine.load_checkpoint(path, tag="deepspeed", load_module_strict=True)
+        else:
+            load_model_weights(self.model, path)
+            self.optimizer.load_state_dict(st["optimizer"])
+            self.scheduler.load_state_dict(st["scheduler"])
         self.step, self.epoch, self.position = st["step"], st["epoch"], st["position"]
         self.skipped = st["skipped"]
-        set_rng_state(st["rng"])
+        set_rng_state(torch.load(os.path.join(path, f"rng_rank{self.rank}.pt"), weights_only=False))
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
 
     def save(self) -> str:
-        return save_checkpoint(self.cfg.output_dir, self.step, self.model, self.state(), self.cfg.save_total_limit,
-                               savers=(self.tokenizer, self.processor))
+        """Every rank writes its part (DeepSpeed shards, its RNG) into the temporary directory;
+        rank 0 writes the HF model and the trainer state, then commits."""
+        cfg = self.cfg
+        tmp = os.path.join(cfg.output_dir, f"checkpoint-{self.step}.tmp")
+        if self.rank == 0:
+            begin(cfg.output_dir, self.step)
+        self._barrier()
+        if self.engine is not None:
+            self.engine.save_checkpoint(tmp, tag="deepspeed")
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
+        with ds.gathered(self.model, self.engine):
+            if self.rank == 0:
+                write_model(self.model, tmp, savers=(self.tokenizer, self.processor))
+        self._barrier()
+        final = os.path.join(cfg.output_dir, f"checkpoint-{self.step}")
+        if self.rank == 0:
+            torch.save(self.state(), os.path.join(tmp, "trainer_state.pt"))
+            commit(cfg.output_dir, self.step, cfg.save_total_limit)
+        self._barrier()
+        return final
 
     # ------------------------------------------------------------------ loop
 
@@ -169,18 +201,25 @@ class Trainer:
                                     enabled=cfg.bf16):
                     out = self.net(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
                                    images=batch["images"], num_items_in_batch=n_items)
-                loss = out.loss * self.world  # DDP averages gradients over ranks; we want their sum
-                loss.backward()
+                loss = out.loss * self.world  # DDP / ZeRO average gradients over ranks; we want their sum
+                if self.engine is not None:  # it divides by the accumulation steps and steps at the boundary
+                    self.engine.backward(loss * cfg.gradient_accumulation_steps)
+                    self.engine.step()
+                else:
+                    loss.backward()
                 loss_sum += out.loss.item()
                 tokens += int(batch["attention_mask"].sum())
             if self.world > 1:  # the step's loss over every rank's tokens, for the log
                 total = torch.tensor([loss_sum, tokens], dtype=torch.float64)
                 torch.distributed.all_reduce(total)
                 loss_sum, tokens = float(total[0]), int(total[1])
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            if self.engine is not None:
+                grad_norm = self.engine.get_global_grad_norm() or 0.0
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             losses.append(loss_sum)
             if metrics is not None:
@@ -192,24 +231,23 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tokens / max(time.time() - t0, 1e-9):.0f}")
                 bar.update(1)
             if cfg.save_steps > 0 and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
-                self._save_rank0()
+                self.save()
         if bar is not None:
             bar.close()
         if metrics is not None:
             metrics.close()
-        self._save_rank0()
+        self.save()
         self._final()
         return {"steps": self.step, "losses": losses, "skipped": dict(self.skipped)}
 
-    def _save_rank0(self) -> None:
-        if self.rank == 0:
-            self.save()
-        if self.world > 1:
-            torch.distributed.barrier()
 
     def _final(self) -> None:
-        if self.rank != 0:
-            return
+        with ds.gathered(self.model, self.engine):
+            if self.rank == 0:
+                self._write_final()
+        self._barrier()
+
+    def _write_final(self) -> None:
         final = os.path.join(self.cfg.output_dir, "final")
         if self.cfg.lora_enable:
             from eagle_fast.train.lora import save_lora

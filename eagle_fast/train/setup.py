@@ -81,9 +81,6 @@ def build_model(cfg: TrainConfig, tokenizer) -> tuple[EagleLlamaForCausalLM, Eag
 
 def freeze_for_stage(model: EagleLlamaForCausalLM, cfg: TrainConfig) -> None:
     """pretrain: the projector alone; sft: everything (the experts too unless freeze_vision)."""
-    if cfg.deepspeed:
-        raise NotImplementedError("DeepSpeed is not driven by this trainer yet; launch with torchrun for DDP "
-                                  "(and leave --deepspeed unset)")
     if cfg.stage == "prealign":
         raise NotImplementedError("stage 'prealign' (per-expert alignment against a frozen LLM) is not "
                                   "available yet; use 'pretrain' or 'sft'")

@@ -137,31 +137,45 @@ def test_cli_maps_original_flags():
                  "--learning_rate", "1e-3", "--group_by_modality_length", "--set", "save_steps=10"])
     assert cfg.stage == "pretrain" and cfg.model_name_or_path == "lmsys/vicuna-7b-v1.5" and cfg.bf16
     assert cfg.learning_rate == 1e-3 and cfg.group_by_modality_length and cfg.save_steps == 10
-    assert cfg.extra == {"mm_vision_select_layer": "-2"}
+    assert cfg.extra == {"mm_vision_select_layer": "-2"} and cfg.deepspeed == "zero2"
     with pytest.raises(SystemExit):
         parse(["--set", "no_such_option=1"])
 
 
-def test_two_ranks_ddp_agree_with_one_process(tmp_path, small_data):
-    """torchrun, 2 CPU ranks (gloo), 2 records each per step == 1 process with 4 per step."""
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, small_data):
     data, images, _ = small_data
-    common = ["--recipe", "tiny-x5", "--data_path", data, "--image_folder", images, "--max_steps", "4",
-              "--model_max_length", "96", "--save_steps", "0"]
-    one = _run(common + ["--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")])
+    out = tmp_path_factory.mktemp("one")
+    one = _run(_DIST_COMMON(data, images) + ["--per_device_train_batch_size", "4", "--output_dir", str(out)])
     assert one.wait(timeout=600) == 0, one.stderr.read()
+    return out
+
+
+def _DIST_COMMON(data, images):
+    return ["--recipe", "tiny-x5", "--data_path", data, "--image_folder", images, "--max_steps", "4",
+            "--model_max_length", "96", "--save_steps", "0"]
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
+def test_two_ranks_agree_with_one_process(tmp_path, small_data, one_process_run, engine):
+    """torchrun, 2 CPU ranks (gloo), 2 records each per step == 1 process with 4 per step: DDP, and
+    DeepSpeed ZeRO-2 / ZeRO-3 with the configs shipped in the package."""
+    data, images, _ = small_data
+    common = _DIST_COMMON(data, images) + ([] if engine == "ddp" else ["--deepspeed", engine])
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    port = {"ddp": "29531", "zero2": "29532", "zero3": "29533"}[engine]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29531", "-m", "eagle_fast.train", *common, "--per_device_train_batch_size", "2",
+                          port, "-m", "eagle_fast.train", *common, "--per_device_train_batch_size", "2",
                           "--output_dir", str(tmp_path / "two")], env=env, cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     from safetensors.torch import load_file
 
-    a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    a = load_file(str(one_process_run / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-5, worst
-    la = [json.loads(x)["loss"] for x in open(tmp_path / "one" / "metrics.jsonl")]
+    la = [json.loads(x)["loss"] for x in open(one_process_run / "metrics.jsonl")]
     lb = [json.loads(x)["loss"] for x in open(tmp_path / "two" / "metrics.jsonl")]
     assert len(la) == len(lb) == 4 and all(abs(x - y) < 1e-5 for x, y in zip(la, lb)), (la, lb)
 
@@ -192,3 +206,38 @@ def test_lora_adapters_save_reload_and_merge_to_the_same_logits(tmp_path, small_
         assert (merged(*args, images=batch["images"]).logits - want).abs().max() < 1e-4
         again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
         assert (again(*args, images=batch["images"]).logits - want).abs().max() < 1e-4
+
+
+def test_deepspeed_resume_after_kill_9_is_bitwise_exact(tmp_path, small_data):
+    """ZeRO-2 over 2 ranks, checkpoints every 2 steps: kill -9 the whole launch after checkpoint-2,
+    resume, and the weights after 4 steps equal those of an uninterrupted run."""
+    data, images, _ = small_data
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+
+    def launch(out, port, *extra):
+        args = _DIST_COMMON(data, images)
+        args[args.index("--save_steps") + 1] = "2"
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master_port", port, "-m", "eagle_fast.train", *args,
+                                 "--per_device_train_batch_size", "2", "--deepspeed", "zero2", "--output_dir",
+                                 str(out), *extra], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    full = launch(tmp_path / "full", "29534")
+    assert full.wait(timeout=600) == 0, full.stderr.read()[-3000:]
+    victim = launch(tmp_path / "cut", "29535")
+    latest = tmp_path / "cut" / "latest"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (latest.exists() and latest.read_text().strip() == "checkpoint-2"):
+        assert victim.poll() is None, victim.stderr.read()[-3000:]
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)  # the launcher and both ranks
+    victim.wait()
+    assert not (tmp_path / "cut" / "final").exists()  # it really was cut short
+    resumed = launch(tmp_path / "cut", "29536", "--resume", "auto")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
