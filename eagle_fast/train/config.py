@@ -32,6 +32,7 @@ class TrainConfig:
     pretrain_mm_mlp_adapter: str | None = None  # mm_projector.bin of stage 1
     tune_mm_mlp_adapter: bool = False  # the original's stage-1 switch (= stage "pretrain")
     freeze_vision: bool = False
+    prealigned_experts: str | None = None  # directory of {expert}.safetensors written by stage "prealign"
     tokenizer_name_or_path: str | None = None  # None: the checkpoint's, or the built-in Llama SentencePiece
     # LoRA on the LLM's linear layers (peft); the projector (and unfrozen experts) train fully
     lora_enable: bool = False

@@ -27,7 +27,8 @@ from eagle_fast.train import ds
 from eagle_fast.train.checkpoint import begin, commit, find_resume, load_model_weights, rng_state, set_rng_state, \
     write_model
 from eagle_fast.train.config import TrainConfig
-from eagle_fast.train.setup import build_data, build_model, build_tokenizer, freeze_for_stage, projector_state
+from eagle_fast.train.setup import build_data, build_model, build_tokenizer, export_prealigned, freeze_for_stage, \
+    projector_state
 
 
 def _dist() -> tuple[int, int]:
@@ -259,6 +260,8 @@ class Trainer:
         self.processor.save_pretrained(final)
         if self.cfg.stage == "pretrain":
             torch.save(projector_state(self.model), os.path.join(self.cfg.output_dir, "mm_projector.bin"))
+        if self.cfg.stage == "prealign":
+            export_prealigned(self.model, os.path.join(self.cfg.output_dir, "prealigned"))
         if any(self.skipped.values()):
             print(f"skipped records: {self.skipped}")
         from eagle_fast.train.plot import loss_curve

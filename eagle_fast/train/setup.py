@@ -53,10 +53,14 @@ def build_model(cfg: TrainConfig, tokenizer) -> tuple[EagleLlamaForCausalLM, Eag
     if cfg.vision_tower:
         overrides["mm_vision_tower"] = cfg.vision_tower
     if cfg.model_name_or_path is None:
-        base = presets.get(cfg.preset, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **overrides)
-        if cfg.vision_tower and base.mm_expert_configs:
-            base.mm_expert_configs = {k: v for k, v in base.mm_expert_configs.items() if k in cfg.vision_tower}
-        model = EagleLlamaForCausalLM(base)
+        if cfg.preset not in presets.PRESETS:
+            raise ValueError(f"unknown preset {cfg.preset!r}; known: {', '.join(presets.PRESETS)}")
+        kw = {**presets.PRESETS[cfg.preset], "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+              **overrides}
+        if cfg.vision_tower and kw.get("mm_expert_configs"):  # keep the sizes of the experts still present
+            names = cfg.vision_tower.split(";")
+            kw["mm_expert_configs"] = {k: v for k, v in kw["mm_expert_configs"].items() if k in names}
+        model = EagleLlamaForCausalLM(EagleLlamaConfig(**kw))
     else:
         from transformers import AutoConfig
 
@@ -71,6 +75,8 @@ def build_model(cfg: TrainConfig, tokenizer) -> tuple[EagleLlamaForCausalLM, Eag
         prefix = "model.mm_projector."
         model.model.mm_projector.load_state_dict({k[len(prefix):]: v for k, v in state.items()
                                                   if k.startswith(prefix)})
+    if cfg.prealigned_experts:
+        load_prealigned(model, cfg.prealigned_experts)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for e in model.model.vision_tower.vision_towers:
@@ -80,17 +86,51 @@ def build_model(cfg: TrainConfig, tokenizer) -> tuple[EagleLlamaForCausalLM, Eag
 
 
 def freeze_for_stage(model: EagleLlamaForCausalLM, cfg: TrainConfig) -> None:
-    """pretrain: the projector alone; sft: everything (the experts too unless freeze_vision)."""
+    """pretrain: the projector alone; prealign: the (single) expert and the projector against a
+    frozen LLM; sft: everything (the experts too unless freeze_vision)."""
     if cfg.stage == "prealign":
-        raise NotImplementedError("stage 'prealign' (per-expert alignment against a frozen LLM) is not "
-                                  "available yet; use 'pretrain' or 'sft'")
-    if cfg.stage == "pretrain":
+        names = model.model.vision_tower.names
+        if len(names) != 1 or names[0] == "clip-448":
+            raise ValueError(f"stage 'prealign' aligns one non-CLIP expert at a time: pass --vision_tower "
+                             f"with one of convnext-1024, sam-1024, det-1024, pix2struct-1024 (got {names})")
+        model.requires_grad_(False)
+        model.model.mm_projector.requires_grad_(True)
+        model.model.vision_tower.requires_grad_(True)
+    elif cfg.stage == "pretrain":
         model.requires_grad_(False)
         model.model.mm_projector.requires_grad_(True)
     else:
         model.requires_grad_(True)
         if cfg.freeze_vision:
             model.model.vision_tower.requires_grad_(False)
+
+
+def export_prealigned(model: EagleLlamaForCausalLM, folder: str) -> str:
+    """Stage 0's result: the aligned expert's weights as {folder}/{expert}.safetensors (keys as in
+    the expert module: vision_tower.*), for loading into a mixture with prealigned_experts."""
+    from safetensors.torch import save_file
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    (expert,) = base.model.vision_tower.vision_towers
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{expert.spec.name}.safetensors")
+    save_file({k: v.detach().contiguous() for k, v in expert.state_dict().items()}, path)
+    return path
+
+
+def load_prealigned(model: EagleLlamaForCausalLM, folder: str) -> list[str]:
+    """Loads every {expert}.safetensors found in `folder` into the mixture's expert of that name."""
+    from safetensors.torch import load_file
+
+    loaded = []
+    for expert in model.model.vision_tower.vision_towers:
+        path = os.path.join(folder, f"{expert.spec.name}.safetensors")
+        if os.path.exists(path):
+            expert.load_state_dict(load_file(path), strict=True)
+            loaded.append(expert.spec.name)
+    if not loaded:
+        raise FileNotFoundError(f"{folder}: no <expert>.safetensors for any of {model.model.vision_tower.names}")
+    return loaded
 
 
 def projector_state(model: EagleLlamaForCausalLM) -> dict[str, torch.Tensor]:

@@ -241,3 +241,25 @@ def test_deepspeed_resume_after_kill_9_is_bitwise_exact(tmp_path, small_data):
     a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prealign_trains_one_expert_against_a_frozen_llm_and_exports_it(tmp_path, small_data):
+    cfg = _cfg(tmp_path, small_data, max_steps=3, vision_tower="sam-1024", learning_rate=1e-2).replace(
+        stage="prealign")
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    after = trainer.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".vision_tower.vision_towers.0." in k for k in changed)
+    assert any("mm_projector" in k for k in changed)
+    assert all("mm_projector" in k or ".vision_tower." in k for k in changed)  # the LLM is frozen
+    exported = tmp_path / "run" / "prealigned" / "sam-1024.safetensors"
+    assert exported.exists()
+    sft = Trainer(_cfg(tmp_path / "sft", small_data, max_steps=1, prealigned_experts=str(exported.parent)))
+    sam = sft.model.model.vision_tower.vision_towers[2]
+    assert sam.spec.name == "sam-1024"
+    trained = trainer.model.model.vision_tower.vision_towers[0].state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in sam.state_dict().items())
+    with pytest.raises(ValueError, match="one non-CLIP expert"):
+        Trainer(_cfg(tmp_path / "bad", small_data, max_steps=1).replace(stage="prealign"))
