@@ -184,7 +184,7 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.recipe} {cfg.stage}", dynamic_ncols=True)
         stream = self._micro_batches()
         self.net.train()
-        t0, losses = time.time(), []
+        t0, losses, seen_samples, seen_tokens = time.time(), [], 0, 0
         while self.step < self.total_steps:
             micro = []
             while len(micro) < cfg.gradient_accumulation_steps:
@@ -196,7 +196,7 @@ class Trainer:
             n_items = torch.tensor(sum(self._learned(b) for b in micro), dtype=torch.long)
             if self.world > 1:
                 torch.distributed.all_reduce(n_items)
-            loss_sum, tokens = 0.0, 0
+            loss_sum, tokens, samples = 0.0, 0, sum(b["input_ids"].shape[0] for b in micro) * self.world
             for batch in micro:
                 with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16,
                                     enabled=cfg.bf16):
@@ -224,12 +224,16 @@ class Trainer:
             self.step += 1
             losses.append(loss_sum)
             if metrics is not None:
+                seen_samples += samples
+                seen_tokens += tokens
                 rec = {"step": self.step, "loss": loss_sum, "lr": self.scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "epoch": self.epoch, "tokens": tokens,
+                       "grad_norm": float(grad_norm), "epoch": self.epoch, "samples": samples, "tokens": tokens,
                        "elapsed_s": round(time.time() - t0, 3)}
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
-                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tokens / max(time.time() - t0, 1e-9):.0f}")
+                dt = max(time.time() - t0, 1e-9)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{rec['lr']:.2e}", samples_s=f"{seen_samples / dt:.1f}",
+                                tokens_s=f"{seen_tokens / dt:.0f}")
                 bar.update(1)
             if cfg.save_steps > 0 and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
                 self.save()
