@@ -53,8 +53,10 @@ def begin(output_dir: str, step: int) -> str:
     return tmp
 
 
-def write_model(model: torch.nn.Module, path: str, savers: tuple[Any, ...] = ()) -> None:
-    """The model in HF format (LoRA: adapter + non-LoRA trainables + the full state for resuming)."""
+def write_model(model: torch.nn.Module, path: str, savers: tuple[Any, ...] = (),
+                state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """The model in HF format (LoRA: adapter + non-LoRA trainables + the full state for resuming);
+    `state_dict` overrides the module's own (a full state gathered from shards)."""
     if hasattr(model, "peft_config"):
         from safetensors.torch import save_model
 
@@ -63,7 +65,7 @@ def write_model(model: torch.nn.Module, path: str, savers: tuple[Any, ...] = ())
         save_lora(model, path)
         save_model(model, os.path.join(path, FULL_STATE))
     else:
-        model.save_pretrained(path, safe_serialization=True)
+        model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     for obj in savers:  # tokenizer, image processor: anything with save_pretrained(dir)
         obj.save_pretrained(path)
 

@@ -72,6 +72,7 @@ class TrainConfig:
     resume: str | None = None  # "auto" or a checkpoint directory
     logging_steps: int = 1
     deepspeed: str | None = None
+    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP, when run on several ranks without DeepSpeed
     extra: dict[str, Any] = field(default_factory=dict)  # unknown original flags, kept for the record
 
     def __post_init__(self) -> None:

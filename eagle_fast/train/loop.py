@@ -23,7 +23,7 @@ import torch
 
 from eagle_fast.data import EagleCollator, EagleDataset, ModalityLengthSampler
 from eagle_fast.model.splice import IGNORE_INDEX
-from eagle_fast.train import ds
+from eagle_fast.train import ds, fsdp
 from eagle_fast.train.checkpoint import begin, commit, find_resume, load_model_weights, rng_state, set_rng_state, \
     write_model
 from eagle_fast.train.config import TrainConfig
@@ -70,6 +70,9 @@ class Trainer:
             self.model = apply_lora(self.model, cfg)
         self.dataset: EagleDataset = build_data(cfg, self.tokenizer, self.processor, self.model)
         self.collate = EagleCollator(pad_token_id=self.tokenizer.pad_token_id or 0)
+        self.fsdp = fsdp.enabled(cfg, self.world) and not cfg.deepspeed
+        if self.fsdp:  # before the optimizer: it must see the sharded parameters
+            fsdp.shard(self.model)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.learning_rate, betas=(0.9, 0.999))
         self.micro_per_epoch = math.ceil(len(self.dataset) / (cfg.per_device_train_batch_size * self.world))
         steps_per_epoch = max(self.micro_per_epoch // cfg.gradient_accumulation_steps, 1)
@@ -83,7 +86,7 @@ class Trainer:
         self.net = self.model
         if cfg.deepspeed:
             self.engine = self.net = ds.initialize(self.model, self.optimizer, self.scheduler, cfg, self.world)
-        elif self.world > 1:
+        elif self.world > 1 and not self.fsdp:
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
         self.step, self.epoch, self.position = 0, 0, 0  # position: micro-batches done in this epoch
         self.skipped: dict[str, int] = {}
@@ -125,12 +128,27 @@ class Trainer:
             st.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
         return st
 
+    def _full_states(self) -> tuple[dict | None, dict | None]:
+        """FSDP2: (model, optimizer) full states on rank 0, gathered by every rank together."""
+        if not self.fsdp:
+            return None, None
+        return fsdp.full_model_state(self.model), fsdp.full_optimizer_state(self.model, self.optimizer)
+
     def resume(self, path: str) -> None:
         st = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
         if st["world"] != self.world:
             raise ValueError(f"{path}: saved with {st['world']} ranks, resuming with {self.world}")
         if self.engine is not None:
             self.engine.load_checkpoint(path, tag="deepspeed", load_module_strict=True)
+        elif self.fsdp:
+            from safetensors.torch import load_file
+
+            model_state = {}
+            if self.rank == 0:
+                for f in sorted(x for x in os.listdir(path) if x.endswith(".safetensors")):
+                    model_state.update(load_file(os.path.join(path, f)))
+            fsdp.load_full_state(self.model, self.optimizer, model_state, st["optimizer"] if self.rank == 0 else {})
+            self.scheduler.load_state_dict(st["scheduler"])
         else:
             load_model_weights(self.model, path)
             self.optimizer.load_state_dict(st["optimizer"])
@@ -154,13 +172,17 @@ class Trainer:
         if self.engine is not None:
             self.engine.save_checkpoint(tmp, tag="deepspeed")
         torch.save(rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
+        model_state, optim_state = self._full_states()
         with ds.gathered(self.model, self.engine):
             if self.rank == 0:
-                write_model(self.model, tmp, savers=(self.tokenizer, self.processor))
+                write_model(self.model, tmp, savers=(self.tokenizer, self.processor), state_dict=model_state)
         self._barrier()
         final = os.path.join(cfg.output_dir, f"checkpoint-{self.step}")
         if self.rank == 0:
-            torch.save(self.state(), os.path.join(tmp, "trainer_state.pt"))
+            state = self.state()
+            if optim_state is not None:  # full, keyed by parameter name
+                state["optimizer"] = optim_state
+            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
             commit(cfg.output_dir, self.step, cfg.save_total_limit)
         self._barrier()
         return final
@@ -218,6 +240,8 @@ class Trainer:
                 grad_norm = self.engine.get_global_grad_norm() or 0.0
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                    grad_norm = grad_norm.full_tensor()
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -247,19 +271,20 @@ class Trainer:
 
 
     def _final(self) -> None:
+        model_state, _ = self._full_states()
         with ds.gathered(self.model, self.engine):
             if self.rank == 0:
-                self._write_final()
+                self._write_final(model_state)
         self._barrier()
 
-    def _write_final(self) -> None:
+    def _write_final(self, model_state) -> None:
         final = os.path.join(self.cfg.output_dir, "final")
         if self.cfg.lora_enable:
             from eagle_fast.train.lora import save_lora
 
             save_lora(self.model, final)
         else:
-            self.model.save_pretrained(final, safe_serialization=True)
+            self.model.save_pretrained(final, safe_serialization=True, state_dict=model_state)
         self.tokenizer.save_pretrained(final)
         self.processor.save_pretrained(final)
         if self.cfg.stage == "pretrain":

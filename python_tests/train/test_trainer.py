@@ -156,14 +156,14 @@ def _DIST_COMMON(data, images):
             "--model_max_length", "96", "--save_steps", "0"]
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero2", "zero3"])
 def test_two_ranks_agree_with_one_process(tmp_path, small_data, one_process_run, engine):
-    """torchrun, 2 CPU ranks (gloo), 2 records each per step == 1 process with 4 per step: DDP, and
-    DeepSpeed ZeRO-2 / ZeRO-3 with the configs shipped in the package."""
+    """torchrun, 2 CPU ranks (gloo), 2 records each per step == 1 process with 4 per step: DDP, FSDP2,
+    and DeepSpeed ZeRO-2 / ZeRO-3 with the configs shipped in the package."""
     data, images, _ = small_data
-    common = _DIST_COMMON(data, images) + ([] if engine == "ddp" else ["--deepspeed", engine])
+    common = _DIST_COMMON(data, images) + {"ddp": [], "fsdp": ["--fsdp", "true"]}.get(engine, ["--deepspeed", engine])
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    port = {"ddp": "29531", "zero2": "29532", "zero3": "29533"}[engine]
+    port = {"ddp": "29531", "zero2": "29532", "zero3": "29533", "fsdp": "29537"}[engine]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           port, "-m", "eagle_fast.train", *common, "--per_device_train_batch_size", "2",
                           "--output_dir", str(tmp_path / "two")], env=env, cwd=ROOT, capture_output=True, text=True,
@@ -208,24 +208,27 @@ def test_lora_adapters_save_reload_and_merge_to_the_same_logits(tmp_path, small_
         assert (again(*args, images=batch["images"]).logits - want).abs().max() < 1e-4
 
 
-def test_deepspeed_resume_after_kill_9_is_bitwise_exact(tmp_path, small_data):
-    """ZeRO-2 over 2 ranks, checkpoints every 2 steps: kill -9 the whole launch after checkpoint-2,
-    resume, and the weights after 4 steps equal those of an uninterrupted run."""
+@pytest.mark.parametrize("engine", ["zero2", "fsdp"])
+def test_two_rank_resume_after_kill_9_is_bitwise_exact(tmp_path, small_data, engine):
+    """ZeRO-2 or FSDP2 over 2 ranks, checkpoints every 2 steps: kill -9 the whole launch after
+    checkpoint-2, resume, and the weights after 4 steps equal those of an uninterrupted run."""
     data, images, _ = small_data
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    engine_args = ["--fsdp", "true"] if engine == "fsdp" else ["--deepspeed", engine]
+    ports = {"zero2": ("29534", "29535", "29536"), "fsdp": ("29538", "29539", "29540")}[engine]
 
     def launch(out, port, *extra):
         args = _DIST_COMMON(data, images)
         args[args.index("--save_steps") + 1] = "2"
         return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                  "--master_port", port, "-m", "eagle_fast.train", *args,
-                                 "--per_device_train_batch_size", "2", "--deepspeed", "zero2", "--output_dir",
-                                 str(out), *extra], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                 "--per_device_train_batch_size", "2", *engine_args, "--output_dir", str(out),
+                                 *extra], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
 
-    full = launch(tmp_path / "full", "29534")
+    full = launch(tmp_path / "full", ports[0])
     assert full.wait(timeout=600) == 0, full.stderr.read()[-3000:]
-    victim = launch(tmp_path / "cut", "29535")
+    victim = launch(tmp_path / "cut", ports[1])
     latest = tmp_path / "cut" / "latest"
     deadline = time.time() + 600
     while time.time() < deadline and not (latest.exists() and latest.read_text().strip() == "checkpoint-2"):
@@ -234,7 +237,7 @@ def test_deepspeed_resume_after_kill_9_is_bitwise_exact(tmp_path, small_data):
     os.killpg(victim.pid, signal.SIGKILL)  # the launcher and both ranks
     victim.wait()
     assert not (tmp_path / "cut" / "final").exists()  # it really was cut short
-    resumed = launch(tmp_path / "cut", "29536", "--resume", "auto")
+    resumed = launch(tmp_path / "cut", ports[2], "--resume", "auto")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
     from safetensors.torch import load_file
 
