@@ -117,6 +117,8 @@ class Trainer:
             for batch in loader:
                 self.position += 1
                 yield batch
+            if self.rank == 0 and any(self.skipped.values()):  # bad records of the epoch so far, by reason
+                print(f"epoch {self.epoch}: skipped records {dict(sorted(self.skipped.items()))}")
             self.epoch, self.position = self.epoch + 1, 0
 
     # ------------------------------------------------------------------ state

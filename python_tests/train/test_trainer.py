@@ -266,3 +266,16 @@ def test_prealign_trains_one_expert_against_a_frozen_llm_and_exports_it(tmp_path
     assert all(torch.equal(v, trained[k]) for k, v in sam.state_dict().items())
     with pytest.raises(ValueError, match="one non-CLIP expert"):
         Trainer(_cfg(tmp_path / "bad", small_data, max_steps=1).replace(stage="prealign"))
+
+
+def test_bad_records_are_reported_each_epoch(tmp_path, small_data, capsys):
+    data, images, _ = small_data
+    bad = tmp_path / "with_bad.jsonl"
+    lines = open(data).read().splitlines()[:4]
+    lines.append(json.dumps({"id": "broken", "image": "nope.png", "conversations": json.loads(lines[0])["conversations"]}))
+    bad.write_text("\n".join(lines) + "\n")
+    out = Trainer(_cfg(tmp_path, small_data, data_path=str(bad), max_steps=4, per_device_train_batch_size=2,
+                       max_bad_fraction=1.0)).train()
+    printed = capsys.readouterr().out
+    assert "epoch 0: skipped records {'missing_image': 1}" in printed
+    assert set(out["skipped"]) == {"missing_image"}  # counted again whenever a later epoch reads it
