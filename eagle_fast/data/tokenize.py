@@ -79,28 +79,35 @@ def tokenize_conversation(conversations: list[dict[str, Any]], tokenizer: Any, t
     n_img = (1 if has_image else 0) if num_images is None else num_images
     turns = normalize_turns(conversations, n_img, tpl)
     text, spans = _learned_spans(tpl.render(turns, tokenizer))
-    if not getattr(tokenizer, "is_fast", False):
-        raise TypeError("tokenize_conversation needs a fast tokenizer (character offsets)")
-    ids: list[int] = []
-    labels: list[int] = []
-    base = 0
-    for k, chunk in enumerate(text.split(IMAGE_TOKEN)):
-        if k:
-            ids.append(IMAGE_TOKEN_INDEX)
-            labels.append(IGNORE_INDEX)
-            base += len(IMAGE_TOKEN)
-        enc = tokenizer(chunk, add_special_tokens=(k == 0 and tpl.adds_bos), return_offsets_mapping=True)
-        for tok, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
-            a, b = a + base, b + base
-            learn = b > a and any(a < e and b > s for s, e in spans)
-            ids.append(tok)
-            labels.append(tok if learn else IGNORE_INDEX)
-        base += len(chunk)
+    ids, offsets = encode_prompt(text, tokenizer, tpl.adds_bos)
+    labels = [tok if tok != IMAGE_TOKEN_INDEX and b > a and any(a < e and b > s for s, e in spans) else IGNORE_INDEX
+              for tok, (a, b) in zip(ids, offsets)]
     if all(x == IGNORE_INDEX for x in labels):
         raise DataError("no_supervised_tokens", "no assistant reply to learn")
     if max_length is not None:
         ids, labels = _truncate(ids, labels, max_length, image_tokens)
     return {"input_ids": ids, "labels": labels}
+
+
+def encode_prompt(text: str, tokenizer: Any, add_bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+    """Rendered text -> ids with -200 for each "<image>" (chunks tokenized on their own, special
+    tokens on the first only, as the original's tokenizer_image_token) and each id's character
+    span in `text` ((0, 0) for added special tokens and image placeholders)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError("a fast tokenizer is needed (character offsets)")
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    base = 0
+    for k, chunk in enumerate(text.split(IMAGE_TOKEN)):
+        if k:
+            ids.append(IMAGE_TOKEN_INDEX)
+            offsets.append((0, 0))
+            base += len(IMAGE_TOKEN)
+        enc = tokenizer(chunk, add_special_tokens=(k == 0 and add_bos), return_offsets_mapping=True)
+        ids += enc["input_ids"]
+        offsets += [(a + base, b + base) if b > a else (0, 0) for a, b in enc["offset_mapping"]]
+        base += len(chunk)
+    return ids, offsets
 
 
 def sequence_length(ids: list[int], image_tokens: int) -> int:

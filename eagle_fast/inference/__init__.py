@@ -1,0 +1,7 @@
+"""Inference: loading, the generation engine and the chat session."""
+
+from eagle_fast.inference.chat import ChatSession
+from eagle_fast.inference.engine import Engine, GenerationConfig
+from eagle_fast.inference.loading import load_model
+
+__all__ = ["ChatSession", "Engine", "GenerationConfig", "load_model"]

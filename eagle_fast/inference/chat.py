@@ -1,0 +1,97 @@
+"""ChatSession: multi-turn chat with images, streaming UTF-8-safe text deltas.
+
+    chat = ChatSession(model, tokenizer, processor, template="vicuna_v1")
+    for delta in chat.send("What is written on the sign?", images=[img], stream=True):
+        print(delta, end="")
+    answer = chat.send("And its colour?")      # non-streaming: the whole reply
+
+Each turn renders the whole conversation with the template (images as "<image>" placeholders at
+the start of their turn) and generates from it. Deltas are cut from the incrementally decoded
+text only where it is complete: a multi-byte character split across tokens is never emitted in
+halves, and text that may begin a stop string is held back until it is known not to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+from eagle_fast.data.images import to_rgb_batch
+from eagle_fast.data.templates import get_template
+from eagle_fast.data.tokenize import IMAGE_TOKEN, encode_prompt
+from eagle_fast.data.collate import concat_images
+from eagle_fast.inference.engine import Engine, GenerationConfig
+
+
+class ChatSession:
+    def __init__(self, model, tokenizer, processor, template: str = "vicuna_v1", **generation: Any):
+        self.template = get_template(template)
+        self.engine = Engine(model, tokenizer)
+        self.tokenizer, self.processor = tokenizer, processor
+        stop = tuple(s for s in (self.template.stop,) if s)
+        self.defaults = dataclasses.replace(GenerationConfig(stop=stop), **generation)
+        self.reset()
+
+    def reset(self) -> None:
+        self.history: list[tuple[str, str]] = []  # (role, text with <image> placeholders)
+        self._images: list[dict[str, Any]] = []  # processor outputs, in order of appearance
+
+    def _prompt(self) -> list[int]:
+        text = "".join(s.text for s in self.template.render(self.history, self.tokenizer, add_generation_prompt=True))
+        ids, _ = encode_prompt(text, self.tokenizer, self.template.adds_bos)
+        return ids
+
+    def send(self, text: str, images: list | None = None, stream: bool = False, **generation: Any):
+        """Adds a user turn (with its images) and generates the reply: the whole text, or (stream=True)
+        an iterator of text deltas. Per-call options override the session's GenerationConfig."""
+        images = list(images or [])
+        if IMAGE_TOKEN in text:
+            raise ValueError(f"pass images through `images=`, not as {IMAGE_TOKEN!r} in the text")
+        if images:
+            self._images.append(self.processor(to_rgb_batch(images)))
+        self.history.append(("user", IMAGE_TOKEN * len(images) + ("\n" if images else "") + text))
+        gen = dataclasses.replace(self.defaults, **generation)
+        deltas = self._stream(gen)
+        if stream:
+            return deltas
+        return "".join(deltas)
+
+    def _stream(self, gen: GenerationConfig) -> Iterator[str]:
+        ids = self._prompt()
+        imgs = concat_images(self._images)
+        tokens: list[int] = []
+        emitted = ""
+        try:
+            for tok in self.engine.stream(ids, imgs, gen):
+                tokens.append(tok)
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                cut = self._safe_length(text, gen.stop)
+                if cut > len(emitted):
+                    yield text[len(emitted):cut]
+                    emitted = text[:cut]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            for s in gen.stop:  # a reply ends before its stop string
+                if s in text:
+                    text = text[: text.index(s)]
+            if len(text) > len(emitted):
+                yield text[len(emitted):]
+            emitted = text
+        finally:
+            self.history.append(("assistant", emitted))
+
+    @staticmethod
+    def _safe_length(text: str, stops: tuple[str, ...]) -> int:
+        """How much of `text` may be emitted: not an unfinished character, not a stop string, and not
+        a tail that could still grow into one."""
+        n = len(text)
+        while n and text[n - 1] == "\ufffd":  # bytes of a character still incomplete
+            n -= 1
+        for s in stops:
+            if s in text[:n]:
+                n = text.index(s)
+            for k in range(min(len(s) - 1, n), 0, -1):  # a suffix that is a prefix of the stop string
+                if text[:n].endswith(s[:k]):
+                    n -= k
+                    break
+        return n
