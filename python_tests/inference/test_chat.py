@@ -79,3 +79,26 @@ def test_context_overflow_is_an_error(tiny):
     with pytest.raises(ValueError, match="exceeds the context"):
         list(Engine(model, tok, context_length=30).stream([1, -200, 5], proc([_img()]),
                                                          GenerationConfig(max_new_tokens=20)))
+
+
+def test_cli_one_shot_on_a_saved_checkpoint(tiny, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    model, tok, proc = tiny
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    proc.save_pretrained(tmp_path / "ckpt")
+    Image.fromarray(_img()).save(tmp_path / "img.png")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = subprocess.run([sys.executable, "-m", "eagle_fast.chat", "--model", str(tmp_path / "ckpt"), "--image",
+                          str(tmp_path / "img.png"), "--prompt", "What is this?", "--max-new-tokens", "6",
+                          "--temperature", "0"], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=root), cwd=root)
+    assert res.returncode == 0, res.stderr[-2000:]
+    chat = ChatSession(model, tok, proc)
+    want = chat.send("What is this?", images=[_img()], max_new_tokens=6, temperature=0)
+    assert res.stdout.rstrip("\n") == want
