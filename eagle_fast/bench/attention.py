@@ -46,8 +46,8 @@ def flops(batch: int, seq: int, heads: int, d: int, causal: bool, mode: str) -> 
 
 
 def _providers(device: str) -> dict:
-    """name -> fn(q, k, v, causal) on (B, S, H, D) inputs (each provider's own layout prepared
-    outside the timed region is not needed: all take (B, S, H, D) views as the models hold them)."""
+    """name -> fn(q, k, v, causal) on (B, S, H, D) inputs, the layout the models hold; sdpa reads
+    them through (B, H, S, D) transposed views, so no provider pays for a copy."""
     provs = {
         "eagle_fast": lambda q, k, v, c: attention(q, k, v, causal=c),
         # SDPA in its own (B, H, S, D) layout; the transposes are views

@@ -86,10 +86,8 @@ class EagleLlamaForCausalLM(_EagleDefaults, LlamaForCausalLM):
         counts = count_images(input_ids, attention_mask)
         if sum(counts) == 0 and images is None:
             return None
-        n_images = 0 if images is None else _num_images(images)
-        features = self.encode_images(images) if n_images else []
-        return splice(input_ids, attention_mask, labels, list(features) if n_images else [],
-                      self.model.embed_tokens)
+        features = list(self.encode_images(images)) if images is not None and _num_images(images) else []
+        return splice(input_ids, attention_mask, labels, features, self.model.embed_tokens)
 
     # ------------------------------------------------------------------ forward / generate
 
