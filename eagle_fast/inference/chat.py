@@ -24,6 +24,15 @@ from eagle_fast.data.collate import concat_images
 from eagle_fast.inference.engine import Engine, GenerationConfig
 
 
+def prompt_ids(template, turns: list[tuple[str, str]], tokenizer) -> list[int]:
+    """(role, text) turns ("user"/"assistant", alternating; images as "<image>" placeholders) -> the
+    prompt's ids, ending with the assistant's generation prompt; -200 where each image goes."""
+    template = get_template(template)
+    text = "".join(s.text for s in template.render(turns, tokenizer, add_generation_prompt=True))
+    ids, _ = encode_prompt(text, tokenizer, template.adds_bos)
+    return ids
+
+
 class ChatSession:
     def __init__(self, model, tokenizer, processor, template: str = "vicuna_v1", **generation: Any):
         self.template = get_template(template)
@@ -38,9 +47,7 @@ class ChatSession:
         self._images: list[dict[str, Any]] = []  # processor outputs, in order of appearance
 
     def _prompt(self) -> list[int]:
-        text = "".join(s.text for s in self.template.render(self.history, self.tokenizer, add_generation_prompt=True))
-        ids, _ = encode_prompt(text, self.tokenizer, self.template.adds_bos)
-        return ids
+        return prompt_ids(self.template, self.history, self.tokenizer)
 
     def send(self, text: str, images: list | None = None, stream: bool = False, **generation: Any):
         """Adds a user turn (with its images) and generates the reply: the whole text, or (stream=True)
