@@ -32,6 +32,20 @@ def concat_images(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
     return out
 
 
+def select_images(images: dict[str, Any] | None, indices: list[int]) -> dict[str, Any] | None:
+    """The processor output holding only images `indices` (in that order); None when empty."""
+    if images is None or not indices:
+        return None
+    idx = torch.tensor(indices, dtype=torch.long)
+
+    def pick(v):
+        return {k: t[idx] for k, t in v.items()} if isinstance(v, dict) else v[idx]
+
+    out: dict[str, Any] = {"pixel_values": images["pixel_values"][idx]}
+    out["expert_inputs"] = {name: pick(v) for name, v in images.get("expert_inputs", {}).items()}
+    return out
+
+
 @dataclass
 class EagleCollator:
     pad_token_id: int = 0

@@ -6,9 +6,12 @@
     answer = chat.send("And its colour?")      # non-streaming: the whole reply
 
 Each turn renders the whole conversation with the template (images as "<image>" placeholders at
-the start of their turn) and generates from it. Deltas are cut from the incrementally decoded
-text only where it is complete: a multi-byte character split across tokens is never emitted in
-halves, and text that may begin a stop string is held back until it is known not to.
+the start of their turn) and generates from it; the KV cache of the conversation so far is kept,
+so a later turn neither re-encodes the images nor re-prefills the earlier turns (edits to
+`history` are detected and invalidate the cache from the edited point). Deltas are cut from the
+incrementally decoded text only where it is complete: a multi-byte character split across tokens
+is never emitted in halves, and text that may begin a stop string is held back until it is known
+not to.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from eagle_fast.data.images import to_rgb_batch
 from eagle_fast.data.templates import get_template
 from eagle_fast.data.tokenize import IMAGE_TOKEN, encode_prompt
 from eagle_fast.data.collate import concat_images
-from eagle_fast.inference.engine import Engine, GenerationConfig
+from eagle_fast.inference.engine import Engine, GenerationConfig, KVPrefix
 
 
 def prompt_ids(template, turns: list[tuple[str, str]], tokenizer) -> list[int]:
@@ -34,9 +37,11 @@ def prompt_ids(template, turns: list[tuple[str, str]], tokenizer) -> list[int]:
 
 
 class ChatSession:
-    def __init__(self, model, tokenizer, processor, template: str = "vicuna_v1", **generation: Any):
+    def __init__(self, model, tokenizer, processor, template: str = "vicuna_v1", reuse_prefix: bool = True,
+                 **generation: Any):
         self.template = get_template(template)
         self.engine = Engine(model, tokenizer)
+        self.reuse_prefix = reuse_prefix  # keep the conversation's KV cache between turns
         self.tokenizer, self.processor = tokenizer, processor
         stop = tuple(s for s in (self.template.stop,) if s)
         self.defaults = dataclasses.replace(GenerationConfig(stop=stop), **generation)
@@ -45,6 +50,7 @@ class ChatSession:
     def reset(self) -> None:
         self.history: list[tuple[str, str]] = []  # (role, text with <image> placeholders)
         self._images: list[dict[str, Any]] = []  # processor outputs, in order of appearance
+        self._prefix = KVPrefix()
 
     def _prompt(self) -> list[int]:
         return prompt_ids(self.template, self.history, self.tokenizer)
@@ -70,7 +76,8 @@ class ChatSession:
         tokens: list[int] = []
         emitted = ""
         try:
-            for tok in self.engine.stream(ids, imgs, gen):
+            prefix = self._prefix if self.reuse_prefix else None
+            for tok in self.engine.stream(ids, imgs, gen, prefix=prefix):
                 tokens.append(tok)
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 cut = self._safe_length(text, gen.stop)

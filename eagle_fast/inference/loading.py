@@ -1,32 +1,94 @@
-"""load_model: a local checkpoint directory or a tiny preset -> (model, tokenizer, processor),
-offline: no name heuristics, no downloads."""
+"""load_model: a local checkpoint directory, a LoRA adapter directory or a tiny preset ->
+(model, tokenizer, processor), offline: no name heuristics, no downloads."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
 import torch
 
 
-def load_model(path_or_preset: str, *, dtype: str | torch.dtype = "auto", device: str = "auto",
-               attn_implementation: str | None = None):
-    """A directory saved by eagle_fast or in the official NVEagle layout (model, tokenizer and, when
-    present, preprocessor_config.json; otherwise the processor follows config.json), or a preset
-    name (randomly initialised, with the built-in Llama SentencePiece tokenizer: for tests)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from eagle_fast.model import EagleLlamaConfig, EagleLlamaForCausalLM, presets
-    from eagle_fast.vision.processor import EagleImageProcessor
-
+def _resolve(device: str, dtype) -> tuple[str, torch.dtype]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if dtype == "auto":
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    return device, dtype
+
+
+def _check_keys(path: str, info: dict, allowed_missing: set[str] = frozenset()) -> None:
+    """A checkpoint that does not match its config is an error naming the keys, not a model with
+    silently random weights."""
+    missing = sorted(set(info.get("missing_keys", ())) - set(allowed_missing))
+    unexpected = sorted(info.get("unexpected_keys", ()))
+    if missing or unexpected:
+        def show(keys):
+            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+        parts = ([f"missing {len(missing)} key(s): {show(missing)}"] if missing else []) + (
+            [f"unexpected {len(unexpected)} key(s): {show(unexpected)}"] if unexpected else [])
+        raise ValueError(f"{path}: the checkpoint does not match its config.json; " + "; ".join(parts))
+
+
+def _from_dir(path: str, dtype, attn_implementation, config=None):
+    from eagle_fast.model import EagleLlamaForCausalLM
+
+    model, info = EagleLlamaForCausalLM.from_pretrained(path, config=config, dtype=dtype,
+                                                        attn_implementation=attn_implementation,
+                                                        output_loading_info=True)
+    return model, info
+
+
+def _lora_base(path: str, base: str | None) -> str:
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        named = base or json.load(f).get("base_model_name_or_path")
+    for cand in (named, os.path.join(path, named or "")):
+        if named and os.path.isdir(cand):
+            return cand
+    raise FileNotFoundError(f"{path}: LoRA adapter whose base model {named!r} is not a local directory; "
+                            f"pass base=DIR (the model the adapter was trained on)")
+
+
+def _load_lora(path: str, base: str | None, dtype, attn_implementation):
+    """Base weights + the adapter + the non-LoRA weights (projector, experts), merged into a plain
+    model. The base may be an Eagle checkpoint or only its LLM: the Eagle config comes from `path`."""
+    from safetensors import safe_open
+
+    from eagle_fast.model import EagleLlamaConfig
+    from eagle_fast.train.lora import NON_LORA, merge_lora
+
+    base_dir = _lora_base(path, base)
+    config = EagleLlamaConfig.from_pretrained(path)
+    model, info = _from_dir(base_dir, dtype, attn_implementation, config=config)
+    with safe_open(os.path.join(path, NON_LORA), "pt") as f:
+        provided = set(f.keys())
+    _check_keys(base_dir, {"missing_keys": info.get("missing_keys", ())}, allowed_missing=provided)
+    return merge_lora(model, path)
+
+
+def load_model(path_or_preset: str, *, dtype: str | torch.dtype = "auto", device: str = "auto",
+               attn_implementation: str | None = None, base: str | None = None):
+    """A directory saved by eagle_fast or in the official NVEagle layout (model, tokenizer and, when
+    present, preprocessor_config.json; otherwise the processor follows config.json); a LoRA adapter
+    directory (adapter_config.json; its base from `base` or the adapter's base_model_name_or_path,
+    merged on load); or a preset name (randomly initialised, with the built-in Llama SentencePiece
+    tokenizer: for tests and benchmarks). A checkpoint whose keys do not match its config raises,
+    listing them."""
+    from transformers import AutoTokenizer
+
+    from eagle_fast.model import EagleLlamaConfig, EagleLlamaForCausalLM, presets
+    from eagle_fast.vision.processor import EagleImageProcessor
+
+    device, dtype = _resolve(device, dtype)
     if os.path.isdir(path_or_preset):
-        model = AutoModelForCausalLM.from_pretrained(path_or_preset, dtype=dtype,
-                                                     attn_implementation=attn_implementation)
+        if os.path.isfile(os.path.join(path_or_preset, "adapter_config.json")):
+            model = _load_lora(path_or_preset, base, dtype, attn_implementation)
+        else:
+            model, info = _from_dir(path_or_preset, dtype, attn_implementation)
+            _check_keys(path_or_preset, info)
         tokenizer = AutoTokenizer.from_pretrained(path_or_preset)
         processor = EagleImageProcessor.from_pretrained(path_or_preset)
     elif path_or_preset in presets.PRESETS:

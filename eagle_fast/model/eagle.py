@@ -66,6 +66,8 @@ class EagleLlamaModel(_EagleDefaults, LlamaModel):
 class EagleLlamaForCausalLM(_EagleDefaults, LlamaForCausalLM):
     config_class = EagleLlamaConfig
     _no_split_modules = ["LlamaDecoderLayer"]
+    # buffers that older checkpoints (2024 Llama / CLIP exports) stored and that are now computed
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq$", r"\.position_ids$"]
 
     def __init__(self, config: EagleLlamaConfig):
         LlamaPreTrainedModel.__init__(self, config)
@@ -106,7 +108,8 @@ class EagleLlamaForCausalLM(_EagleDefaults, LlamaForCausalLM):
         row_lens = None
         if packed_seq_lens is not None:
             row_lens = self._packed_row_lengths(input_ids, packed_seq_lens)
-        if input_ids is not None and inputs_embeds is None:
+        if input_ids is not None and inputs_embeds is None and (
+                images is not None or bool((input_ids == IMAGE_TOKEN_INDEX).any())):
             s = self._splice_inputs(input_ids, attention_mask if row_lens is None else None, labels, images)
             if s is not None:
                 input_ids, inputs_embeds, attention_mask, position_ids, labels = (

@@ -65,8 +65,10 @@ class Trainer:
         if cfg.lora_enable:
             from eagle_fast.train.lora import apply_lora
 
-            if cfg.model_name_or_path is None and self.rank == 0:  # the base a merge will need
-                self.model.save_pretrained(os.path.join(cfg.output_dir, "base"), safe_serialization=True)
+            if cfg.model_name_or_path is None:  # the base a merge will need
+                if self.rank == 0:
+                    self.model.save_pretrained(os.path.join(cfg.output_dir, "base"), safe_serialization=True)
+                self.model.name_or_path = os.path.join("..", "base")  # adapter_config.json: relative to final/
             self.model = apply_lora(self.model, cfg)
         self.dataset: EagleDataset = build_data(cfg, self.tokenizer, self.processor, self.model)
         self.collate = EagleCollator(pad_token_id=self.tokenizer.pad_token_id or 0)

@@ -40,17 +40,22 @@ def apply_lora(model, cfg: TrainConfig):
 
 
 def _non_lora_state(peft_model) -> dict[str, torch.Tensor]:
+    """Everything trained outside the adapters, and the whole projector and experts even when frozen:
+    a base that is only an LLM (experts new) then still loads the same model."""
     base = peft_model.get_base_model()
     return {n: p.detach().contiguous() for n, p in base.named_parameters()
-            if p.requires_grad and "lora_" not in n}
+            if "lora_" not in n and (p.requires_grad or "mm_projector" in n or ".vision_tower." in n)}
 
 
 def save_lora(peft_model, path: str) -> None:
+    """adapter_model.safetensors + adapter_config.json (peft), the non-LoRA weights, and the Eagle
+    config.json that the base is rebuilt with on loading."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
     peft_model.save_pretrained(path)
     save_file(_non_lora_state(peft_model), os.path.join(path, NON_LORA))
+    peft_model.get_base_model().config.save_pretrained(path)
 
 
 def load_lora(base_model, path: str, trainable: bool = False):

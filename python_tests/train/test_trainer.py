@@ -206,6 +206,11 @@ def test_lora_adapters_save_reload_and_merge_to_the_same_logits(tmp_path, small_
         assert (merged(*args, images=batch["images"]).logits - want).abs().max() < 1e-4
         again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
         assert (again(*args, images=batch["images"]).logits - want).abs().max() < 1e-4
+        # the run's final/ loads directly: its base (saved beside it) found from adapter_config.json
+        from eagle_fast.inference import load_model
+
+        loaded = load_model(str(tmp_path / "run" / "final"))[0]
+        assert (loaded(*args, images=batch["images"]).logits - want).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("engine", ["zero2", "fsdp"])
