@@ -66,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             chat.reset()
             print("(new conversation)")
         elif line.startswith("/image "):
-            pending.append(_open_image(line[len("/image "):].strip()))
+            path = line[len("/image "):].strip()
+            try:
+                pending.append(_open_image(path))
+            except OSError as e:  # a typo in a path must not end the conversation
+                print(f"(cannot open {path!r}: {e})")
+                continue
             print(f"({len(pending)} image(s) attached to the next message)")
         elif line:
             answer(line)

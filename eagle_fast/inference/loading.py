@@ -80,6 +80,7 @@ def load_model(path_or_preset: str, *, dtype: str | torch.dtype = "auto", device
     from transformers import AutoTokenizer
 
     from eagle_fast.model import EagleLlamaConfig, EagleLlamaForCausalLM, presets
+    from eagle_fast.train.setup import builtin_tokenizer_dir, keep_legacy_flag
     from eagle_fast.vision.processor import EagleImageProcessor
 
     device, dtype = _resolve(device, dtype)
@@ -89,12 +90,11 @@ def load_model(path_or_preset: str, *, dtype: str | torch.dtype = "auto", device
         else:
             model, info = _from_dir(path_or_preset, dtype, attn_implementation)
             _check_keys(path_or_preset, info)
-        tokenizer = AutoTokenizer.from_pretrained(path_or_preset)
+        tokenizer = keep_legacy_flag(AutoTokenizer.from_pretrained(path_or_preset))
         processor = EagleImageProcessor.from_pretrained(path_or_preset)
     elif path_or_preset in presets.PRESETS:
-        from eagle_fast.train.setup import builtin_tokenizer_dir
-
-        tokenizer = AutoTokenizer.from_pretrained(builtin_tokenizer_dir(tempfile.mkdtemp(prefix="eagle_fast_")))
+        tokenizer = keep_legacy_flag(AutoTokenizer.from_pretrained(
+            builtin_tokenizer_dir(tempfile.mkdtemp(prefix="eagle_fast_"))))
         cfg = EagleLlamaConfig(**{**presets.PRESETS[path_or_preset], "vocab_size": len(tokenizer),
                                   "pad_token_id": tokenizer.pad_token_id})
         model = EagleLlamaForCausalLM(cfg).to(dtype)

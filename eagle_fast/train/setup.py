@@ -39,10 +39,19 @@ def build_tokenizer(cfg: TrainConfig):
 
     path = cfg.tokenizer_name_or_path or cfg.model_name_or_path or builtin_tokenizer_dir(
         os.path.join(cfg.output_dir, "assets"))
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = keep_legacy_flag(AutoTokenizer.from_pretrained(path))
     if tok.pad_token is None:  # Vicuna's convention: pad with unk (the original does the same)
         tok.pad_token = tok.unk_token or tok.eos_token
     tok.model_max_length = cfg.model_max_length
+    return tok
+
+
+def keep_legacy_flag(tok):
+    """transformers reads a Llama tokenizer's `legacy` flag but leaves it out of what save_pretrained
+    writes, and reloads default to legacy=False: text after a special token ("</s>USER") would then
+    tokenize differently from training. Recording the flag keeps saved tokenizers identical."""
+    if getattr(tok, "legacy", None) is not None:
+        tok.init_kwargs["legacy"] = tok.legacy
     return tok
 
 

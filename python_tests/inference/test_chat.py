@@ -81,24 +81,53 @@ def test_context_overflow_is_an_error(tiny):
                                                          GenerationConfig(max_new_tokens=20)))
 
 
-def test_cli_one_shot_on_a_saved_checkpoint(tiny, tmp_path):
+@pytest.fixture(scope="module")
+def saved_cli(tiny, tmp_path_factory):
+    from PIL import Image
+
+    model, tok, proc = tiny
+    d = tmp_path_factory.mktemp("cli")
+    for part in (model, tok, proc):
+        part.save_pretrained(d / "ckpt")
+    Image.fromarray(_img()).save(d / "img.png")
+    return d
+
+
+def _cli(args, stdin=None):
     import os
     import subprocess
     import sys
 
-    from PIL import Image
-
-    model, tok, proc = tiny
-    model.save_pretrained(tmp_path / "ckpt")
-    tok.save_pretrained(tmp_path / "ckpt")
-    proc.save_pretrained(tmp_path / "ckpt")
-    Image.fromarray(_img()).save(tmp_path / "img.png")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    res = subprocess.run([sys.executable, "-m", "eagle_fast.chat", "--model", str(tmp_path / "ckpt"), "--image",
-                          str(tmp_path / "img.png"), "--prompt", "What is this?", "--max-new-tokens", "6",
-                          "--temperature", "0"], capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, PYTHONPATH=root), cwd=root)
+    res = subprocess.run([sys.executable, "-m", "eagle_fast.chat", *args], input=stdin, capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, PYTHONPATH=root), cwd=root)
     assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def test_cli_one_shot_on_a_saved_checkpoint(tiny, saved_cli):
+    model, tok, proc = tiny
+    out = _cli(["--model", str(saved_cli / "ckpt"), "--image", str(saved_cli / "img.png"), "--prompt",
+                "What is this?", "--max-new-tokens", "6", "--temperature", "0"])
     chat = ChatSession(model, tok, proc)
     want = chat.send("What is this?", images=[_img()], max_new_tokens=6, temperature=0)
-    assert res.stdout.rstrip("\n") == want
+    assert out.rstrip("\n") == want
+
+
+def test_cli_interactive_commands(tiny, saved_cli):
+    """/image attaches to the next message, a bad path is reported and the session goes on,
+    /reset starts over, /quit ends; answers equal the Python API's."""
+    model, tok, proc = tiny
+    script = (f"/image {saved_cli / 'img.png'}\n/image {saved_cli / 'missing.png'}\nWhat is this?\n"
+              "And now?\n/reset\nHello\n/quit\nnever read\n")
+    out = _cli(["--model", str(saved_cli / "ckpt"), "--max-new-tokens", "5", "--temperature", "0"], stdin=script)
+    chat = ChatSession(model, tok, proc, max_new_tokens=5, temperature=0)
+    first = chat.send("What is this?", images=[_img()])
+    second = chat.send("And now?")
+    chat.reset()
+    third = chat.send("Hello")
+    assert "(1 image(s) attached to the next message)" in out and "cannot open" in out
+    assert "(new conversation)" in out
+    lines = out.split("> ")
+    answers = [seg.rstrip("\n") for seg in lines if seg and not seg.startswith("(")]
+    assert answers == [first, second, third], out

@@ -20,7 +20,7 @@ def saved(tmp_path_factory):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     proc.save_pretrained(path)
-    return path, model
+    return path, model, tok
 
 
 def _logits(model):
@@ -30,12 +30,15 @@ def _logits(model):
 
 
 def test_directory_round_trip(saved):
-    path, model = saved
+    path, model, tok0 = saved
     again, tok, proc = load_model(str(path))
     assert torch.equal(_logits(again), _logits(model))
     img = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
     want = EagleImageProcessor.from_model_config(model.config)([img])
     assert tok.pad_token is not None and torch.equal(proc([img])["pixel_values"], want["pixel_values"])
+    # the saved tokenizer splits text after a special token as the original did ("</s>USER")
+    text = "hi</s>USER: what?"
+    assert tok(text)["input_ids"] == tok0(text)["input_ids"] == [1, 12014, 2, 2223, 725, 28747, 767, 28804]
 
 
 def _edited_copy(src, dst, edit):
@@ -49,7 +52,7 @@ def _edited_copy(src, dst, edit):
 
 
 def test_missing_and_unexpected_keys_are_named(saved, tmp_path):
-    path, _ = saved
+    path, _, _ = saved
     gone = "model.mm_projector.0.weight"
     bad = _edited_copy(path, tmp_path / "missing", lambda s: s.pop(gone))
     with pytest.raises(ValueError, match=r"missing 1 key\(s\): " + gone.replace(".", r"\.")):
@@ -72,7 +75,7 @@ def test_lora_adapter_directory_loads_merged(saved, tmp_path):
     from eagle_fast.train.config import TrainConfig
     from eagle_fast.train.lora import apply_lora, save_lora
 
-    path, _ = saved
+    path, _, _ = saved
     base, _, _ = load_model(str(path))
     peft_model = apply_lora(base, TrainConfig(lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0))
     torch.manual_seed(1)
