@@ -1,4 +1,4 @@
-"""python -m eagle_fast.bench {preprocess,resize_concat,attention,train} [options]; each subcommand has --help."""
+"""python -m eagle_fast.bench {preprocess,resize_concat,attention,train,chat} [options]; each subcommand has --help."""
 
 from __future__ import annotations
 
@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--repeats", type=int, default=5)
     tr.add_argument("--threads", type=int, default=2)
     tr.add_argument("--out-dir", default="bench_results")
+    ch = sub.add_parser("chat", help="multi-turn chat: TTFT with and without KV prefix reuse, decode tokens/s")
+    ch.add_argument("--presets", nargs="+", default=["eagle-tiny-x5", "eagle-small-x5"])
+    ch.add_argument("--reply-tokens", type=int, default=16)
+    ch.add_argument("--repeats", type=int, default=5)
+    ch.add_argument("--threads", type=int, default=2)
+    ch.add_argument("--out-dir", default="bench_results")
     args = parser.parse_args(argv)
 
     if args.bench in ("preprocess", "fused_preprocess"):
@@ -66,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
 
         run(TrainBenchConfig(recipe=args.recipe, batch_size=args.batch_size, batches=args.batches,
                              repeats=args.repeats, threads=args.threads, out_dir=args.out_dir))
+    elif args.bench == "chat":
+        from eagle_fast.bench.chat import ChatBenchConfig, main as run
+
+        run(ChatBenchConfig(presets=tuple(args.presets), reply_tokens=args.reply_tokens, repeats=args.repeats,
+                            threads=args.threads, out_dir=args.out_dir))
     return 0
 
 

@@ -120,7 +120,8 @@ class Engine:
     @torch.no_grad()
     def prefill(self, input_ids: list[int], images: dict[str, Any] | None, prefix: KVPrefix | None = None):
         """Runs the part of the prompt the prefix does not hold; returns (last logits (1, V), cache).
-        With a prefix, it is left holding the whole prompt."""
+        With a prefix, it is left holding the whole prompt. Only the last row goes through the LM
+        head (a (rows, vocab) logits block would cost more than the layers on a small LLM)."""
         digests = iter(image_digests(images))
         units = [("image", next(digests)) if t == IMAGE_TOKEN_INDEX else t for t in input_ids]
         prefix = prefix if prefix is not None else KVPrefix()
@@ -138,9 +139,9 @@ class Engine:
         if n_img:
             feats = select_images(images, list(range(first_img, first_img + n_img)))
             s = self.model._splice_inputs(ids, None, None, feats)
-            out = self.model(inputs_embeds=s.inputs_embeds, cache=cache, use_cache=True)
+            out = self.model(inputs_embeds=s.inputs_embeds, cache=cache, use_cache=True, logits_to_keep=1)
         else:
-            out = self.model(input_ids=ids, cache=cache, use_cache=True)
+            out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         prefix.units, prefix.cache = units, out.cache
         return out.logits[:, -1], out.cache
 
@@ -207,10 +208,11 @@ class Engine:
         if (ids == IMAGE_TOKEN_INDEX).any():
             s = self.model._splice_inputs(ids, mask, None, imgs)
             mask, pos = s.attention_mask, s.position_ids
-            out = self.model(inputs_embeds=s.inputs_embeds, attention_mask=mask, position_ids=pos, use_cache=True)
+            out = self.model(inputs_embeds=s.inputs_embeds, attention_mask=mask, position_ids=pos, use_cache=True,
+                             logits_to_keep=1)
         else:
             pos = (mask.cumsum(1) - 1).clamp(min=0)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         logits, cache, pos = out.logits[:, -1], out.cache, pos[:, -1:]
         stop_ids = set(gen.stop_ids if gen.stop_ids is not None else [self.tokenizer.eos_token_id])
         procs, stopper = _processors(gen), _Stopper(self.tokenizer, gen.stop)

@@ -56,6 +56,24 @@ def _tiny(mixture: str) -> dict:
                 mm_expert_configs={n: TINY_EXPERTS[n] for n in names})
 
 
+# A mid-size model for CPU benchmarks: SmolLM2-135M's LLM shape and the official 32 x 32 grid
+# (1024 image rows per image), narrow experts on a 512-pixel canvas (CLIP at its real 448).
+SMALL_EXPERTS = {
+    "clip-448": dict(image_size=448, patch_size=14, hidden_size=192, intermediate_size=768, num_hidden_layers=4,
+                     num_attention_heads=3),
+    "convnext-1024": dict(depths=(1, 1, 3, 1), dims=(48, 96, 192, 384), image_size=512, num_classes=10),
+    "sam-1024": dict(image_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, mlp_dim=512,
+                     window_size=8, global_attn_indexes=[1, 3], output_channels=64),
+    "det-1024": dict(image_size=512, patch_size=16, dim=128, depth=4, heads=4, mlp_hidden=342, window=8,
+                     global_blocks=(1, 3), pretrain_grid=16),
+    "pix2struct-1024": dict(hidden_size=128, d_ff=512, d_kv=32, num_attention_heads=4, num_hidden_layers=4,
+                            max_patches=1024, image_size=512, seq_len=1024),
+}
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                    rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=True,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
 PRESETS: dict[str, dict] = {
     "eagle-x4-7b": dict(VICUNA_7B, mm_vision_tower=X4),
     "eagle-x5-7b": dict(VICUNA_7B, mm_vision_tower=X5),
@@ -66,6 +84,8 @@ PRESETS: dict[str, dict] = {
     "eagle-tiny-x4": _tiny(X4),
     "eagle-tiny-x5": _tiny(X5),
     "eagle-tiny-clip": _tiny("clip-448"),
+    "eagle-small-x5": dict(SMOLLM2_135M, mm_vision_tower=X5, mm_grid=32, image_size=512,
+                           mm_expert_configs=SMALL_EXPERTS),
 }
 
 

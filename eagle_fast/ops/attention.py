@@ -74,6 +74,10 @@ def _cpu_segment(q, k, v, causal, scale):
     first = max(sq - sk, 0) if causal else 0  # rows before it see no key
     if sk == 0 or first >= sq:
         return q.new_zeros(q.shape), torch.full((b, h, sq), float("inf"), dtype=torch.float32)
+    if sq == 1:
+        causal = False  # one query row, aligned bottom-right: it sees every key (decoding)
+    if group > 1 and not causal:
+        return _cpu_segment_grouped(q, k, v, scale)
     qt = q[:, first:].transpose(1, 2)
     kt, vt = (x.transpose(1, 2) if group == 1 else x.transpose(1, 2).repeat_interleave(group, 1) for x in (k, v))
     mask = _bottom_right_mask(sq, sk, first, q.device, q.dtype) if causal and sq != sk else None
@@ -86,6 +90,20 @@ def _cpu_segment(q, k, v, causal, scale):
     out[:, first:] = o.transpose(1, 2)
     lse[:, :, first:] = l
     return out, lse
+
+
+def _cpu_segment_grouped(q, k, v, scale):
+    """Unmasked GQA without expanding k/v: the `group` query heads sharing a kv head become extra
+    query rows of it, q (B, Sq, Hkv*G, D) -> (B, Hkv, G*Sq, D), so a decoding step reads the cache
+    in place instead of copying it G times."""
+    b, sq, h, d = q.shape
+    hkv = k.shape[2]
+    qg = q.view(b, sq, hkv, h // hkv, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, h // hkv * sq, d)
+    o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        qg, k.transpose(1, 2), v.transpose(1, 2), 0.0, False, scale=scale)
+    # o (B, Hkv, G*Sq, D) -> (B, Sq, Hkv*G, D)
+    out = o.reshape(b, hkv, h // hkv, sq, d).permute(0, 3, 1, 2, 4).reshape(b, sq, h, d)
+    return out.contiguous(), l.reshape(b, h, sq)
 
 
 def _cpu_segment_backward(dout, q, k, v, out, lse, causal, scale):

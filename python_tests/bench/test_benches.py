@@ -31,3 +31,13 @@ def test_train_bench_runs(tmp_path):
     rows = run(TrainBenchConfig(batch_size=2, batches=1, repeats=1, threads=1, out_dir=str(tmp_path)))
     assert {r.provider for r in rows} == {"eagle_fast", "reference ops"} and all(r.items_per_s > 0 for r in rows)
     assert "| reference ops |" in report(rows)
+
+
+def test_chat_bench_runs(tmp_path, capsys):
+    from eagle_fast.bench.chat import ChatBenchConfig, main as chat_main
+
+    rows = chat_main(ChatBenchConfig(presets=("eagle-tiny-x5",), reply_tokens=3, repeats=1, threads=1,
+                                     out_dir=str(tmp_path)))
+    assert [r.provider for r in rows] == ["turn 1", "turn 2 reuse", "turn 2 re-encode", "decode"]
+    assert all(r.median_ms > 0 for r in rows)
+    assert "| eagle-tiny-x5 prompt~" in capsys.readouterr().out and (tmp_path / "chat.png").stat().st_size > 0

@@ -99,3 +99,11 @@ def test_lora_adapter_directory_loads_merged(saved, tmp_path):
     with pytest.raises(FileNotFoundError, match="pass base=DIR"):
         load_model(str(adapter))
     assert (_logits(load_model(str(adapter), base=str(path))[0]) - want).abs().max() < 1e-5
+
+
+def test_mid_size_preset_has_the_official_grid():
+    model, _, proc = load_model("eagle-small-x5")
+    img = np.random.default_rng(0).integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    with torch.no_grad():
+        feats = model.encode_images(proc([img]))
+    assert feats.shape == (1, 32 * 32, model.config.hidden_size) and torch.isfinite(feats).all()
