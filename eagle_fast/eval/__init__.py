@@ -1,0 +1,1 @@
+"""Benchmark scoring: the official metrics of the standard multimodal benchmarks (see ``metrics``)."""
