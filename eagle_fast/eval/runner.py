@@ -1,0 +1,189 @@
+"""The evaluation run: questions -> batched greedy answers appended to a JSONL as they come
+(an interrupted run resumes where it stopped), shards merged, the task's official score, a table.
+
+Question files use the LLaVA eval layout, one JSON object per line: `question_id`, `image`
+(relative to the image folder), `text`, and the gold fields the task's scorer reads (`answer` /
+`answers`, `category`, `options`, ...). LLaVA training-style records (`id`, `image`,
+`conversations` with the question first and the gold answer second) are read too.
+
+Outputs in `out/`: `{task}.predictions.jsonl` (or `{task}.shard{k}of{n}.jsonl` per shard), then
+`{task}.results.json` and `{task}.results.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from eagle_fast.eval.tasks import Task, get_task
+
+IMAGE = "<image>"
+
+
+@dataclass
+class EvalConfig:
+    task: str
+    data: str
+    out: str = "results"
+    model: str | None = None  # None with score_only
+    image_folder: str = "."
+    template: str = "vicuna_v1"
+    batch_size: int = 8
+    num_shards: int = 1
+    shard: int = 0
+    limit: int | None = None  # the first N questions only
+    score_only: bool = False
+    merge: bool = False  # only merge finished shard files and score
+    max_new_tokens: int | None = None  # None: the task's
+    dtype: str = "auto"
+    device: str = "auto"
+
+
+def load_questions(path: str, limit: int | None = None) -> list[dict]:
+    """The question file as records with `question_id`, `image` (or None), `text`; a malformed line
+    is an error naming the file and line."""
+    out, seen = [], set()
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                out.append(_question(rec))
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                raise ValueError(f"{path}:{n}: not a question record ({e})") from None
+            if out[-1]["question_id"] in seen:
+                raise ValueError(f"{path}:{n}: duplicate question_id {out[-1]['question_id']!r}")
+            seen.add(out[-1]["question_id"])
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def _question(rec: dict) -> dict:
+    if "conversations" in rec and "text" not in rec:  # LLaVA training layout
+        conv = rec["conversations"]
+        rec = {**{k: v for k, v in rec.items() if k != "conversations"}, "question_id": rec.get("question_id", rec["id"]),
+               "text": conv[0]["value"].replace(IMAGE + "\n", "").replace(IMAGE, "")}
+        if "answer" not in rec and len(conv) > 1:
+            rec["answer"] = conv[1]["value"]
+    if "question_id" not in rec or "text" not in rec:
+        raise KeyError("needs 'question_id' and 'text'")
+    return rec
+
+
+def _shard_path(cfg: EvalConfig, shard: int) -> str:
+    name = f"{cfg.task}.predictions.jsonl" if cfg.num_shards == 1 else f"{cfg.task}.shard{shard}of{cfg.num_shards}.jsonl"
+    return os.path.join(cfg.out, name)
+
+
+def _done_ids(path: str) -> set:
+    """question_ids already answered (a torn last line from a killed run is dropped and rewritten)."""
+    done, good = set(), 0
+    if not os.path.exists(path):
+        return done
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                done.add(json.loads(line)["question_id"])
+                good += len(line)
+            except (ValueError, KeyError):
+                break
+    with open(path, "r+b") as f:
+        f.truncate(good)
+    return done
+
+
+def generate(cfg: EvalConfig, questions: list[dict], task: Task) -> str:
+    """Answers this shard's questions not yet in its prediction file; returns the file."""
+    from tqdm import tqdm
+
+    from eagle_fast.data.images import load_image_file
+    from eagle_fast.inference import load_model
+    from eagle_fast.inference.chat import prompt_ids
+    from eagle_fast.inference.engine import Engine, GenerationConfig
+
+    os.makedirs(cfg.out, exist_ok=True)
+    path = _shard_path(cfg, cfg.shard)
+    done = _done_ids(path)
+    todo = [q for i, q in enumerate(questions) if i % cfg.num_shards == cfg.shard and q["question_id"] not in done]
+    if not todo:
+        return path
+    model, tok, proc = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    engine = Engine(model, tok)
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens or task.max_new_tokens, do_sample=False, temperature=0)
+    bar = tqdm(total=len(todo), desc=f"{cfg.task} shard {cfg.shard}/{cfg.num_shards}", unit="q")
+    with open(path, "a", encoding="utf-8") as out:
+        for start in range(0, len(todo), cfg.batch_size):
+            batch, prompts, images, failed = todo[start:start + cfg.batch_size], [], [], []
+            for q in batch:
+                try:  # a missing or broken image fails its question, not the run
+                    img = load_image_file(q["image"], cfg.image_folder) if q.get("image") else None
+                except (OSError, ValueError) as e:
+                    failed.append({**q, "prediction": "", "error": f"{type(e).__name__}: {e}"})
+                    continue
+                turn = (IMAGE + "\n" if img is not None else "") + q["text"] + task.prompt_suffix
+                prompts.append((q, prompt_ids(cfg.template, [("user", turn)], tok)))
+                images.append(proc([img]) if img is not None else None)
+            answers = engine.generate_batch([p for _, p in prompts], images, gen) if prompts else []
+            lines = failed + [{**q, "prediction": tok.decode(a, skip_special_tokens=True).strip()}
+                              for (q, _), a in zip(prompts, answers)]
+            for rec in lines:
+                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+            bar.update(len(batch))
+    bar.close()
+    return path
+
+
+def merge(cfg: EvalConfig) -> list[dict]:
+    """All shards' predictions, in shard order; a missing or unfinished shard is an error."""
+    recs = []
+    for k in range(cfg.num_shards):
+        path = _shard_path(cfg, k)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: shard {k} of {cfg.num_shards} has not run")
+        with open(path, encoding="utf-8") as f:
+            recs += [json.loads(line) for line in f if line.strip()]
+    return recs
+
+
+def score(cfg: EvalConfig, records: list[dict], expected: int | None, elapsed: float) -> dict:
+    task = get_task(cfg.task)
+    if expected is not None and len(records) != expected:
+        raise ValueError(f"{cfg.task}: {len(records)} predictions for {expected} questions; run every shard "
+                         f"to the end (an interrupted shard resumes where it stopped)")
+    errors = [r for r in records if r.get("error")]
+    result = {"task": cfg.task, "metric": task.metric, "n": len(records), "errors": len(errors),
+              "elapsed_s": round(elapsed, 1), **task.scorer(records)}
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, f"{cfg.task}.results.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    with open(os.path.join(cfg.out, f"{cfg.task}.results.md"), "w") as f:
+        f.write(table(result) + "\n")
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    extra = f", majority baseline {100 * result['majority_baseline']:.1f}" if "majority_baseline" in result else ""
+    return ("| task | metric | score | n | errors | elapsed (s) |\n|---|---|---|---|---|---|\n"
+            f"| {result['task']} | {result['metric']}{extra} | {result['score']:.2f} | {result['n']} | "
+            f"{result['errors']} | {result['elapsed_s']} |")
+
+
+def run(cfg: EvalConfig) -> dict | None:
+    """Generates (unless score_only / merge) and scores when every shard is complete; returns the
+    result, or None for a shard whose siblings are still to be merged."""
+    t0 = time.time()
+    questions = None if cfg.score_only else load_questions(cfg.data, cfg.limit)
+    if not (cfg.score_only or cfg.merge):
+        if cfg.model is None:
+            raise ValueError("--model is needed to generate (or pass --score-only)")
+        generate(cfg, questions, get_task(cfg.task))
+        if cfg.num_shards > 1:
+            return None  # `--merge` after every shard finished
+    return score(cfg, merge(cfg), None if questions is None else len(questions), time.time() - t0)
