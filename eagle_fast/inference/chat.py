@@ -80,7 +80,7 @@ class ChatSession:
             for tok in self.engine.stream(ids, imgs, gen, prefix=prefix):
                 tokens.append(tok)
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                cut = self._safe_length(text, gen.stop)
+                cut = safe_text_length(text, gen.stop)
                 if cut > len(emitted):
                     yield text[len(emitted):cut]
                     emitted = text[:cut]
@@ -94,18 +94,18 @@ class ChatSession:
         finally:
             self.history.append(("assistant", emitted))
 
-    @staticmethod
-    def _safe_length(text: str, stops: tuple[str, ...]) -> int:
-        """How much of `text` may be emitted: not an unfinished character, not a stop string, and not
-        a tail that could still grow into one."""
-        n = len(text)
-        while n and text[n - 1] == "\ufffd":  # bytes of a character still incomplete
-            n -= 1
-        for s in stops:
-            if s in text[:n]:
-                n = text.index(s)
-            for k in range(min(len(s) - 1, n), 0, -1):  # a suffix that is a prefix of the stop string
-                if text[:n].endswith(s[:k]):
-                    n -= k
-                    break
-        return n
+
+def safe_text_length(text: str, stops: tuple[str, ...]) -> int:
+    """How much of incrementally decoded `text` may be emitted: not an unfinished character, not a
+    stop string, and not a tail that could still grow into one."""
+    n = len(text)
+    while n and text[n - 1] == "\ufffd":  # bytes of a character still incomplete
+        n -= 1
+    for s in stops:
+        if s in text[:n]:
+            n = text.index(s)
+        for k in range(min(len(s) - 1, n), 0, -1):  # a suffix that is a prefix of the stop string
+            if text[:n].endswith(s[:k]):
+                n -= k
+                break
+    return n

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eagle_fast.inference import ChatSession, Engine, GenerationConfig, load_model
-from eagle_fast.inference.chat import ChatSession as _CS
+from eagle_fast.inference.chat import safe_text_length
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_sampling_is_seeded(tiny):
 
 
 def test_deltas_never_split_characters_or_leak_stop_strings():
-    safe = _CS._safe_length
+    safe = safe_text_length
     assert safe("ab\ufffd", ()) == 2  # an incomplete multi-byte character is held back
     assert safe("hello</", ("</s>",)) == 5  # may be the start of the stop string
     assert safe("hello</s>more", ("</s>",)) == 5
@@ -67,7 +67,7 @@ def test_utf8_deltas_on_real_byte_tokens(tiny):
     pieces, emitted = [], ""
     for n in range(1, len(ids) + 1):
         text = tok.decode(ids[:n])
-        cut = _CS._safe_length(text, ())
+        cut = safe_text_length(text, ())
         if cut > len(emitted):
             pieces.append(text[len(emitted):cut])
             emitted = text[:cut]

@@ -1,0 +1,55 @@
+"""ServeConfig: everything the server can be told, as one dataclass (each field is a CLI flag)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from eagle_fast.data.images import DEFAULT_MAX_PIXELS
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ServeConfig:
+    model: str = field(metadata={"help": "a checkpoint directory or a preset name, as load_model takes"})
+    model_name: str | None = _opt(None, "the model id clients see (default: the path's last component)")
+    host: str = _opt("127.0.0.1", "address to bind; loopback unless asked, the API has no rate limiting")
+    port: int = _opt(8000, "port to bind")
+    api_key: str | None = _opt(None, "require `Authorization: Bearer KEY` on the API (default: "
+                                     "$EAGLE_FAST_API_KEY, which keeps the key out of the process list)")
+    template: str = _opt("vicuna_v1", "chat template: vicuna_v1, llama3, chatml, plain, hf")
+    parallel: int = _opt(1, "generations running at once; later requests wait in FIFO order")
+    dtype: str = _opt("auto", "model dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    device: str = _opt("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    context_length: int | None = _opt(None, "context in tokens (default: the model's max_position_embeddings)")
+    # defaults for requests that do not say (the original's demo settings)
+    max_tokens: int = _opt(512, "default max_tokens, clipped to what the prompt leaves of the context")
+    temperature: float = _opt(0.2, "default temperature (0: greedy)")
+    top_p: float = _opt(0.5, "default top_p")
+    # limits on untrusted input
+    max_body_bytes: int = _opt(48 << 20, "largest request body (413 beyond)")
+    max_images: int = _opt(8, "images per request, all messages together")
+    max_image_bytes: int = _opt(16 << 20, "largest encoded image (413 beyond)")
+    max_image_pixels: int = _opt(DEFAULT_MAX_PIXELS, "largest width x height, read from the header before decoding")
+    max_stop: int = _opt(8, "stop strings per request")
+    allow_remote_images: bool = _opt(False, "fetch http(s) image URLs (default: only data: URLs)")
+    remote_timeout_s: float = _opt(10.0, "timeout of one remote image fetch")
+    log_level: str = _opt("info", "uvicorn log level")
+
+    def served_name(self) -> str:
+        return self.model_name or os.path.basename(os.path.normpath(self.model)) or self.model
+
+    def validate(self) -> "ServeConfig":
+        if not self.model:
+            raise ValueError("model is required: a checkpoint directory or a preset name")
+        if self.parallel < 1:
+            raise ValueError(f"parallel must be >= 1, got {self.parallel}")
+        if self.max_tokens < 1 or self.max_images < 0:
+            raise ValueError("max_tokens must be >= 1 and max_images >= 0")
+        for name in ("max_body_bytes", "max_image_bytes", "max_image_pixels"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        return self

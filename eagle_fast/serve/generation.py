@@ -1,0 +1,169 @@
+"""The model behind the server: requests are prepared (images decoded, prompt tokenized, limits
+checked) and then generate in worker threads, `parallel` at a time, the rest waiting in FIFO order.
+
+Generation advances one token per worker-thread call, so the event loop stays free and, between
+two tokens, notices a client that has gone: its token generator is closed at once (the engine
+stops there) and its slot goes to the next request. Counters (`stats()`) show what is running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from eagle_fast.data.images import to_rgb_batch
+from eagle_fast.data.templates import Template, get_template
+from eagle_fast.inference.chat import prompt_ids, safe_text_length
+from eagle_fast.inference.engine import Engine, GenerationConfig
+from eagle_fast.model.splice import IMAGE_TOKEN_INDEX
+from eagle_fast.serve.config import ServeConfig
+from eagle_fast.serve.errors import APIError
+from eagle_fast.serve.images import load_image_url
+from eagle_fast.serve.request import ChatRequest
+
+
+def with_system(template: Template, turns: list[tuple[str, str]], system: str | None):
+    """The template and turns carrying a client's system prompt, where the template has one."""
+    if system is None:
+        return template, turns
+    if template.style == "two":
+        return dataclasses.replace(template, system=system), turns
+    if template.style == "mpt":  # the field is a role header ending in a newline, then the prompt
+        header = template.system[: template.system.rfind("\n") + 1]
+        return dataclasses.replace(template, system=header + system), turns
+    if template.style == "hf":  # the tokenizer's chat template renders system turns itself
+        return template, [("system", system)] + turns
+    return template, turns  # "plain" has no system prompt
+
+
+@dataclass
+class Job:
+    """One prepared request and, once it runs, its output so far."""
+    input_ids: list[int]
+    images: dict[str, Any] | None
+    gen: GenerationConfig
+    prompt_tokens: int  # rows the model sees: text tokens + mm_grid**2 per image
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""  # emitted so far
+    finish_reason: str | None = None  # "stop" / "length" once finished; None if cut short
+
+    def step(self, tokenizer, stream: Iterator[int]) -> str | None:
+        """Advances one token (in a worker thread): the new text it completes, or None at the end."""
+        token = next(stream, None)
+        if token is None:
+            return None
+        self.tokens.append(token)
+        decoded = tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = safe_text_length(decoded, self.gen.stop)
+        if cut <= len(self.text):
+            return ""
+        delta, self.text = decoded[len(self.text):cut], decoded[:cut]
+        return delta
+
+    def finish(self, tokenizer) -> str:
+        """The rest of the reply once the tokens are done (held-back text that was no stop string)."""
+        decoded = tokenizer.decode(self.tokens, skip_special_tokens=True)
+        stopped = False
+        for s in self.gen.stop:  # a reply ends before its stop string
+            if s in decoded:
+                decoded, stopped = decoded[: decoded.index(s)], True
+        full = not stopped and len(self.tokens) >= self.gen.max_new_tokens
+        self.finish_reason = "length" if full else "stop"
+        delta = decoded[len(self.text):] if len(decoded) > len(self.text) else ""
+        self.text += delta
+        return delta
+
+
+class Generator:
+    def __init__(self, model, tokenizer, processor, config: ServeConfig):
+        self.model, self.tokenizer, self.processor, self.config = model, tokenizer, processor, config
+        self.template = get_template(config.template)
+        self.context = config.context_length or int(model.config.max_position_embeddings)
+        self.image_rows = int(getattr(model.config, "mm_grid", 0)) ** 2
+        self._slots = anyio.Semaphore(config.parallel)
+        # decoding and preprocessing run outside the slots but not unboundedly many at once
+        self._prepare = anyio.CapacityLimiter(config.parallel + 1)
+        self.counts = {"active_generations": 0, "queued": 0, "completed": 0, "cancelled": 0, "failed": 0}
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counts, parallel=self.config.parallel)
+
+    def _build(self, req: ChatRequest) -> Job:
+        cfg = self.config
+        images = [load_image_url(url, param, cfg) for url, param in req.image_urls]
+        try:
+            pixels = self.processor(to_rgb_batch(images, cfg.max_image_pixels)) if images else None
+        except ValueError as exc:  # the processor names the image and the problem
+            raise APIError(400, f"image cannot be used: {exc}", param="messages", code="invalid_image") from None
+        template, turns = with_system(self.template, req.turns, req.system)
+        ids = prompt_ids(template, turns, self.tokenizer)
+        n_images = ids.count(IMAGE_TOKEN_INDEX)
+        prompt_tokens = len(ids) - n_images + n_images * self.image_rows
+        room = self.context - prompt_tokens
+        if room < 1 or (req.max_tokens or 1) > room:
+            wanted = f" + max_tokens {req.max_tokens}" if req.max_tokens else ""
+            raise APIError(400, f"the prompt takes {prompt_tokens} tokens (each image {self.image_rows}){wanted}, "
+                                f"beyond the model's context of {self.context}; shorten the conversation, "
+                                f"send fewer images or lower max_tokens",
+                           param="max_tokens" if room >= 1 else "messages", code="context_length_exceeded")
+        stop = tuple(dict.fromkeys(s for s in (template.stop, *req.stop) if s))
+        gen = GenerationConfig(
+            max_new_tokens=req.max_tokens or min(cfg.max_tokens, room),
+            temperature=cfg.temperature if req.temperature is None else float(req.temperature),
+            top_p=cfg.top_p if req.top_p is None else float(req.top_p),
+            top_k=req.top_k or 0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
+            stop=stop,
+            # unseeded requests still differ from each other: each gets a fresh random seed
+            seed=secrets.randbits(63) if req.seed is None else req.seed,
+        )
+        return Job(ids, pixels, gen, prompt_tokens)
+
+    async def prepare(self, req: ChatRequest) -> Job:
+        """Decodes the images and tokenizes the prompt off the event loop; APIError on bad input."""
+        return await anyio.to_thread.run_sync(self._build, req, limiter=self._prepare)
+
+    async def run(self, job: Job, is_disconnected) -> AsyncIterator[str]:
+        """Text deltas of the reply. Waits for a slot; stops (closing the generation and freeing the
+        slot) as soon as `await is_disconnected()` is true between two tokens. Close it with
+        contextlib.aclosing so that a consumer that stops early frees the slot at once too."""
+        self.counts["queued"] += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.counts["queued"] -= 1
+        self.counts["active_generations"] += 1
+        # an Engine per request: its sampling generator is per-request state
+        tokens = Engine(self.model, self.tokenizer, self.context).stream(job.input_ids, job.images, job.gen)
+        outcome = "cancelled"
+        try:
+            while not await is_disconnected():
+                try:
+                    delta = await anyio.to_thread.run_sync(job.step, self.tokenizer, tokens)
+                except ValueError as exc:  # the engine refuses the request (its context check)
+                    code = "context_length_exceeded" if "context" in str(exc) else "invalid_value"
+                    raise APIError(400, str(exc), param="messages", code=code) from None
+                if delta is None:
+                    tail = job.finish(self.tokenizer)
+                    outcome = "completed"
+                    if tail:
+                        yield tail
+                    return
+                if delta:
+                    yield delta
+        except (GeneratorExit, anyio.get_cancelled_exc_class()):
+            raise  # the client went away or the consumer stopped: counted as cancelled
+        except BaseException:
+            outcome = "failed"
+            raise
+        finally:
+            tokens.close()  # stops the engine where it is; never runs while a step is in a thread
+            self.counts[outcome] += 1
+            self.counts["active_generations"] -= 1
+            self._slots.release()
+
