@@ -1,4 +1,6 @@
-"""python -m eagle_fast.bench {preprocess,resize_concat,attention,train,chat} [options]; each subcommand has --help."""
+"""python -m eagle_fast.bench {preprocess,resize_concat,attention,train,chat,all} [options]; each subcommand
+has --help. `all` runs every benchmark with its defaults and writes OUT/results.csv (every row) beside
+each benchmark's own CSV and PNG."""
 
 from __future__ import annotations
 
@@ -47,7 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     ch.add_argument("--repeats", type=int, default=5)
     ch.add_argument("--threads", type=int, default=2)
     ch.add_argument("--out-dir", default="bench_results")
+    al = sub.add_parser("all", help="every benchmark with its defaults -> OUT/results.csv + a PNG per benchmark")
+    al.add_argument("--out-dir", default="bench")
+    al.add_argument("--threads", type=int, default=2)
+    al.add_argument("--quick", action="store_true", help="one repeat of the smallest settings (a pipeline check)")
     args = parser.parse_args(argv)
+    if args.bench == "all":
+        return run_all(args.out_dir, args.threads, args.quick)
 
     if args.bench in ("preprocess", "fused_preprocess"):
         from eagle_fast.bench.fused_preprocess import PreprocessBenchConfig, main as run
@@ -77,6 +85,36 @@ def main(argv: list[str] | None = None) -> int:
 
         run(ChatBenchConfig(presets=tuple(args.presets), reply_tokens=args.reply_tokens, repeats=args.repeats,
                             threads=args.threads, out_dir=args.out_dir))
+    return 0
+
+
+def run_all(out_dir: str, threads: int, quick: bool = False) -> int:
+    """Every benchmark with its defaults (quick: one repeat of the smallest settings, to check the
+    pipeline) -> each one's CSV and PNG, and OUT/results.csv with all rows of this run."""
+    import os
+
+    from eagle_fast.bench import attention, chat, fused_preprocess, resize_concat, train
+    from eagle_fast.bench.harness import write_csv
+
+    dev = "cuda" if _cuda() else "cpu"
+    q = dict(repeats=1) if quick else {}
+    rows = []
+    rows += fused_preprocess.main(fused_preprocess.PreprocessBenchConfig(
+        threads=(threads,) if quick else (1, threads), out_dir=out_dir, **q, **(dict(min_sample_ms=1.0) if quick else {})))
+    rows += resize_concat.main(resize_concat.ResizeConcatBenchConfig(
+        threads=threads, out_dir=out_dir, device=dev, **q, **(dict(grid=8, memory=False) if quick else {})))
+    rows += attention.main(attention.AttentionBenchConfig(
+        device=dev, threads=threads, dtype="bfloat16" if dev == "cuda" else "float32", out_dir=out_dir, **q,
+        **(dict(head_dims=(32,), causal=(True,), shapes=((1, 64),), width=64) if quick else {})))
+    rows += train.main(train.TrainBenchConfig(threads=threads, out_dir=out_dir, **q,
+                                              **(dict(batch_size=2, batches=1) if quick else {})))
+    rows += chat.main(chat.ChatBenchConfig(threads=threads, out_dir=out_dir, **q, **(
+        dict(presets=("eagle-tiny-x5",), reply_tokens=2) if quick else {})))
+    path = os.path.join(out_dir, "results.csv")
+    if os.path.exists(path):
+        os.remove(path)  # this run's rows only; the per-benchmark CSVs keep the history
+    write_csv(rows, path)
+    print(f"wrote {path} ({len(rows)} rows)")
     return 0
 
 

@@ -123,8 +123,9 @@ def report(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def main(cfg: AttentionBenchConfig) -> None:
+def main(cfg: AttentionBenchConfig) -> list[Row]:
     rows = run(cfg)
     publish(rows, report(rows), cfg.out_dir, "attention", f"attention {cfg.dtype}",
             machine_note=f", threads={cfg.threads}", ylabel="TFLOP/s (higher is better)",
             label=lambda r: f"{r.provider} {r.extra['mode']}\n{r.shape}")
+    return rows

@@ -134,6 +134,7 @@ def report(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def main(cfg: PreprocessBenchConfig) -> None:
+def main(cfg: PreprocessBenchConfig) -> list[Row]:
     rows = run(cfg)
     publish(rows, report(rows), cfg.out_dir, "preprocess", "X5 preprocessing fan-out")
+    return rows

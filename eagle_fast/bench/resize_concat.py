@@ -182,13 +182,15 @@ def report(rows: list[Row]) -> str:
         step = r.extra["step"]
         e = ref[(r.shape, r.dtype, step)]
         m = "-"
-        if step == "fwd+bwd" and (r.shape, r.dtype, "eagle_fast") in mem:
+        if step == "fwd+bwd" and None not in (mem.get((r.shape, r.dtype, "eagle_fast")),
+                                              mem.get((r.shape, r.dtype, "eager"))):  # no probes: "-"
             m = f"{mem[(r.shape, r.dtype, 'eager')] / 1e6:.1f} / {mem[(r.shape, r.dtype, 'eagle_fast')] / 1e6:.1f}"
         lines.append(f"| {r.shape} | {r.dtype} | {step} | {e:.2f} | {r.median_ms:.2f} | {e / r.median_ms:.2f}x | {m} |")
     return "\n".join(lines)
 
 
-def main(cfg: ResizeConcatBenchConfig) -> None:
+def main(cfg: ResizeConcatBenchConfig) -> list[Row]:
     rows = run(cfg)
     publish(rows, report(rows), cfg.out_dir, "resize_concat", f"resize_concat (B={cfg.batch})",
             machine_note=f", threads={cfg.threads}")
+    return rows

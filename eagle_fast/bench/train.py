@@ -71,7 +71,8 @@ def report(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def main(cfg: TrainBenchConfig) -> None:
+def main(cfg: TrainBenchConfig) -> list[Row]:
     rows = run(cfg)
     publish(rows, report(rows), cfg.out_dir, "train", f"{cfg.recipe} training steps",
             machine_note=f", threads={cfg.threads}")
+    return rows

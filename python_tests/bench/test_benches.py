@@ -41,3 +41,14 @@ def test_chat_bench_runs(tmp_path, capsys):
     assert [r.provider for r in rows] == ["turn 1", "turn 2 reuse", "turn 2 re-encode", "decode"]
     assert all(r.median_ms > 0 for r in rows)
     assert "| eagle-tiny-x5 prompt~" in capsys.readouterr().out and (tmp_path / "chat.png").stat().st_size > 0
+
+
+def test_bench_all_writes_every_benchmark(tmp_path):
+    from eagle_fast.bench.__main__ import main as bench_main
+
+    assert bench_main(["all", "--quick", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["bench"] for r in rows} >= {"preprocess", "resize_concat", "attention", "train", "chat"}
+    for name in ("preprocess", "resize_concat", "attention", "train", "chat"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
