@@ -52,6 +52,9 @@ def to_rgb_uint8(image: Any, index: int = 0, max_pixels: int = DEFAULT_MAX_PIXEL
         ValueError: naming `index` and the problem (type, dtype, shape, empty, too many pixels,
             a PIL mode that cannot become RGB).
     """
+    if isinstance(image, (str, os.PathLike)):  # a file: EXIF orientation, byte and pixel limits
+        path = os.path.abspath(os.fspath(image))
+        return load_image_file(os.path.basename(path), os.path.dirname(path), max_pixels=max_pixels)
     if PIL is not None and isinstance(image, PIL.Image.Image):
         w, h = image.size  # known before the pixels are decoded: check limits first
         _check_size(h, w, index, max_pixels)
@@ -65,7 +68,8 @@ def to_rgb_uint8(image: Any, index: int = 0, max_pixels: int = DEFAULT_MAX_PIXEL
     elif isinstance(image, torch.Tensor):
         out = _from_array(image.detach(), index, channels_first=True)
     else:
-        raise ValueError(f"image {index}: unsupported type {type(image).__name__} (PIL image, numpy array, torch tensor)")
+        raise ValueError(f"image {index}: unsupported type {type(image).__name__} "
+                         f"(PIL image, numpy array, torch tensor, file path)")
     _check_size(out.shape[0], out.shape[1], index, max_pixels)
     return out.contiguous()
 

@@ -131,3 +131,16 @@ def test_cli_interactive_commands(tiny, saved_cli):
     lines = out.split("> ")
     answers = [seg.rstrip("\n") for seg in lines if seg and not seg.startswith("(")]
     assert answers == [first, second, third], out
+
+
+def test_images_as_file_paths(tiny, tmp_path):
+    from PIL import Image
+
+    model, tok, proc = tiny
+    Image.fromarray(_img()).save(tmp_path / "a.png")
+    by_path = ChatSession(model, tok, proc).send("What is this?", images=[str(tmp_path / "a.png")],
+                                                 max_new_tokens=6, temperature=0)
+    by_array = ChatSession(model, tok, proc).send("What is this?", images=[_img()], max_new_tokens=6, temperature=0)
+    assert by_path == by_array
+    with pytest.raises(ValueError, match="no such file"):
+        ChatSession(model, tok, proc).send("Hi", images=[str(tmp_path / "missing.png")])

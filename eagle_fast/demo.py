@@ -1,0 +1,137 @@
+"""python -m eagle_fast.demo — train, evaluate and chat with a tiny Eagle on the real easy-VQA set,
+offline, on a CPU, in minutes (what `make demo` runs).
+
+    python -m eagle_fast.demo                      # everything under runs/demo/
+    python -m eagle_fast.demo --llm smollm2        # SmolLM2-135M-Instruct as the LLM (projector + LoRA)
+
+1. easy-VQA (PyPI `easy-vqa`: 64x64 shapes, questions on shape / colour / yes-no) as LLaVA JSONL;
+2. a tiny Eagle with the real architecture: a CLIP ViT and a ConvNeXt at their own resolutions,
+   channel-concat fusion (resize_concat), an mlp2x_gelu projector, a small Llama (recipe "demo");
+3. stage 1 (projector only) then stage 2 (SFT, everything trainable) with `python -m eagle_fast.train`;
+4. `python -m eagle_fast.eval --task easy-vqa` on the test questions; runs/demo/eval.json gets
+   {"accuracy", "n", "majority_baseline"};
+5. streamed answers from the chat API for two test images, and the command that serves the model.
+
+A finished stage is reused, an interrupted one resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    llm: str = "tiny"  # "tiny": the recipe's own small Llama; "smollm2": SmolLM2-135M-Instruct
+    max_steps: int | None = None  # per stage (a shortened run); None: the recipe's epochs
+    eval_limit: int | None = None  # the first N test questions; None: all 9,673
+    save_steps: int = 200
+
+
+def _run(cmd: list[str]) -> None:
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def _stage_args(cfg: DemoConfig) -> list[str]:
+    args = ["--save_steps", str(cfg.save_steps), "--resume", "auto"]
+    if cfg.max_steps is not None:
+        args += ["--max_steps", str(cfg.max_steps)]
+    if cfg.llm == "smollm2":
+        from eagle_fast.demo_smollm2 import llm_dir
+
+        args += ["--model_name_or_path", llm_dir(os.path.join(cfg.out, "smollm2-hf")), "--version", "chatml"]
+    return args
+
+
+def train(cfg: DemoConfig) -> str:
+    py = [sys.executable, "-m", "eagle_fast.train", "--recipe", "demo"]
+    pre, sft = os.path.join(cfg.out, "pretrain"), os.path.join(cfg.out, "sft")
+    if not os.path.exists(os.path.join(pre, "mm_projector.bin")):
+        _run(py + ["--stage", "pretrain", "--output_dir", pre] + _stage_args(cfg))
+    else:
+        print(f"stage 1: reusing {pre}/mm_projector.bin")
+    if not os.path.exists(os.path.join(sft, "final", "config.json")):
+        extra = ["--lora_enable", "true"] if cfg.llm == "smollm2" else []
+        _run(py + ["--stage", "sft", "--output_dir", sft, "--pretrain_mm_mlp_adapter",
+                   os.path.join(pre, "mm_projector.bin")] + _stage_args(cfg) + extra)
+    else:
+        print(f"stage 2: reusing {sft}/final")
+    return os.path.join(sft, "final")
+
+
+def template(cfg: DemoConfig) -> str:
+    from eagle_fast.train.config import recipe
+
+    return "chatml" if cfg.llm == "smollm2" else recipe("demo", "sft").version
+
+
+def evaluate(cfg: DemoConfig, model: str) -> dict:
+    out = os.path.join(cfg.out, "eval")
+    cmd = [sys.executable, "-m", "eagle_fast.eval", "--model", model, "--task", "easy-vqa", "--out", out,
+           "--template", template(cfg), "--batch-size", "64"]
+    if cfg.eval_limit is not None:
+        cmd += ["--limit", str(cfg.eval_limit)]
+    _run(cmd)
+    with open(os.path.join(out, "easy-vqa.results.json")) as f:
+        res = json.load(f)
+    summary = {"accuracy": res["accuracy"], "n": res["n"], "majority_baseline": res["majority_baseline"]}
+    with open(os.path.join(cfg.out, "eval.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def chat(cfg: DemoConfig, model_dir: str) -> None:
+    from eagle_fast.data.builtin import easy_vqa_dataset
+    from eagle_fast.data.images import load_image_file
+    from eagle_fast.inference import ChatSession, load_model
+
+    data = easy_vqa_dataset(os.path.join(cfg.out, "eval", "easy-vqa-data"))
+    with open(data.eval) as f:
+        first = [json.loads(next(f)) for _ in range(40)]
+    images = list(dict.fromkeys(r["image"] for r in first))[:2]
+    model, tok, proc = load_model(model_dir)
+    for name in images:
+        session = ChatSession(model, tok, proc, template=template(cfg), temperature=0, max_new_tokens=16)
+        img = load_image_file(name, data.image_folder)
+        for q in ("What shape is in the image?", "What color is the shape?"):
+            print(f"[{name}] USER: {q}\n[{name}] ASSISTANT: ", end="", flush=True)
+            for delta in session.send(q, images=[img] if not session.history else None, stream=True):
+                print(delta, end="", flush=True)
+            print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eagle_fast.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="output folder (default runs/demo, runs/demo-smollm2)")
+    p.add_argument("--llm", choices=["tiny", "smollm2"], default="tiny")
+    p.add_argument("--max-steps", type=int, default=None, help="cap each training stage (a shortened run)")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate the first N test questions only")
+    args = p.parse_args(argv)
+    out = args.out or ("runs/demo" if args.llm == "tiny" else "runs/demo-smollm2")
+    cfg = DemoConfig(out=out, llm=args.llm, max_steps=args.max_steps, eval_limit=args.eval_limit)
+    os.makedirs(cfg.out, exist_ok=True)
+    t0 = time.time()
+    model_dir = train(cfg)
+    t_train = time.time() - t0
+    summary = evaluate(cfg, model_dir)
+    t_eval = time.time() - t0 - t_train
+    chat(cfg, model_dir)
+    print(f"\neasy-VQA test accuracy {100 * summary['accuracy']:.1f}% on {summary['n']} questions "
+          f"(majority-answer baseline {100 * summary['majority_baseline']:.1f}%) -> {cfg.out}/eval.json")
+    print(f"time: training {t_train / 60:.1f} min, evaluation {t_eval / 60:.1f} min, total "
+          f"{(time.time() - t0) / 60:.1f} min")
+    print(f"chat in the browser:  python -m eagle_fast.serve --model {model_dir} --template {template(cfg)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
