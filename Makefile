@@ -1,11 +1,12 @@
 # make test  — create .venv if needed (torch 2.14.1 + deps), build the kernels, run the whole suite.
 # make wheel — build the wheel (carries _C and, with nvcc, _C_cuda) and smoke-test it in a fresh venv.
+# make demo  — same setup as make test, then train, evaluate and chat with a tiny Eagle (runs/demo/).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.deps-stamp
 
-.PHONY: test build wheel bench clean
+.PHONY: test build wheel bench demo clean
 
 $(STAMP): requirements-dev.txt requirements-assets.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +25,9 @@ test: build
 wheel: $(STAMP)
 	rm -rf dist && $(PIP) wheel -q --no-build-isolation --no-deps -w dist .
 	bash .ci/wheel_smoke.sh $(PY) dist
+
+demo: build
+	$(PY) -m eagle_fast.demo
 
 bench: build
 	$(PY) -m eagle_fast.bench preprocess

@@ -47,7 +47,8 @@ def _stage_args(cfg: DemoConfig) -> list[str]:
     if cfg.llm == "smollm2":
         from eagle_fast.demo_smollm2 import llm_dir
 
-        args += ["--model_name_or_path", llm_dir(os.path.join(cfg.out, "smollm2-hf")), "--version", "chatml"]
+        args += ["--model_name_or_path", llm_dir(os.path.join(cfg.out, "smollm2-hf")), "--tokenizer_name_or_path",
+                 "none", "--version", "chatml"]
     return args
 
 

@@ -74,6 +74,18 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=True,
                     bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
+# The CPU demo (recipe "demo"): two experts at their own resolutions on a 128-pixel canvas (easy-VQA's
+# 64-pixel images upscaled): CLIP ViT at 64 (16-pixel patches, 4 x 4 tokens) and ConvNeXt at 128
+# (4 x 4 stage-4 map), fused on a 4 x 4 grid; a 2-layer Llama; vocab_size follows the tokenizer.
+DEMO_EXPERTS = {
+    "clip-448": dict(image_size=64, patch_size=16, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=2),
+    "convnext-1024": dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), image_size=128, num_classes=10),
+}
+DEMO_LLM = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                initializer_range=0.1)
+
 PRESETS: dict[str, dict] = {
     "eagle-x4-7b": dict(VICUNA_7B, mm_vision_tower=X4),
     "eagle-x5-7b": dict(VICUNA_7B, mm_vision_tower=X5),
@@ -84,6 +96,8 @@ PRESETS: dict[str, dict] = {
     "eagle-tiny-x4": _tiny(X4),
     "eagle-tiny-x5": _tiny(X5),
     "eagle-tiny-clip": _tiny("clip-448"),
+    "eagle-demo": dict(DEMO_LLM, mm_vision_tower="clip-448;convnext-1024", mm_grid=4, image_size=128,
+                       mm_expert_configs=DEMO_EXPERTS),
     "eagle-small-x5": dict(SMOLLM2_135M, mm_vision_tower=X5, mm_grid=32, image_size=512,
                            mm_expert_configs=SMALL_EXPERTS),
 }

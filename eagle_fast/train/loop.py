@@ -90,6 +90,11 @@ class Trainer:
             self.engine = self.net = ds.initialize(self.model, self.optimizer, self.scheduler, cfg, self.world)
         elif self.world > 1 and not self.fsdp:
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
+        if cfg.torch_compile:  # the wrapper compiles; self.model keeps the parameters and state-dict names
+            if self.engine is not None:
+                self.engine.compile()
+            else:
+                self.net = torch.compile(self.net)
         self.step, self.epoch, self.position = 0, 0, 0  # position: micro-batches done in this epoch
         self.skipped: dict[str, int] = {}
 

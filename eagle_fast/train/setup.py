@@ -12,7 +12,7 @@ import torch
 
 from eagle_fast.data import EagleDataset
 from eagle_fast.model import EagleLlamaConfig, EagleLlamaForCausalLM, presets
-from eagle_fast.train.config import TrainConfig
+from eagle_fast.train.config import BUILTIN_DATA_RECIPES, DATA_WORDS, TrainConfig
 from eagle_fast.vision.processor import EagleImageProcessor
 
 
@@ -34,11 +34,39 @@ def builtin_tokenizer_dir(root: str) -> str:
     return folder
 
 
+def builtin_data(cfg: TrainConfig):
+    """The built-in easy-VQA set (written under output_dir/assets) that recipes without data_path use."""
+    if cfg.recipe not in BUILTIN_DATA_RECIPES:
+        raise ValueError(f"recipe {cfg.recipe!r} needs data_path and image_folder")
+    from eagle_fast.data.builtin import easy_vqa_dataset
+
+    return easy_vqa_dataset(os.path.join(cfg.output_dir, "assets", "easy_vqa"))
+
+
+def data_words_tokenizer_dir(cfg: TrainConfig) -> str:
+    """tokenizer_name_or_path = "data:words": a word-level tokenizer built from the training records
+    as the built-in templates render them (eagle_fast.data.vocab), saved in output_dir/assets. On
+    the built-in set it reads the pretrain and sft records both, so every stage gets the same one;
+    with data_path, that file's (point later stages at the first stage's final/ to share it)."""
+    from eagle_fast.data.vocab import read_records, rendered_texts, words_tokenizer_dir
+
+    if cfg.data_path is None:
+        builtin = builtin_data(cfg)
+        paths = [builtin.pretrain, builtin.sft]
+    else:
+        paths = [cfg.data_path]
+    return words_tokenizer_dir(os.path.join(cfg.output_dir, "assets", "tokenizer-words"),
+                               rendered_texts(read_records(paths)))
+
+
 def build_tokenizer(cfg: TrainConfig):
     from transformers import AutoTokenizer
 
-    path = cfg.tokenizer_name_or_path or cfg.model_name_or_path or builtin_tokenizer_dir(
-        os.path.join(cfg.output_dir, "assets"))
+    if cfg.tokenizer_name_or_path == DATA_WORDS:
+        path = data_words_tokenizer_dir(cfg)
+    else:
+        path = cfg.tokenizer_name_or_path or cfg.model_name_or_path or builtin_tokenizer_dir(
+            os.path.join(cfg.output_dir, "assets"))
     tok = keep_legacy_flag(AutoTokenizer.from_pretrained(path))
     if tok.pad_token is None:  # Vicuna's convention: pad with unk (the original does the same)
         tok.pad_token = tok.unk_token or tok.eos_token
@@ -76,8 +104,10 @@ def build_model(cfg: TrainConfig, tokenizer) -> tuple[EagleLlamaForCausalLM, Eag
         src = AutoConfig.from_pretrained(cfg.model_name_or_path)
         if src.model_type == "eagle_llama":
             model = EagleLlamaForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=torch.float32)
-        else:  # an LLM: the experts and projector are new
-            eagle = EagleLlamaConfig(**{**src.to_dict(), **overrides, "model_type": "eagle_llama"})
+        else:  # an LLM: the experts and projector are new, shaped as the recipe's preset says
+            vision = {k: v for k, v in presets.PRESETS.get(cfg.preset, {}).items()
+                      if k in ("mm_vision_tower", "mm_grid", "image_size", "mm_expert_configs")}
+            eagle = EagleLlamaConfig(**{**src.to_dict(), **vision, **overrides, "model_type": "eagle_llama"})
             model = EagleLlamaForCausalLM.from_pretrained(cfg.model_name_or_path, config=eagle, dtype=torch.float32)
     if cfg.pretrain_mm_mlp_adapter:
         state = torch.load(cfg.pretrain_mm_mlp_adapter, map_location="cpu", weights_only=True)
@@ -151,11 +181,7 @@ def projector_state(model: EagleLlamaForCausalLM) -> dict[str, torch.Tensor]:
 def build_data(cfg: TrainConfig, tokenizer, processor: EagleImageProcessor, model) -> EagleDataset:
     data_path, image_folder = cfg.data_path, cfg.image_folder
     if data_path is None:
-        if not cfg.recipe.startswith("tiny"):
-            raise ValueError(f"recipe {cfg.recipe!r} needs data_path and image_folder")
-        from eagle_fast.data.builtin import easy_vqa_dataset
-
-        builtin = easy_vqa_dataset(os.path.join(cfg.output_dir, "assets", "easy_vqa"))
+        builtin = builtin_data(cfg)
         data_path = builtin.pretrain if cfg.stage == "pretrain" else builtin.sft
         image_folder = builtin.image_folder
     if image_folder is None:

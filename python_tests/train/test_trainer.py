@@ -284,3 +284,17 @@ def test_bad_records_are_reported_each_epoch(tmp_path, small_data, capsys):
     printed = capsys.readouterr().out
     assert "epoch 0: skipped records {'missing_image': 1}" in printed
     assert set(out["skipped"]) == {"missing_image"}  # counted again whenever a later epoch reads it
+
+
+def test_torch_compile_trains_like_eager(tmp_path, small_data):
+    """--torch_compile: the compiled forward/backward (graph breaks at the splice) gives the eager
+    losses and weights (CLIP-only mixture to keep CPU compilation short)."""
+    from safetensors.torch import load_file
+
+    kw = dict(max_steps=2, vision_tower="clip-448", per_device_train_batch_size=2)
+    eager = Trainer(_cfg(tmp_path / "e", small_data, **kw)).train()
+    compiled = Trainer(_cfg(tmp_path / "c", small_data, torch_compile=True, **kw)).train()
+    assert all(abs(a - b) < 1e-4 for a, b in zip(eager["losses"], compiled["losses"])), (eager, compiled)
+    a = load_file(str(tmp_path / "e" / "run" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "c" / "run" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4

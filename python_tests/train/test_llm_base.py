@@ -1,0 +1,27 @@
+"""Training from a plain LLM checkpoint: its weights are kept, the experts and projector are new and
+shaped by the recipe's preset (tiny experts for a tiny recipe), and the tokenizer is the LLM's."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from eagle_fast.model import presets
+from eagle_fast.train.config import recipe
+from eagle_fast.train.setup import build_model, build_tokenizer, builtin_tokenizer_dir
+
+
+def test_llm_base_gets_the_presets_vision_side(tmp_path):
+    tok_dir = builtin_tokenizer_dir(str(tmp_path))
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2))
+    llm.save_pretrained(tmp_path / "llm")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(tmp_path / "llm")
+    cfg = recipe("tiny-x5", "sft", output_dir=str(tmp_path / "run"), model_name_or_path=str(tmp_path / "llm"))
+    tok = build_tokenizer(cfg)
+    model, proc = build_model(cfg, tok)
+    tiny = presets.PRESETS["eagle-tiny-x5"]
+    assert model.config.mm_grid == tiny["mm_grid"] and model.config.mm_expert_configs == tiny["mm_expert_configs"]
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, llm.model.layers[1].mlp.down_proj.weight)
+    assert sum(p.numel() for p in model.model.vision_tower.parameters()) < 300_000  # tiny experts, not official
