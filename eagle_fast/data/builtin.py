@@ -6,7 +6,8 @@ for the tiny training recipes and the demo:
 
 - pretrain.jsonl: stage-1 captioning, one record per train image; the caption ("A blue rectangle.")
   is assembled only from that image's own answers, so it is as true as the dataset.
-- sft.jsonl: one multi-turn record per train image with all of its questions.
+- sft.jsonl: one multi-turn record per train image with all of its questions (or, with
+  `questions_per_record=n`, its questions in order, n per record: n=1 gives single-turn records).
 - eval.jsonl: one single-turn record per (test image, question) with an extra gold "answer" field.
 
 The PNGs are not copied: `image_folder` is the package's data directory and records use paths like
@@ -108,9 +109,12 @@ def _jsonl(records: Iterable[dict]) -> Iterator[str]:
 
 
 def easy_vqa_dataset(root: str | os.PathLike, max_train_images: int | None = None,
-                     max_eval_images: int | None = None) -> BuiltinDataset:
+                     max_eval_images: int | None = None, questions_per_record: int | None = None) -> BuiltinDataset:
     """Write (or reuse) pretrain/sft/eval JSONL for easy-VQA under `root`; the limits keep the
-    lowest image ids of each split."""
+    lowest image ids of each split. `questions_per_record` splits each image's SFT conversation
+    into records of that many questions (ids "easyvqa-train-{image}-{first question}")."""
+    if questions_per_record is not None and questions_per_record < 1:
+        raise ValueError(f"questions_per_record must be >= 1, got {questions_per_record}")
     import easy_vqa  # an asset package: imported only when this dataset is asked for
 
     root = os.fspath(root)
@@ -121,7 +125,7 @@ def easy_vqa_dataset(root: str | os.PathLike, max_train_images: int | None = Non
     out = BuiltinDataset(folder, *(os.path.join(root, f"{n}.jsonl") for n in ("pretrain", "sft", "eval")), answers)
 
     params = {"format": _FORMAT, "easy_vqa": version("easy-vqa"), "max_train_images": max_train_images,
-              "max_eval_images": max_eval_images}
+              "max_eval_images": max_eval_images, "questions_per_record": questions_per_record}
     manifest = os.path.join(root, "manifest.json")
     try:
         with open(manifest, encoding="utf-8") as f:
@@ -153,11 +157,15 @@ def easy_vqa_dataset(root: str | os.PathLike, max_train_images: int | None = Non
         {"id": f"easyvqa-train-{i}", "image": train_rel[i],
          "conversations": [human("<image>\n" + _CAPTION_PROMPT), gpt(_caption(qa, colors))]}
         for i, qa in train.items()))
-    _write_atomic(out.sft, _jsonl(
-        {"id": f"easyvqa-train-{i}", "image": train_rel[i],
-         "conversations": [turn for k, (q, a) in enumerate(qa)
-                           for turn in (human(("<image>\n" if k == 0 else "") + q), gpt(a))]}
-        for i, qa in train.items() if qa))
+    def sft_records(i: int, qa: list[tuple[str, str]]) -> Iterator[dict]:
+        n = questions_per_record or max(len(qa), 1)
+        for start in range(0, len(qa), n):
+            yield {"id": f"easyvqa-train-{i}" if questions_per_record is None else f"easyvqa-train-{i}-{start}",
+                   "image": train_rel[i],
+                   "conversations": [turn for k, (q, a) in enumerate(qa[start:start + n])
+                                     for turn in (human(("<image>\n" if k == 0 else "") + q), gpt(a))]}
+
+    _write_atomic(out.sft, _jsonl(rec for i, qa in train.items() for rec in sft_records(i, qa)))
     _write_atomic(out.eval, _jsonl(
         {"id": f"easyvqa-test-{i}-{k}", "image": test_rel[i],
          "conversations": [human("<image>\n" + q), gpt(a)], "answer": a}

@@ -5,8 +5,9 @@ head and embeddings shrink with it).
     tok = words_tokenizer(rendered_texts(read_records(["pretrain.jsonl", "sft.jsonl"])))
     tok.save_pretrained("tokenizer/")          # AutoTokenizer.from_pretrained("tokenizer/") reloads it
 
-Text is split as GPT-2 does (byte-level: words with their leading space, punctuation, newlines),
-each piece is one token, and decoding restores the text exactly. A piece outside the vocabulary
+Text is lowercased (by default: "What ..." typed in a chat reads as the data's "what ..."), then
+split as GPT-2 does (byte-level: words with their leading space, punctuation, newlines); each piece
+is one token, and decoding restores the (lowercased) text exactly. A piece outside the vocabulary
 becomes <unk>. Ids 0, 1, 2 are <unk>, <s>, </s> (pad = <unk>, Vicuna's convention); <s> starts
 every encoded text; the chat templates' markers (</s>, <|im_start|>, ...) are special tokens.
 The vocabulary is a function of the text alone: built twice from the same records, it is the same.
@@ -73,10 +74,10 @@ def _pre_tokenizer():
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
-def words_tokenizer(texts: Iterable[str], min_count: int = 1, model_max_length: int = 2048):
+def words_tokenizer(texts: Iterable[str], min_count: int = 1, lowercase: bool = True, model_max_length: int = 2048):
     """A transformers fast tokenizer whose vocabulary is every piece of `texts` seen at least
     `min_count` times, most frequent first (ties in code-point order), after the special tokens."""
-    from tokenizers import Tokenizer, decoders, models, processors
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = [UNK, BOS, EOS] + template_markers()
@@ -85,12 +86,14 @@ def words_tokenizer(texts: Iterable[str], min_count: int = 1, model_max_length: 
     parts = Counter(part for text in texts for part in split.split(text) if part)
     counts: Counter[str] = Counter()
     for part, n in parts.items():  # parts repeat a lot (turns, system prompts): pre-tokenize each once
-        for piece, _ in pre.pre_tokenize_str(part):
+        for piece, _ in pre.pre_tokenize_str(part.lower() if lowercase else part):
             counts[piece] += n
     words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
     vocab = {tok: i for i, tok in enumerate(specials + words)}
 
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    if lowercase:  # special tokens are matched before normalization: "<|im_start|>" stays one token
+        core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre
     core.decoder = decoders.ByteLevel()
     core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
@@ -101,15 +104,18 @@ def words_tokenizer(texts: Iterable[str], min_count: int = 1, model_max_length: 
     return tok
 
 
-def words_tokenizer_dir(folder: str | os.PathLike, texts: Iterable[str], min_count: int = 1) -> str:
-    """`words_tokenizer(texts)` saved in `folder` (rebuilt when missing or when the vocabulary
-    it would have differs from the saved one); returns the folder."""
+def words_tokenizer_dir(folder: str | os.PathLike, texts: Iterable[str], min_count: int = 1,
+                        lowercase: bool = True) -> str:
+    """`words_tokenizer(texts, ...)` saved in `folder` (rebuilt when missing or when the saved one
+    differs: vocabulary or normalizer); returns the folder."""
     folder = os.fspath(folder)
-    tok = words_tokenizer(texts, min_count)
+    tok = words_tokenizer(texts, min_count, lowercase)
     try:
         from transformers import AutoTokenizer
 
-        if AutoTokenizer.from_pretrained(folder).get_vocab() == tok.get_vocab():
+        saved = AutoTokenizer.from_pretrained(folder)
+        if saved.get_vocab() == tok.get_vocab() and saved.backend_tokenizer.normalizer.__class__ == \
+                tok.backend_tokenizer.normalizer.__class__:
             return folder
     except (OSError, ValueError):
         pass

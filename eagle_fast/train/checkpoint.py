@@ -60,10 +60,15 @@ def write_model(model: torch.nn.Module, path: str, savers: tuple[Any, ...] = (),
     if hasattr(model, "peft_config"):
         from safetensors.torch import save_model
 
-        from eagle_fast.train.lora import save_lora
+        from eagle_fast.train.lora import is_quantized, save_lora, trainer_state_dict
 
         save_lora(model, path)
-        save_model(model, os.path.join(path, FULL_STATE))
+        if is_quantized(model):  # QLoRA: no quantized weights (rebuilt from the base on resume)
+            from safetensors.torch import save_file
+
+            save_file(trainer_state_dict(model), os.path.join(path, FULL_STATE))
+        else:
+            save_model(model, os.path.join(path, FULL_STATE))
     else:
         model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     for obj in savers:  # tokenizer, image processor: anything with save_pretrained(dir)
@@ -125,7 +130,16 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
     from safetensors.torch import load_file, load_model
 
     if os.path.exists(os.path.join(path, FULL_STATE)):
-        load_model(model, os.path.join(path, FULL_STATE), strict=True)
+        from eagle_fast.train.lora import is_quantized, trainer_state_dict
+
+        if not is_quantized(model):
+            load_model(model, os.path.join(path, FULL_STATE), strict=True)
+            return
+        state, want = load_file(os.path.join(path, FULL_STATE)), set(trainer_state_dict(model))
+        if set(state) != want:
+            raise RuntimeError(f"{path}: QLoRA checkpoint does not match the model (missing "
+                               f"{sorted(want - set(state))[:5]}, unexpected {sorted(set(state) - want)[:5]})")
+        model.load_state_dict(state, strict=False)
         return
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     state: dict[str, torch.Tensor] = {}

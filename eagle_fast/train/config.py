@@ -40,7 +40,7 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_bias: str = "none"
-    bits: int = 16  # 4 / 8: QLoRA (bitsandbytes, CUDA only)
+    bits: int = 16  # 4 / 8: QLoRA, the LoRA targets quantized by bitsandbytes (NF4 / int8; CPU or CUDA)
     # data
     version: str = "vicuna_v1"  # conversation template
     data_path: str | None = None  # None on tiny recipes: the built-in easy-VQA set
@@ -81,6 +81,10 @@ class TrainConfig:
             self.stage = "pretrain"  # the original expresses stage 1 with this flag
         if self.stage not in STAGES:
             raise ValueError(f"stage {self.stage!r}: one of {STAGES}")
+        if self.bits not in (4, 8, 16):
+            raise ValueError(f"bits={self.bits}: 4 or 8 (QLoRA) or 16 (no quantization)")
+        if self.bits != 16 and not self.lora_enable:
+            raise ValueError(f"bits={self.bits} quantizes the LLM for QLoRA training: pass --lora_enable too")
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("batch size and gradient accumulation must be >= 1")
 
@@ -118,16 +122,18 @@ RECIPES: dict[str, dict[str, Any]] = {
 TINY_STAGE = {"pretrain": dict(learning_rate=3e-3, version="plain"), "sft": dict(learning_rate=1e-3),
               "prealign": dict(learning_rate=3e-3)}
 
-# The demo: eagle-demo on the built-in easy-VQA set with a word-level tokenizer built from it, sized
-# to train both stages on a 2-core CPU in minutes and answer the test questions (see DEMO_STAGE).
+# The demo: eagle-demo on the built-in easy-VQA set (single-question SFT records: see BUILTIN_DATA)
+# with a word-level tokenizer built from it, sized to train both stages on a 2-core CPU in minutes.
 DATA_WORDS = "data:words"  # tokenizer_name_or_path: built from the training records (train/setup.py)
-RECIPES["demo"] = dict(preset="eagle-demo", tokenizer_name_or_path=DATA_WORDS, version="vicuna_v1",
+RECIPES["demo"] = dict(preset="eagle-demo", tokenizer_name_or_path=DATA_WORDS, version="chatml",
                        model_max_length=512, save_steps=0, warmup_ratio=0.05, weight_decay=0.0)
 DEMO_STAGE = {"pretrain": dict(learning_rate=3e-3, version="plain", per_device_train_batch_size=32,
                                num_train_epochs=1.0),
-              "sft": dict(learning_rate=2e-3, per_device_train_batch_size=16, num_train_epochs=2.0),
+              "sft": dict(learning_rate=2e-3, per_device_train_batch_size=32, num_train_epochs=2.0),
               "prealign": dict(learning_rate=3e-3, per_device_train_batch_size=32)}
-BUILTIN_DATA_RECIPES = ("tiny-x4", "tiny-x5", "demo")  # recipes that train on the built-in set without data_path
+# recipes that train on the built-in easy-VQA set when data_path is None -> options of its builder
+# (eagle_fast.data.builtin.easy_vqa_dataset)
+BUILTIN_DATA: dict[str, dict[str, Any]] = {"tiny-x4": {}, "tiny-x5": {}, "demo": dict(questions_per_record=1)}
 
 
 def recipe(name: str, stage: str = "sft", **overrides: Any) -> TrainConfig:

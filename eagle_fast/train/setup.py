@@ -12,7 +12,7 @@ import torch
 
 from eagle_fast.data import EagleDataset
 from eagle_fast.model import EagleLlamaConfig, EagleLlamaForCausalLM, presets
-from eagle_fast.train.config import BUILTIN_DATA_RECIPES, DATA_WORDS, TrainConfig
+from eagle_fast.train.config import BUILTIN_DATA, DATA_WORDS, TrainConfig
 from eagle_fast.vision.processor import EagleImageProcessor
 
 
@@ -36,11 +36,11 @@ def builtin_tokenizer_dir(root: str) -> str:
 
 def builtin_data(cfg: TrainConfig):
     """The built-in easy-VQA set (written under output_dir/assets) that recipes without data_path use."""
-    if cfg.recipe not in BUILTIN_DATA_RECIPES:
+    if cfg.recipe not in BUILTIN_DATA:
         raise ValueError(f"recipe {cfg.recipe!r} needs data_path and image_folder")
     from eagle_fast.data.builtin import easy_vqa_dataset
 
-    return easy_vqa_dataset(os.path.join(cfg.output_dir, "assets", "easy_vqa"))
+    return easy_vqa_dataset(os.path.join(cfg.output_dir, "assets", "easy_vqa"), **BUILTIN_DATA[cfg.recipe])
 
 
 def data_words_tokenizer_dir(cfg: TrainConfig) -> str:

@@ -106,3 +106,26 @@ def test_record_source_indexes_files(built):
         src = RecordSource(path)
         assert len(src) == len(records)
         assert src.read(len(src) - 1).data == records[-1]
+
+
+def test_questions_per_record_splits_each_conversation_in_order(tmp_path):
+    whole = _load(easy_vqa_dataset(tmp_path / "whole", max_train_images=6, max_eval_images=1).sft)
+
+    def pairs(records):
+        out = {}
+        for r in records:
+            conv = r["conversations"]
+            assert conv[0]["value"].startswith("<image>\n") and sum(t["value"].count("<image>") for t in conv) == 1
+            out.setdefault(r["image"], []).extend((conv[k]["value"].removeprefix("<image>\n"), conv[k + 1]["value"])
+                                                  for k in range(0, len(conv), 2))
+        return out
+
+    for n in (1, 3):
+        split = _load(easy_vqa_dataset(tmp_path / str(n), max_train_images=6, max_eval_images=1,
+                                       questions_per_record=n).sft)
+        assert all(2 <= len(r["conversations"]) <= 2 * n for r in split)
+        assert len({r["id"] for r in split}) == len(split)
+        assert pairs(split) == pairs(whole)
+    assert len(split) == sum(-(-len(r["conversations"]) // 6) for r in whole)  # ceil(questions / 3) each
+    with pytest.raises(ValueError, match="questions_per_record"):
+        easy_vqa_dataset(tmp_path / "bad", questions_per_record=0)

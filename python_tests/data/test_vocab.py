@@ -1,5 +1,5 @@
-"""Word-level tokenizers built from the data: exact round trips, stable ids across save/load and
-rebuilds, offsets that give encode_prompt / tokenize_conversation the right label masks, <unk> for
+"""Word-level tokenizers built from the data: exact round trips (of the lowercased text by
+default), stable ids across save/load and rebuilds, offsets that give encode_prompt / tokenize_conversation the right label masks, <unk> for
 what the data never held."""
 
 import json
@@ -43,12 +43,19 @@ def test_special_ids_and_small_vocabulary(tok):
 
 
 def test_every_message_round_trips_exactly(tok, records):
+    exact = words_tokenizer(rendered_texts(records), lowercase=False)
     for rec in records:
         for msg in rec["conversations"]:
             for chunk in msg["value"].split(IMAGE_TOKEN):
                 ids = tok(chunk, add_special_tokens=False)["input_ids"]
                 assert tok.unk_token_id not in ids, chunk
-                assert tok.decode(ids) == chunk
+                assert tok.decode(ids) == chunk.lower()
+                assert exact.decode(exact(chunk, add_special_tokens=False)["input_ids"]) == chunk
+
+
+def test_capitals_read_as_the_data_words(tok):
+    assert tok("What Shape is in the IMAGE?")["input_ids"] == tok("what shape is in the image?")["input_ids"]
+    assert tok.unk_token_id not in tok("What color is the shape?")["input_ids"]
 
 
 @pytest.mark.parametrize("template", RENDERED)
@@ -58,15 +65,15 @@ def test_rendered_prompts_have_no_unknown_pieces(tok, records, template):
         ids, _ = encode_prompt(text, tok, tpl.adds_bos)
         assert tok.unk_token_id not in ids, text
         assert tok.decode([i for i in ids if i != IMAGE_TOKEN_INDEX], skip_special_tokens=False) \
-            .removeprefix(BOS) == text.replace(IMAGE_TOKEN, "")
+            .removeprefix(BOS) == text.replace(IMAGE_TOKEN, "").lower()
 
 
 def test_unknown_words_become_unk(tok):
-    enc = tok("what is the zebra shape, Ünïcode?", add_special_tokens=False, return_offsets_mapping=True)
+    text = "what is the zebra shape, Ünïcode?"
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     toks = tok.convert_ids_to_tokens(enc["input_ids"])
     assert toks.count(UNK) >= 2 and "Ġshape" in toks
     # offsets still cover the text: each <unk> spans its word
-    text = "what is the zebra shape, Ünïcode?"
     spans = [text[a:b] for a, b in enc["offset_mapping"]]
     assert " zebra" in spans and "".join(spans) == text
 
@@ -111,6 +118,9 @@ def test_tokenizer_dir_is_reused_and_rebuilt(tmp_path, records):
     words_tokenizer_dir(folder, texts + ["platypus"])
     with open(tmp_path / "tok" / "tokenizer.json") as f:
         assert "platypus" in json.load(f)["model"]["vocab"]
+    words_tokenizer_dir(folder, texts + ["platypus"], lowercase=False)  # same words, another normalizer
+    with open(tmp_path / "tok" / "tokenizer.json") as f:
+        assert json.load(f)["normalizer"] is None
 
 
 def test_records_from_json_lists(tmp_path, records):

@@ -30,7 +30,7 @@ def test_demo_recipe_stages():
     pre, sft = recipe("demo", "pretrain"), recipe("demo", "sft")
     assert pre.preset == sft.preset == "eagle-demo"
     assert pre.tokenizer_name_or_path == sft.tokenizer_name_or_path == DATA_WORDS
-    assert pre.version == "plain" and sft.version == "vicuna_v1"
+    assert pre.version == "plain" and sft.version == "chatml"
     assert pre.data_path is None and sft.data_path is None  # the built-in easy-VQA set
     cli = parse(["--recipe", "demo", "--stage", "sft", "--pretrain_mm_mlp_adapter", "d1/mm_projector.bin",
                  "--output_dir", "d2"])
