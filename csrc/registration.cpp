@@ -15,4 +15,12 @@ TORCH_LIBRARY(eagle_fast, m) {
   m.def("resize_concat(Tensor[] features, int grid, int[] unshuffle) -> Tensor");
   // Gradients of resize_concat for every feature, each shaped and strided like empty_like(feature).
   m.def("resize_concat_backward(Tensor grad, Tensor[] features, int grid, int[] unshuffle) -> Tensor[]");
+  // Fused LM head + cross-entropy over learned rows: hidden (n, H), weight (V, H), labels (n,) in
+  // [0, V) or ignore_index -> (sum of the n row losses (0-d fp32; fp64 for fp64), d sum / d hidden
+  // (n, H), d sum / d weight (V, H)); a gradient not asked for is an empty (0,) tensor. Logits are
+  // never held beyond one chunk of rows. See ops/linear_cross_entropy.py.
+  m.def(
+      "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, "
+      "bool compute_grad_hidden, bool compute_grad_weight) -> (Tensor loss_sum, Tensor grad_hidden, "
+      "Tensor grad_weight)");
 }

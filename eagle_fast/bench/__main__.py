@@ -1,5 +1,5 @@
-"""python -m eagle_fast.bench {preprocess,resize_concat,attention,train,chat,all} [options]; each subcommand
-has --help. `all` runs every benchmark with its defaults and writes OUT/results.csv (every row) beside
+"""python -m eagle_fast.bench {preprocess,resize_concat,attention,linear_cross_entropy,train,chat,all} [options];
+each subcommand has --help. `all` runs every benchmark with its defaults and writes OUT/results.csv (every row) beside
 each benchmark's own CSV and PNG."""
 
 from __future__ import annotations
@@ -36,6 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     at.add_argument("--repeats", type=int, default=7)
     at.add_argument("--threads", type=int, default=2)
     at.add_argument("--out-dir", default="bench_results")
+    lce = sub.add_parser("linear_cross_entropy", help="LM head + causal-LM loss, forward and forward+backward")
+    lce.add_argument("--threads", type=int, default=2)
+    lce.add_argument("--repeats", type=int, default=5)
+    lce.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    lce.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                     help="default: bfloat16 on CUDA, float32 on CPU")
+    lce.add_argument("--shapes", nargs="+", default=None, help="names of the shape sets (default: all of the device)")
+    lce.add_argument("--out-dir", default="bench_results")
     tr = sub.add_parser("train", help="tiny-recipe training steps: fast path vs reference ops")
     tr.add_argument("--recipe", default="tiny-x5")
     tr.add_argument("--batch-size", type=int, default=8)
@@ -75,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         run(AttentionBenchConfig(device=args.device, dtype=args.dtype, head_dims=tuple(args.head_dims), causal=causal,
                                  shapes=shapes, width=args.width, repeats=args.repeats, threads=args.threads,
                                  out_dir=args.out_dir))
+    elif args.bench == "linear_cross_entropy":
+        from eagle_fast.bench.linear_cross_entropy import LinearCrossEntropyBenchConfig, main as run
+
+        dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+        run(LinearCrossEntropyBenchConfig(repeats=args.repeats, threads=args.threads, device=args.device, dtype=dtype,
+                                          shapes=None if args.shapes is None else tuple(args.shapes),
+                                          out_dir=args.out_dir))
     elif args.bench == "train":
         from eagle_fast.bench.train import TrainBenchConfig, main as run
 
@@ -93,7 +108,7 @@ def run_all(out_dir: str, threads: int, quick: bool = False) -> int:
     pipeline) -> each one's CSV and PNG, and OUT/results.csv with all rows of this run."""
     import os
 
-    from eagle_fast.bench import attention, chat, fused_preprocess, resize_concat, train
+    from eagle_fast.bench import attention, chat, fused_preprocess, linear_cross_entropy, resize_concat, train
     from eagle_fast.bench.harness import write_csv
 
     dev = "cuda" if _cuda() else "cpu"
@@ -106,6 +121,9 @@ def run_all(out_dir: str, threads: int, quick: bool = False) -> int:
     rows += attention.main(attention.AttentionBenchConfig(
         device=dev, threads=threads, dtype="bfloat16" if dev == "cuda" else "float32", out_dir=out_dir, **q,
         **(dict(head_dims=(32,), causal=(True,), shapes=((1, 64),), width=64) if quick else {})))
+    rows += linear_cross_entropy.main(linear_cross_entropy.LinearCrossEntropyBenchConfig(
+        threads=threads, out_dir=out_dir, device=dev, dtype="bfloat16" if dev == "cuda" else "float32", **q,
+        **(dict(shapes=("small",)) if quick else {})))
     rows += train.main(train.TrainBenchConfig(threads=threads, out_dir=out_dir, **q,
                                               **(dict(batch_size=2, batches=1) if quick else {})))
     rows += chat.main(chat.ChatBenchConfig(threads=threads, out_dir=out_dir, **q, **(

@@ -97,11 +97,20 @@ def _done_ids(path: str) -> set:
     return done
 
 
+def _reply(tok, ids: list[int], stop: str) -> str:
+    """Generated ids -> the answer text: up to the template's stop string, special tokens dropped."""
+    text = tok.decode(ids, skip_special_tokens=False)
+    if stop and stop in text:
+        ids = tok(text[:text.index(stop)], add_special_tokens=False)["input_ids"]
+    return tok.decode(ids, skip_special_tokens=True).strip()
+
+
 def generate(cfg: EvalConfig, questions: list[dict], task: Task) -> str:
     """Answers this shard's questions not yet in its prediction file; returns the file."""
     from tqdm import tqdm
 
     from eagle_fast.data.images import load_image_file
+    from eagle_fast.data.templates import get_template
     from eagle_fast.inference import load_model
     from eagle_fast.inference.chat import prompt_ids
     from eagle_fast.inference.engine import Engine, GenerationConfig
@@ -114,7 +123,9 @@ def generate(cfg: EvalConfig, questions: list[dict], task: Task) -> str:
         return path
     model, tok, proc = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     engine = Engine(model, tok)
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens or task.max_new_tokens, do_sample=False, temperature=0)
+    stop = get_template(cfg.template).stop  # a reply ends there, as in chat (chatml: <|im_end|>, not EOS)
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens or task.max_new_tokens, do_sample=False, temperature=0,
+                           stop=(stop,) if stop else ())
     bar = tqdm(total=len(todo), desc=f"{cfg.task} shard {cfg.shard}/{cfg.num_shards}", unit="q")
     with open(path, "a", encoding="utf-8") as out:
         for start in range(0, len(todo), cfg.batch_size):
@@ -129,8 +140,7 @@ def generate(cfg: EvalConfig, questions: list[dict], task: Task) -> str:
                 prompts.append((q, prompt_ids(cfg.template, [("user", turn)], tok)))
                 images.append(proc([img]) if img is not None else None)
             answers = engine.generate_batch([p for _, p in prompts], images, gen) if prompts else []
-            lines = failed + [{**q, "prediction": tok.decode(a, skip_special_tokens=True).strip()}
-                              for (q, _), a in zip(prompts, answers)]
+            lines = failed + [{**q, "prediction": _reply(tok, a, stop)} for (q, _), a in zip(prompts, answers)]
             for rec in lines:
                 out.write(json.dumps(rec, ensure_ascii=False) + "\n")
             out.flush()

@@ -11,6 +11,9 @@ whose samples hold no image skip the vision compute entirely.
     new_tokens = model.generate(input_ids, images=processor(pil_images), max_new_tokens=64)
     with eagle_fast.ops.reference_ops():   # the same model on every op's pure-torch reference
         ref = model(input_ids, attention_mask, images=...)
+
+In training mode with labels, the loss comes from `ops.linear_cross_entropy` on the final hidden
+states (only learned positions go through the LM head) and the output's `logits` is None.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import LlamaForCausalLM, LlamaModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
 from eagle_fast.model.config import EagleLlamaConfig
 from eagle_fast.model.projector import build_projector
 from eagle_fast.model.splice import IMAGE_TOKEN_INDEX, count_images, splice
-from eagle_fast.ops import reference_ops
+from eagle_fast.ops import linear_cross_entropy, reference_ops
 from eagle_fast.ops.attention_hf import register_transformers_attention
+from eagle_fast.vision.experts.convnext import ConvNextBlock
 from eagle_fast.vision.experts.eva import EvaViT
 from eagle_fast.vision.mixture import VisionMixture
 
@@ -35,7 +40,7 @@ class _EagleDefaults:
     """Hooks shared by the two model classes. Attention defaults to eagle_fast's op
     ("eagle_attention"; pass attn_implementation="sdpa" or "eager" to change it). transformers
     builds models on the meta device and then initializes, per module, what the checkpoint does not
-    hold: here also the EVA RoPE tables (non-persistent buffers)."""
+    hold: here also the EVA RoPE tables (non-persistent buffers) and ConvNeXt's layer scales."""
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         if requested_attention is None:
@@ -46,6 +51,8 @@ class _EagleDefaults:
         super()._init_weights(module)
         if isinstance(module, EvaViT):
             module.reset_rope()
+        elif isinstance(module, ConvNextBlock):
+            module.reset_layer_scale()
 
 
 class EagleLlamaModel(_EagleDefaults, LlamaModel):
@@ -117,8 +124,33 @@ class EagleLlamaForCausalLM(_EagleDefaults, LlamaForCausalLM):
         if row_lens is not None:
             ref = input_ids if input_ids is not None else inputs_embeds
             attention_mask, position_ids = self._packed(row_lens, ref.shape[1], ref.device, kwargs)
+        if labels is not None and self.training and self._fused_loss_head() and not kwargs.get("logits_to_keep"):
+            return self._forward_fused_loss(input_ids, attention_mask, position_ids, inputs_embeds, labels, kwargs)
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+
+    def _fused_loss_head(self) -> bool:
+        """True when the LM head is a plain bias-free Linear holding its full (vocab, hidden) weight:
+        not a DeepSpeed ZeRO-3 partition (shape [0] outside the module's own forward), a DTensor
+        shard, an adapter wrapper or a quantized subclass. Otherwise the standard HF path runs."""
+        head = self.lm_head
+        if type(head) is not nn.Linear or head.bias is not None:
+            return False
+        w = head.weight
+        return type(w) in (torch.Tensor, nn.Parameter) and tuple(w.shape) == (head.out_features, head.in_features)
+
+    def _forward_fused_loss(self, input_ids, attention_mask, position_ids, inputs_embeds, labels, kwargs):
+        """LlamaForCausalLM.forward for training: the same base model call, then the loss from the final
+        hidden states (B, T, H) and the lm_head weight (V, H) without the (B, T, V) logits."""
+        base_kwargs = {k: v for k, v in kwargs.items() if k != "logits_to_keep"}  # a head argument in HF
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             inputs_embeds=inputs_embeds, **base_kwargs)
+        hidden = outputs.last_hidden_state
+        shift_labels = kwargs.get("shift_labels")  # HF: labels already shifted by the caller
+        loss = linear_cross_entropy(hidden, self.lm_head.weight, labels if shift_labels is None else shift_labels,
+                                    num_items=kwargs.get("num_items_in_batch"), shift=shift_labels is None)
+        return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
     def _packed_row_lengths(self, input_ids, packed_seq_lens) -> list[int]:
         """Token lengths of the packed records -> their lengths after splicing (an image: grid^2 rows)."""

@@ -80,7 +80,10 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
 DEMO_EXPERTS = {
     "clip-448": dict(image_size=64, patch_size=16, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=2),
-    "convnext-1024": dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), image_size=128, num_classes=10),
+    # blocks on from the start (layer scale 1, not timm's 1e-6): trained from scratch in minutes, a
+    # ConvNeXt whose blocks start as the identity learns colours but not shapes
+    "convnext-1024": dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), image_size=128, num_classes=10,
+                          layer_scale_init=1.0),
 }
 DEMO_LLM = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,

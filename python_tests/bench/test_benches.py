@@ -33,6 +33,15 @@ def test_train_bench_runs(tmp_path):
     assert "| reference ops |" in report(rows)
 
 
+def test_linear_cross_entropy_bench_runs(tmp_path, capsys):
+    from eagle_fast.bench.linear_cross_entropy import LinearCrossEntropyBenchConfig, main as lce_main
+
+    rows = lce_main(LinearCrossEntropyBenchConfig(repeats=1, threads=1, shapes=("small",), out_dir=str(tmp_path)))
+    assert {r.provider for r in rows} == {f"{p} {s}" for p in ("eager reference", "eagle_fast") for s in ("fwd", "fwd+bwd")}
+    assert all(r.median_ms > 0 for r in rows)
+    assert "| small V4096 H64 N256 |" in capsys.readouterr().out and (tmp_path / "linear_cross_entropy.png").exists()
+
+
 def test_chat_bench_runs(tmp_path, capsys):
     from eagle_fast.bench.chat import ChatBenchConfig, main as chat_main
 
@@ -49,6 +58,7 @@ def test_bench_all_writes_every_benchmark(tmp_path):
     assert bench_main(["all", "--quick", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["bench"] for r in rows} >= {"preprocess", "resize_concat", "attention", "train", "chat"}
-    for name in ("preprocess", "resize_concat", "attention", "train", "chat"):
+    names = ("preprocess", "resize_concat", "attention", "linear_cross_entropy", "train", "chat")
+    assert {r["bench"] for r in rows} >= set(names)
+    for name in names:
         assert (tmp_path / f"{name}.png").stat().st_size > 0

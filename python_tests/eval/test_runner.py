@@ -136,3 +136,21 @@ def test_cli_builtin_easy_vqa(tmp_path, ckpt):
     assert "| easy-vqa | accuracy (%), majority baseline" in res.stdout
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["n"] == 5 and summary["errors"] == 0
+
+
+def test_answers_end_at_the_template_stop(tmp_path, ckpt, questions, monkeypatch):
+    """A reply ends at the template's stop string (chatml's <|im_end|> is not the EOS): whatever the
+    model would generate after it never reaches the prediction."""
+    from eagle_fast.inference.engine import Engine
+
+    seen = {}
+
+    def fake_batch(self, prompts, images, gen):
+        seen["stop"] = gen.stop
+        return [self.tokenizer("yes<|im_end|> no no", add_special_tokens=False)["input_ids"] for _ in prompts]
+
+    monkeypatch.setattr(Engine, "generate_batch", fake_batch)
+    run(_cfg(tmp_path, ckpt, questions, template="chatml"))
+    assert seen["stop"] == ("<|im_end|>",)
+    preds = _preds(tmp_path / "out" / "easy-vqa.predictions.jsonl")
+    assert len(preds) == 7 and all(p["prediction"] == "yes" for p in preds), preds

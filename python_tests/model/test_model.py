@@ -199,6 +199,35 @@ def test_fast_path_equals_reference_ops_logits_and_gradients():
             assert (g_fast[n] - p.grad).abs().max() <= 1e-4 * max(1.0, p.grad.abs().max().item()), n
 
 
+def test_training_loss_uses_the_fused_head_and_equals_reference_ops():
+    """Train mode with labels: the loss comes from ops.linear_cross_entropy on the learned rows only
+    (logits None); it and every parameter gradient equal the reference path (lm_head over every row +
+    F.cross_entropy), with and without num_items_in_batch."""
+    model = _model().train()
+    ids, mask, labels, images = _batch(model)
+    labels[:, :3] = IGNORE_INDEX  # prompt tokens (and the image rows spliced in) are not learned
+    losses = []
+    for kw in ({}, {"num_items_in_batch": torch.tensor(11)}):
+        model.zero_grad()
+        fast = model(ids, mask, labels=labels, images=images, **kw)
+        fast.loss.backward()
+        g_fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        ref = model(ids, mask, labels=labels, images=images, reference=True, **kw)
+        ref.loss.backward()
+        assert fast.logits is None and ref.logits is None
+        assert abs(fast.loss.item() - ref.loss.item()) <= 1e-5 * max(1.0, abs(ref.loss.item()))
+        assert "lm_head.weight" in g_fast and any("vision_towers.4" in n for n in g_fast)
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                assert (g_fast[n] - p.grad).abs().max() <= 1e-5 * max(1.0, p.grad.abs().max().item()), n
+        losses.append(fast.loss.item())
+    model.eval()
+    with torch.no_grad():  # eval mode keeps the HF path: logits, and the same mean loss
+        out = model(ids, mask, labels=labels, images=images)
+    assert out.logits is not None and abs(out.loss.item() - losses[0]) <= 1e-5 * max(1.0, losses[0])
+
+
 def test_text_only_batch_skips_the_vision_experts():
     model = _model()
     calls = []

@@ -26,6 +26,10 @@ class ConvNextConfig:
     image_size: int = 1024
     num_classes: int = 1000  # the unused head of the checkpoint
     eps: float = 1e-5  # Eagle's copy of timm's ConvNeXt (timm's own default is 1e-6)
+    # initial layer scale of every block (timm's ls_init_value): 1e-6 makes each block start as the
+    # identity, right for fine-tuning; a network trained from scratch in a few minutes (the CPU
+    # demo) learns much faster with its blocks switched on from the start
+    layer_scale_init: float = 1e-6
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -47,12 +51,22 @@ class _Mlp(nn.Module):
 
 
 class ConvNextBlock(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, layer_scale_init: float = 1e-6):
         super().__init__()
         self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.mlp = _Mlp(dim)
-        self.weight = nn.Parameter(torch.full((dim,), 1e-6))  # layer scale (timm: gamma)
+        self.weight = nn.Parameter(torch.full((dim,), layer_scale_init))  # layer scale (timm: gamma)
+        self.layer_scale_init = layer_scale_init
+
+    def reset_layer_scale(self) -> None:
+        """Layer scale to its initial value: transformers builds models on the meta device and then
+        initializes what a checkpoint does not hold (new experts on an LLM), module by module; a
+        loaded value is kept."""
+        from transformers import initialization  # its init functions leave loaded tensors alone
+
+        with torch.no_grad():
+            initialization.constant_(self.weight, self.layer_scale_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
         y = self.conv_dw(x).permute(0, 2, 3, 1)  # channels-last for the norm and MLP
@@ -61,11 +75,11 @@ class ConvNextBlock(nn.Module):
 
 
 class ConvNextStage(nn.Module):
-    def __init__(self, in_dim: int, dim: int, depth: int, eps: float, downsample: bool):
+    def __init__(self, in_dim: int, dim: int, depth: int, eps: float, downsample: bool, layer_scale_init: float):
         super().__init__()
         self.downsample = (nn.Sequential(LayerNorm2d(in_dim, eps=eps), nn.Conv2d(in_dim, dim, 2, stride=2))
                            if downsample else nn.Identity())
-        self.blocks = nn.Sequential(*(ConvNextBlock(dim, eps) for _ in range(depth)))
+        self.blocks = nn.Sequential(*(ConvNextBlock(dim, eps, layer_scale_init) for _ in range(depth)))
 
     def forward(self, x):
         return self.blocks(self.downsample(x))
@@ -83,7 +97,7 @@ class ConvNeXt(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, cfg.dims[0], 4, stride=4), LayerNorm2d(cfg.dims[0], eps=cfg.eps))
         self.stages = nn.Sequential(*(
-            ConvNextStage(cfg.dims[max(i - 1, 0)], d, n, cfg.eps, downsample=i > 0)
+            ConvNextStage(cfg.dims[max(i - 1, 0)], d, n, cfg.eps, i > 0, cfg.layer_scale_init)
             for i, (d, n) in enumerate(zip(cfg.dims, cfg.depths))))
         self.head = _Head(cfg.dims[-1], cfg.num_classes, cfg.eps)
         self.grad_checkpointing = False

@@ -1,0 +1,159 @@
+// CUDA kernel of eagle_fast::linear_cross_entropy (semantics: the pure-torch body in
+// eagle_fast/ops/linear_cross_entropy.py; per-row maths: linear_cross_entropy.h), on the current
+// stream. Same chunked algorithm as the CPU kernel: per chunk of R rows
+//   z = h_c @ W^T (at::mm -> cuBLAS, input dtype) -> row_kernel (one block per row: one online
+//   (max, sum exp) pass, block reduction, loss; with grads a second pass writes softmax - onehot
+//   over z in the input dtype) -> grad_h[c] = z @ W, grad_W += z^T @ h_c (fp32 output of the
+//   bf16/fp16 GEMM, accumulated in fp32).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <tuple>
+#include <type_traits>
+
+#include "linear_cross_entropy.h"
+
+namespace eagle_fast::linear_cross_entropy {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+
+// 32 MiB of fp32 logits per chunk (256 rows at V = 32000): enough rows for cuBLAS to fill the GPU.
+constexpr int64_t kChunkBytes = int64_t(32) << 20;
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t lowest() {
+  return std::is_same_v<acc_t, double> ? -DBL_MAX : -FLT_MAX;
+}
+
+// Block-wide merge of every thread's (m, s): warp shuffles, then warp 0 over the warps' pairs.
+template <typename acc_t>
+__device__ void block_merge(acc_t& m, acc_t& s) {
+  __shared__ acc_t sm[kWarps], ss[kWarps];
+  for (int off = 16; off > 0; off >>= 1) {
+    const acc_t m2 = __shfl_xor_sync(0xffffffffu, m, off);
+    const acc_t s2 = __shfl_xor_sync(0xffffffffu, s, off);
+    online_merge(m, s, m2, s2);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    sm[warp] = m;
+    ss[warp] = s;
+  }
+  __syncthreads();
+  m = lane < kWarps ? sm[lane] : lowest<acc_t>();
+  s = lane < kWarps ? ss[lane] : acc_t(0);
+  for (int off = 16; off > 0; off >>= 1) {
+    const acc_t m2 = __shfl_xor_sync(0xffffffffu, m, off);
+    const acc_t s2 = __shfl_xor_sync(0xffffffffu, s, off);
+    online_merge(m, s, m2, s2);
+  }  // every warp computed the same merge: all threads hold the block's (m, s)
+}
+
+// Row blockIdx.x of the chunk z (rows, V), labels of the chunk's rows, row losses out.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+row_kernel(scalar_t* __restrict__ z, int64_t V, const int64_t* __restrict__ labels, int64_t ignore_index,
+           acc_type<scalar_t>* __restrict__ losses, bool with_grad) {
+  using acc_t = acc_type<scalar_t>;
+  scalar_t* row = z + static_cast<int64_t>(blockIdx.x) * V;
+  const int64_t y = labels[blockIdx.x];
+  if (y == ignore_index) {  // contributes nothing
+    if (with_grad)
+      for (int64_t j = threadIdx.x; j < V; j += kThreads) row[j] = scalar_t(0);
+    if (threadIdx.x == 0) losses[blockIdx.x] = acc_t(0);
+    return;
+  }
+  CUDA_KERNEL_ASSERT(y >= 0 && y < V);
+  const acc_t z_label = static_cast<acc_t>(row[y]);  // read before any thread overwrites it
+  acc_t m = lowest<acc_t>(), s = acc_t(0);
+  for (int64_t j = threadIdx.x; j < V; j += kThreads) online_add(m, s, static_cast<acc_t>(row[j]));
+  block_merge(m, s);  // has a __syncthreads: every z_label read precedes every write below
+  const acc_t lse = logsumexp(m, s);
+  if (threadIdx.x == 0) losses[blockIdx.x] = row_loss(lse, z_label);
+  if (!with_grad) return;
+  for (int64_t j = threadIdx.x; j < V; j += kThreads) {
+    const acc_t g = j == y ? label_grad(z_label, lse) : softmax_grad(static_cast<acc_t>(row[j]), lse);
+    row[j] = static_cast<scalar_t>(g);
+  }
+}
+
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels) {
+  constexpr const char* op = "linear_cross_entropy";
+  TORCH_CHECK(hidden.dim() == 2, op, ": hidden must be (n, H), got shape ", hidden.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1), op, ": weight must be (V, H) with H = ",
+              hidden.size(1), ", got shape ", weight.sizes());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), op, ": labels must be (n,) with n = ",
+              hidden.size(0), ", got shape ", labels.sizes());
+  TORCH_CHECK(hidden.is_cuda() && weight.device() == hidden.device() && labels.device() == hidden.device(), op,
+              ": expected tensors on one CUDA device, got hidden on ", hidden.device(), ", weight on ",
+              weight.device(), ", labels on ", labels.device());
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": hidden has dtype ", dt, " (float32, float64, bfloat16, float16 supported)");
+  TORCH_CHECK(weight.scalar_type() == dt, op, ": weight has dtype ", weight.scalar_type(), ", hidden has ", dt);
+  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, op,
+              ": labels must be int64 or int32, got ", labels.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cuda(const at::Tensor& hidden,
+                                                                         const at::Tensor& weight,
+                                                                         const at::Tensor& labels,
+                                                                         int64_t ignore_index, bool grad_hidden,
+                                                                         bool grad_weight) {
+  check_inputs(hidden, weight, labels);
+  c10::cuda::CUDAGuard guard(hidden.device());
+  const int64_t n = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const auto dt = hidden.scalar_type();
+  const auto acc_dt = dt == at::kDouble ? at::kDouble : at::kFloat;
+  const bool with_grad = grad_hidden || grad_weight;
+  const at::Tensor lab = labels.to(at::kLong).contiguous();
+  at::Tensor row_losses = at::empty({n}, hidden.options().dtype(acc_dt));
+  at::Tensor gh = grad_hidden ? at::empty({n, H}, hidden.options()) : at::empty({0}, hidden.options());
+  at::Tensor gw = grad_weight ? at::zeros({V, H}, weight.options().dtype(acc_dt)) : at::empty({0}, weight.options());
+  const int64_t R = std::min<int64_t>(std::max<int64_t>(1, kChunkBytes / (4 * std::max<int64_t>(V, 1))), 65535);
+  at::Tensor buf = at::empty({std::min(R, n), V}, hidden.options());
+  const at::Tensor wt = weight.t();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  for (int64_t r0 = 0; r0 < n; r0 += R) {
+    const int64_t rc = std::min(R, n - r0);
+    const at::Tensor h = hidden.narrow(0, r0, rc);
+    at::Tensor z = buf.narrow(0, 0, rc);
+    at::mm_out(z, h, wt);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "linear_cross_entropy_cuda", [&] {
+      using acc_t = acc_type<scalar_t>;
+      row_kernel<scalar_t><<<static_cast<unsigned>(rc), kThreads, 0, stream>>>(
+          z.mutable_data_ptr<scalar_t>(), V, lab.const_data_ptr<int64_t>() + r0, ignore_index,
+          row_losses.mutable_data_ptr<acc_t>() + r0, with_grad);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    if (grad_hidden) {
+      at::Tensor gh_c = gh.narrow(0, r0, rc);
+      at::mm_out(gh_c, z, weight);
+    }
+    if (grad_weight) {
+      if (dt == acc_dt)
+        gw.addmm_(z.t(), h);
+      else  // cuBLAS bf16/fp16 GEMM with an fp32 result, summed over chunks in fp32
+        gw.add_(at::mm(z.t(), h, acc_dt));
+    }
+  }
+  at::Tensor loss = row_losses.sum();  // 0-d, acc dtype; deterministic (no atomics)
+  if (grad_weight && dt != acc_dt) gw = gw.to(dt);
+  return {loss, gh, gw};
+}
+
+}  // namespace
+}  // namespace eagle_fast::linear_cross_entropy
+
+TORCH_LIBRARY_IMPL(eagle_fast, CUDA, m) {
+  m.impl("linear_cross_entropy", &eagle_fast::linear_cross_entropy::linear_cross_entropy_cuda);
+}

@@ -1,0 +1,1 @@
+"""Triton kernels of eagle_fast::linear_cross_entropy."""
