@@ -1,5 +1,5 @@
-"""A shortened demo end to end (a few steps of each stage, a few test questions): both stages run
-through the trainer, the evaluation writes runs/demo/eval.json, the chat API streams answers, and a
+"""A shortened demo end to end (a few steps of each stage, a few test questions): both stages (the
+second in its two passes) run through the trainer, the evaluation writes runs/demo/eval.json, the chat API streams answers, and a
 second run reuses the finished stages."""
 
 import json
@@ -23,7 +23,7 @@ def test_shortened_demo(tmp_path):
     summary = json.loads((tmp_path / "demo" / "eval.json").read_text())
     assert set(summary) == {"accuracy", "n", "majority_baseline"} and summary["n"] == 24
     assert 0 <= summary["accuracy"] <= 1 and 0 < summary["majority_baseline"] < 1
-    for stage in ("pretrain", "sft"):
+    for stage in ("pretrain", "sft-shapes", "sft"):
         steps = [json.loads(x)["step"] for x in open(tmp_path / "demo" / stage / "metrics.jsonl")]
         assert steps[-1] == 3, (stage, steps)
     assert (tmp_path / "demo" / "pretrain" / "mm_projector.bin").exists()
@@ -31,4 +31,6 @@ def test_shortened_demo(tmp_path):
     assert out.count("ASSISTANT: ") == 4 and "python -m eagle_fast.serve --model" in out
     assert "easy-VQA test accuracy" in out
     again = _demo(tmp_path / "demo")  # finished stages are reused, not retrained
-    assert "stage 1: reusing" in again and "stage 2: reusing" in again
+    assert "stage 1: reusing" in again and "shape pass: reusing" in again and "stage 2: reusing" in again
+    shapes = [json.loads(x) for x in open(tmp_path / "demo" / "data" / "sft-shapes.jsonl")]
+    assert shapes and all(r["conversations"][-1]["value"] in ("circle", "rectangle", "triangle") for r in shapes)

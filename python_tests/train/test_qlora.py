@@ -3,8 +3,6 @@ quantized layers, only LoRA / projector / experts train, the adapter reloads ont
 base with the same logits and merges into the full-precision base, and a resumed run is bitwise
 equal to an uninterrupted one (the quantized base is rebuilt, not stored)."""
 
-import json
-
 import pytest
 import torch
 
@@ -14,23 +12,8 @@ from eagle_fast.train.loop import Trainer
 bnb = pytest.importorskip("bitsandbytes")
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    from eagle_fast.data.builtin import easy_vqa_dataset
-
-    root = tmp_path_factory.mktemp("easyvqa")
-    built = easy_vqa_dataset(root, max_train_images=8, max_eval_images=1)
-    small = root / "small.jsonl"
-    with open(built.sft) as f, open(small, "w") as out:
-        for line in f:
-            rec = json.loads(line)
-            rec["conversations"] = rec["conversations"][:2]
-            out.write(json.dumps(rec) + "\n")
-    return str(small), built.image_folder
-
-
 def _cfg(out, small_data, bits, **kw):
-    data, images = small_data
+    data, images, _ = small_data
     base = dict(output_dir=str(out), data_path=data, image_folder=images, per_device_train_batch_size=4, max_steps=3,
                 save_steps=0, model_max_length=96, lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
                 learning_rate=1e-2, bits=bits)
