@@ -31,6 +31,12 @@ out.sum().backward()
 assert all(f.grad is not None for f in feats)
 q, k, v = (torch.randn(1, 33, n, 64) for n in (4, 2, 2))
 assert (ops.attention(q, k, v, causal=True) - ops.attention(q, k, v, causal=True, backend="reference")).abs().max() < 1e-5
+h, w = torch.randn(2, 7, 16, requires_grad=True), torch.randn(50, 16, requires_grad=True)
+y = torch.randint(0, 50, (2, 7)); y[0, :3] = -100
+lce = ops.linear_cross_entropy(h, w, y)
+assert (lce - ops.linear_cross_entropy(h, w, y, backend="reference")).abs() < 1e-5
+lce.backward()
+assert h.grad is not None and w.grad is not None
 from transformers import AutoModelForCausalLM
 from eagle_fast.model import presets
 model = AutoModelForCausalLM.from_config(presets.get("eagle-tiny-x5"))
