@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "loss/linear_cross_entropy.h"
+#include "loss/linear_cross_entropy_checks.h"
 
 namespace eagle_fast::linear_cross_entropy {
 namespace {
@@ -85,20 +86,10 @@ EF_ROW_CLONES float row_pass_isa(c10::Half* z, int64_t V, int64_t label, bool g)
 
 void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels) {
   constexpr const char* op = "linear_cross_entropy";
-  TORCH_CHECK(hidden.dim() == 2, op, ": hidden must be (n, H), got shape ", hidden.sizes());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1), op, ": weight must be (V, H) with H = ",
-              hidden.size(1), ", got shape ", weight.sizes());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), op, ": labels must be (n,) with n = ",
-              hidden.size(0), ", got shape ", labels.sizes());
   TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu() && labels.device().is_cpu(), op,
               ": expected cpu tensors, got hidden on ", hidden.device(), ", weight on ", weight.device(),
               ", labels on ", labels.device());
-  const auto dt = hidden.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
-              ": hidden has dtype ", dt, " (float32, float64, bfloat16, float16 supported)");
-  TORCH_CHECK(weight.scalar_type() == dt, op, ": weight has dtype ", weight.scalar_type(), ", hidden has ", dt);
-  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, op,
-              ": labels must be int64 or int32, got ", labels.scalar_type());
+  eagle_fast::loss::check_shapes_and_dtypes(hidden, weight, labels);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cpu(const at::Tensor& hidden,
