@@ -1,5 +1,6 @@
 # make test  — create .venv if needed (torch 2.14.1 + deps), build the kernels, run the whole suite.
-# make wheel — build the wheel (carries _C and, with nvcc, _C_cuda) and smoke-test it in a fresh venv.
+# make wheel — build the wheel (carries _C and, with nvcc, _C_cuda; requires the torch it was built
+#              with) and smoke-test it in a fresh venv that installs its dependencies from the index.
 # make demo  — same setup as make test, then train, evaluate and chat with a tiny Eagle (runs/demo/).
 VENV ?= .venv
 PY := $(VENV)/bin/python

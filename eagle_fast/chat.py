@@ -9,8 +9,22 @@ Interactive commands: /reset (new conversation), /image PATH (attach an image to
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass, field
+
+from eagle_fast.cli import ConfigParser
+
+
+@dataclass
+class ChatCLIConfig:
+    model: str = field(metadata={"help": "a model directory, or a preset name (random weights)"})
+    image: list[str] = field(default_factory=list, metadata={"help": "image file(s) for the first message"})
+    prompt: str | None = field(default=None, metadata={"help": "one-shot: answer this and exit"})
+    template: str = field(default="vicuna_v1", metadata={"help": "chat template"})
+
+
+# the generation settings a user sets from the terminal; their defaults are GenerationConfig's
+GENERATION_FLAGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
 
 
 def _open_image(path: str):
@@ -21,23 +35,18 @@ def _open_image(path: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eagle_fast.chat", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a model directory, or a preset name (random weights)")
-    p.add_argument("--image", action="append", default=[], help="image file(s) for the first message")
-    p.add_argument("--prompt", default=None, help="one-shot: answer this and exit")
-    p.add_argument("--template", default="vicuna_v1")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.2)
-    p.add_argument("--top-p", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=None)
-    args = p.parse_args(argv)
+    from eagle_fast.inference.engine import GenerationConfig
+
+    p = ConfigParser("python -m eagle_fast.chat", __doc__)
+    p.add_config(ChatCLIConfig)
+    p.add_config(GenerationConfig, include=GENERATION_FLAGS, group="generation")
+    given = p.parse_given(argv)
+    args = ChatCLIConfig(**{k: given.pop(k) for k in list(given) if k not in GENERATION_FLAGS})
 
     from eagle_fast.inference import ChatSession, load_model
 
     model, tokenizer, processor = load_model(args.model)
-    chat = ChatSession(model, tokenizer, processor, template=args.template, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    chat = ChatSession(model, tokenizer, processor, template=args.template, **given)
     pending = [_open_image(f) for f in args.image]
 
     def answer(text: str) -> None:

@@ -18,23 +18,31 @@ A finished stage is reused, an interrupted one resumes from its last checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
+
+from eagle_fast.cli import ConfigParser
 
 
 @dataclass
 class DemoConfig:
-    out: str = "runs/demo"
-    llm: str = "tiny"  # "tiny": the recipe's own small Llama; "smollm2": SmolLM2-135M-Instruct
-    max_steps: int | None = None  # per stage (a shortened run); None: the recipe's epochs (tiny) or
-    # SMOLLM2_STEPS (smollm2: a 135M-parameter LLM on 2 CPU cores runs ~30x slower per step)
-    eval_limit: int | None = None  # the first N test questions; None: all 9,673 (tiny) or SMOLLM2_EVAL
-    save_steps: int = 200
+    out: str | None = field(default=None, metadata={"help": "output folder (default: runs/demo, runs/demo-smollm2)"})
+    llm: Literal["tiny", "smollm2"] = field(default="tiny", metadata={
+        "help": "tiny: the recipe's own small Llama; smollm2: SmolLM2-135M-Instruct (projector + LoRA)"})
+    # SMOLLM2_STEPS when None for smollm2: a 135M-parameter LLM on 2 CPU cores runs ~30x slower per step
+    max_steps: int | None = field(default=None, metadata={"help": "cap each training stage (a shortened run)"})
+    eval_limit: int | None = field(default=None, metadata={
+        "help": "evaluate the first N test questions only (default: all 9,673; smollm2: 1000)"})
+    save_steps: int = field(default=200, metadata={"help": "checkpoint every N steps (an interrupted stage resumes)"})
+
+    def __post_init__(self) -> None:
+        if self.out is None:
+            self.out = "runs/demo" if self.llm == "tiny" else "runs/demo-smollm2"
 
 
 # The SmolLM2 variant's schedule: stage 1 on half the captions, stage 2 on 4800 questions (an
@@ -124,7 +132,8 @@ def template(cfg: DemoConfig) -> str:
 def evaluate(cfg: DemoConfig, model: str) -> dict:
     out = os.path.join(cfg.out, "eval")
     cmd = [sys.executable, "-m", "eagle_fast.eval", "--model", model, "--task", "easy-vqa", "--out", out,
-           "--template", template(cfg), "--batch-size", "64"]
+           "--template", template(cfg), "--batch_size", "64",
+           "--overwrite"]  # predictions of an earlier demo model in this folder are replaced, not mixed in
     limit = cfg.eval_limit if cfg.eval_limit is not None or cfg.llm != "smollm2" else SMOLLM2_EVAL
     if limit is not None:
         cmd += ["--limit", str(limit)]
@@ -158,15 +167,9 @@ def chat(cfg: DemoConfig, model_dir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eagle_fast.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="output folder (default runs/demo, runs/demo-smollm2)")
-    p.add_argument("--llm", choices=["tiny", "smollm2"], default="tiny")
-    p.add_argument("--max-steps", type=int, default=None, help="cap each training stage (a shortened run)")
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate the first N test questions only")
-    args = p.parse_args(argv)
-    out = args.out or ("runs/demo" if args.llm == "tiny" else "runs/demo-smollm2")
-    cfg = DemoConfig(out=out, llm=args.llm, max_steps=args.max_steps, eval_limit=args.eval_limit)
+    p = ConfigParser("python -m eagle_fast.demo", __doc__)
+    p.add_config(DemoConfig)
+    cfg = DemoConfig(**p.parse_given(argv))
     os.makedirs(cfg.out, exist_ok=True)
     t0 = time.time()
     model_dir = train(cfg)

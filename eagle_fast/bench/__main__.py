@@ -1,109 +1,63 @@
 """python -m eagle_fast.bench {preprocess,resize_concat,attention,linear_cross_entropy,train,chat,all} [options];
-each subcommand has --help. `all` runs every benchmark with its defaults and writes OUT/results.csv (every row) beside
-each benchmark's own CSV and PNG."""
+each subcommand has --help, its flags the fields of its config dataclass. `all` runs every benchmark with its
+defaults and writes OUT/results.csv (every row) beside each benchmark's own CSV and PNG."""
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import sys
+from dataclasses import dataclass, field
+
+from eagle_fast.cli import ConfigParser
+
+# subcommand -> (module under eagle_fast.bench, its config dataclass, help, aliases)
+BENCHES = {
+    "preprocess": ("fused_preprocess", "PreprocessBenchConfig", "X5 image preprocessing fan-out", ("fused_preprocess",)),
+    "resize_concat": ("resize_concat", "ResizeConcatBenchConfig",
+                      "channel-concat fusion of expert maps, forward and backward", ()),
+    "attention": ("attention", "AttentionBenchConfig",
+                  "flash attention sweep: eagle_fast vs sdpa (vs flash-attn when installed)", ()),
+    "linear_cross_entropy": ("linear_cross_entropy", "LinearCrossEntropyBenchConfig",
+                             "LM head + causal-LM loss, forward and forward+backward", ()),
+    "train": ("train", "TrainBenchConfig", "training steps: eagle_fast against plain transformers", ()),
+    "chat": ("chat", "ChatBenchConfig", "multi-turn chat: TTFT with and without KV prefix reuse, decode tokens/s", ()),
+}
+
+
+@dataclass
+class AllBenchConfig:
+    out_dir: str = field(default="bench", metadata={"help": "OUT: results.csv and every benchmark's CSV and PNG"})
+    threads: int = 2
+    quick: bool = field(default=False, metadata={"help": "one repeat of the smallest settings (a pipeline check)"})
+
+
+def _module(name: str):
+    return importlib.import_module(f"eagle_fast.bench.{BENCHES[name][0]}")
+
+
+def parser() -> ConfigParser:
+    p = ConfigParser("python -m eagle_fast.bench", __doc__)
+    sub = p.add_subparsers(dest="bench", required=True)
+    for name, (_, config, help_text, aliases) in BENCHES.items():
+        one = sub.add_parser(name, aliases=list(aliases), help=help_text, description=help_text)
+        one.add_config(getattr(_module(name), config))
+    every = sub.add_parser("all", help=AllBenchConfig.__doc__ or "every benchmark with its defaults")
+    every.add_config(AllBenchConfig)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eagle_fast.bench", description=__doc__)
-    sub = parser.add_subparsers(dest="bench", required=True)
-    pre = sub.add_parser("preprocess", aliases=["fused_preprocess"], help="X5 image preprocessing fan-out")
-    pre.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    pre.add_argument("--repeats", type=int, default=7)
-    pre.add_argument("--out-dir", default="bench_results")
-    pre.add_argument("--gpu-batch", type=int, default=32)
-    pre.add_argument("--min-sample-ms", type=float, default=200.0,
-                     help="each timed sample repeats a provider's calls for at least this long")
-    rc = sub.add_parser("resize_concat", help="channel-concat fusion of expert maps, forward and backward")
-    rc.add_argument("--threads", type=int, default=2)
-    rc.add_argument("--repeats", type=int, default=7)
-    rc.add_argument("--batch", type=int, default=2)
-    rc.add_argument("--device", default="cpu")
-    rc.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
-    rc.add_argument("--out-dir", default="bench_results")
-    at = sub.add_parser("attention", help="flash attention sweep: eagle_fast vs sdpa (vs flash-attn when installed)")
-    at.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    at.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    at.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    at.add_argument("--causal", choices=["both", "on", "off"], default="both")
-    at.add_argument("--shapes", nargs="+", default=None, metavar="BxS",
-                    help="batch x sequence pairs, e.g. 8x2048 (default: the device's sweep)")
-    at.add_argument("--width", type=int, default=None, help="model width H*D (default: 2048 on CUDA, 256 on CPU)")
-    at.add_argument("--repeats", type=int, default=7)
-    at.add_argument("--threads", type=int, default=2)
-    at.add_argument("--out-dir", default="bench_results")
-    lce = sub.add_parser("linear_cross_entropy", help="LM head + causal-LM loss, forward and forward+backward")
-    lce.add_argument("--threads", type=int, default=2)
-    lce.add_argument("--repeats", type=int, default=5)
-    lce.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    lce.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                     help="default: bfloat16 on CUDA, float32 on CPU")
-    lce.add_argument("--shapes", nargs="+", default=None, help="names of the shape sets (default: all of the device)")
-    lce.add_argument("--out-dir", default="bench_results")
-    tr = sub.add_parser("train", help="tiny-recipe training steps: fast path vs reference ops")
-    tr.add_argument("--recipe", default="tiny-x5")
-    tr.add_argument("--batch-size", type=int, default=8)
-    tr.add_argument("--batches", type=int, default=4)
-    tr.add_argument("--repeats", type=int, default=5)
-    tr.add_argument("--threads", type=int, default=2)
-    tr.add_argument("--out-dir", default="bench_results")
-    ch = sub.add_parser("chat", help="multi-turn chat: TTFT with and without KV prefix reuse, decode tokens/s")
-    ch.add_argument("--presets", nargs="+", default=["eagle-tiny-x5", "eagle-small-x5"])
-    ch.add_argument("--reply-tokens", type=int, default=16)
-    ch.add_argument("--repeats", type=int, default=5)
-    ch.add_argument("--threads", type=int, default=2)
-    ch.add_argument("--out-dir", default="bench_results")
-    al = sub.add_parser("all", help="every benchmark with its defaults -> OUT/results.csv + a PNG per benchmark")
-    al.add_argument("--out-dir", default="bench")
-    al.add_argument("--threads", type=int, default=2)
-    al.add_argument("--quick", action="store_true", help="one repeat of the smallest settings (a pipeline check)")
-    args = parser.parse_args(argv)
-    if args.bench == "all":
-        return run_all(args.out_dir, args.threads, args.quick)
-
-    if args.bench in ("preprocess", "fused_preprocess"):
-        from eagle_fast.bench.fused_preprocess import PreprocessBenchConfig, main as run
-
-        run(PreprocessBenchConfig(threads=tuple(args.threads), repeats=args.repeats, out_dir=args.out_dir,
-                                  gpu_batch=args.gpu_batch, min_sample_ms=args.min_sample_ms))
-    elif args.bench == "resize_concat":
-        from eagle_fast.bench.resize_concat import ResizeConcatBenchConfig, main as run
-
-        run(ResizeConcatBenchConfig(batch=args.batch, repeats=args.repeats, threads=args.threads, device=args.device,
-                                    out_dir=args.out_dir, memory=not args.no_memory))
-    elif args.bench == "attention":
-        from eagle_fast.bench.attention import AttentionBenchConfig, main as run
-
-        shapes = None if args.shapes is None else tuple(tuple(int(x) for x in s.split("x")) for s in args.shapes)
-        causal = {"both": (False, True), "on": (True,), "off": (False,)}[args.causal]
-        run(AttentionBenchConfig(device=args.device, dtype=args.dtype, head_dims=tuple(args.head_dims), causal=causal,
-                                 shapes=shapes, width=args.width, repeats=args.repeats, threads=args.threads,
-                                 out_dir=args.out_dir))
-    elif args.bench == "linear_cross_entropy":
-        from eagle_fast.bench.linear_cross_entropy import LinearCrossEntropyBenchConfig, main as run
-
-        dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-        run(LinearCrossEntropyBenchConfig(repeats=args.repeats, threads=args.threads, device=args.device, dtype=dtype,
-                                          shapes=None if args.shapes is None else tuple(args.shapes),
-                                          out_dir=args.out_dir))
-    elif args.bench == "train":
-        from eagle_fast.bench.train import TrainBenchConfig, main as run
-
-        run(TrainBenchConfig(recipe=args.recipe, batch_size=args.batch_size, batches=args.batches,
-                             repeats=args.repeats, threads=args.threads, out_dir=args.out_dir))
-    elif args.bench == "chat":
-        from eagle_fast.bench.chat import ChatBenchConfig, main as run
-
-        run(ChatBenchConfig(presets=tuple(args.presets), reply_tokens=args.reply_tokens, repeats=args.repeats,
-                            threads=args.threads, out_dir=args.out_dir))
+    given = parser().parse_given(argv)
+    name = given.pop("bench")
+    if name == "all":
+        return run_all(AllBenchConfig(**given))
+    name = next(n for n, spec in BENCHES.items() if name == n or name in spec[3])
+    module = _module(name)
+    module.main(getattr(module, BENCHES[name][1])(**given))
     return 0
 
 
-def run_all(out_dir: str, threads: int, quick: bool = False) -> int:
+def run_all(cfg: AllBenchConfig) -> int:
     """Every benchmark with its defaults (quick: one repeat of the smallest settings, to check the
     pipeline) -> each one's CSV and PNG, and OUT/results.csv with all rows of this run."""
     import os
@@ -111,6 +65,7 @@ def run_all(out_dir: str, threads: int, quick: bool = False) -> int:
     from eagle_fast.bench import attention, chat, fused_preprocess, linear_cross_entropy, resize_concat, train
     from eagle_fast.bench.harness import write_csv
 
+    out_dir, threads, quick = cfg.out_dir, cfg.threads, cfg.quick
     dev = "cuda" if _cuda() else "cpu"
     q = dict(repeats=1) if quick else {}
     rows = []

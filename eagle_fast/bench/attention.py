@@ -13,7 +13,7 @@ report are exercised everywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,14 +26,24 @@ CPU_SHAPES = ((4, 256), (2, 512), (1, 1024))
 MODES = ("fwd", "bwd", "fwd_bwd")
 
 
+def _batch_by_seq(text: str) -> tuple[int, int]:
+    """ "8x2048" -> (8, 2048): one (batch, sequence) point of the sweep."""
+    b, sep, s = text.lower().partition("x")
+    if not sep:
+        raise ValueError(f"{text!r}: expected BATCHxSEQUENCE, e.g. 8x2048")
+    return int(b), int(s)
+
+
 @dataclass
 class AttentionBenchConfig:
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "bfloat16"
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu",
+                        metadata={"help": "cpu or cuda (default: cuda when available)"})
+    dtype: str = field(default="bfloat16", metadata={"choices": ("bfloat16", "float16", "float32")})
     head_dims: tuple[int, ...] = (64, 128)
-    causal: tuple[bool, ...] = (False, True)
-    shapes: tuple[tuple[int, int], ...] | None = None  # None: the device's default sweep
-    width: int | None = None  # model width H * D; None: 2048 on CUDA, 256 on CPU
+    causal: tuple[bool, ...] = field(default=(False, True), metadata={"help": "causal settings to sweep"})
+    shapes: tuple[tuple[int, int], ...] | None = field(default=None, metadata={
+        "parse": _batch_by_seq, "help": "BATCHxSEQUENCE points, e.g. 8x2048 (default: the device's sweep)"})
+    width: int | None = field(default=None, metadata={"help": "model width H * D (default: 2048 on CUDA, 256 on CPU)"})
     repeats: int = 7
     threads: int = 2
     out_dir: str = "bench_results"

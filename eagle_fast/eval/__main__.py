@@ -7,58 +7,57 @@
     python -m eagle_fast.eval --task gqa --data Q.jsonl --num-shards 4 --merge --out r/
     python -m eagle_fast.eval --task gqa --score-only --out r/                   # re-score, no model
 
-Predictions are appended as they come: rerunning the same command resumes an interrupted run.
+Predictions are appended as they come: rerunning the same command resumes an interrupted run. Each
+prediction file carries a fingerprint (model config, weights, questions, template, generation
+settings): another model or setting into the same folder is an error, unless --overwrite replaces.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
+from eagle_fast.cli import ConfigParser
 
-def main(argv: list[str] | None = None) -> int:
+
+def parse(argv: list[str] | None = None):
+    """EvalConfig from the flags (every field is one: --image_folder / --image-folder, ...)."""
+    from eagle_fast.eval.runner import EvalConfig
     from eagle_fast.eval.tasks import TASKS
 
-    p = argparse.ArgumentParser(prog="python -m eagle_fast.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="model directory or preset (not needed to score)")
-    p.add_argument("--task", required=True, choices=sorted(TASKS))
-    p.add_argument("--data", default=None, help="question JSONL (LLaVA eval layout); easy-vqa: built in")
-    p.add_argument("--image-folder", default=None)
-    p.add_argument("--out", default="results")
-    p.add_argument("--template", default="vicuna_v1")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-shards", type=int, default=1)
-    p.add_argument("--shard", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--score-only", action="store_true", help="score the existing prediction file(s)")
-    p.add_argument("--merge", action="store_true", help="merge finished shards and score")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    args = p.parse_args(argv)
-    if not 0 <= args.shard < args.num_shards:
-        p.error(f"--shard must be in [0, {args.num_shards})")
-
-    from eagle_fast.eval.runner import EvalConfig, run, table
-
-    data, folder = args.data, args.image_folder
-    if args.task == "easy-vqa" and data is None:
+    p = ConfigParser("python -m eagle_fast.eval", __doc__)
+    p.add_config(EvalConfig, choices={"task": sorted(TASKS)})
+    given = p.parse_given(argv)
+    try:
+        cfg = EvalConfig(**given)
+    except ValueError as e:
+        p.error(str(e))
+    if not 0 <= cfg.shard < cfg.num_shards:
+        p.error(f"--shard must be in [0, {cfg.num_shards})")
+    if cfg.task == "easy-vqa" and cfg.data is None:
         from eagle_fast.data.builtin import easy_vqa_dataset
 
-        ds = easy_vqa_dataset(os.path.join(args.out, "easy-vqa-data"))
-        data, folder = ds.eval, folder or ds.image_folder
-    if data is None and not args.score_only:
+        ds = easy_vqa_dataset(os.path.join(cfg.out, "easy-vqa-data"))
+        cfg.data, cfg.image_folder = ds.eval, given.get("image_folder", ds.image_folder)
+    if cfg.data is None and not cfg.score_only:
         p.error("--data is needed (a question JSONL)")
-    cfg = EvalConfig(task=args.task, data=data, out=args.out, model=args.model, image_folder=folder or ".",
-                     template=args.template, batch_size=args.batch_size, num_shards=args.num_shards,
-                     shard=args.shard, limit=args.limit, score_only=args.score_only, merge=args.merge,
-                     max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device)
-    result = run(cfg)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    from eagle_fast.eval.runner import run, table
+
+    from eagle_fast.eval.fingerprint import PredictionsMismatch
+
+    cfg = parse(argv)
+    try:
+        result = run(cfg)
+    except PredictionsMismatch as e:  # a decision for the user, not a crash: no traceback
+        print(f"python -m eagle_fast.eval: error: {e}", file=sys.stderr)
+        return 2
     if result is None:
-        print(f"shard {args.shard} of {args.num_shards} done; merge with --merge once every shard has finished")
+        print(f"shard {cfg.shard} of {cfg.num_shards} done; merge with --merge once every shard has finished")
         return 0
     print(table(result))
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))

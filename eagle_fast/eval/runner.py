@@ -1,13 +1,18 @@
 """The evaluation run: questions -> batched greedy answers appended to a JSONL as they come
 (an interrupted run resumes where it stopped), shards merged, the task's official score, a table.
 
+Each prediction file has a fingerprint beside it (`{file}.meta.json`, see eagle_fast.eval.fingerprint):
+the model, its weights, the questions and the settings that made it. A run continues a file only
+when its own fingerprint matches (otherwise an error says what differs; `overwrite` replaces the
+file), and shards merge only when they all match.
+
 Question files use the LLaVA eval layout, one JSON object per line: `question_id`, `image`
 (relative to the image folder), `text`, and the gold fields the task's scorer reads (`answer` /
 `answers`, `category`, `options`, ...). LLaVA training-style records (`id`, `image`,
 `conversations` with the question first and the gold answer second) are read too.
 
-Outputs in `out/`: `{task}.predictions.jsonl` (or `{task}.shard{k}of{n}.jsonl` per shard), then
-`{task}.results.json` and `{task}.results.md`.
+Outputs in `out/`: `{task}.predictions.jsonl` (or `{task}.shard{k}of{n}.jsonl` per shard) with its
+`.meta.json`, then `{task}.results.json` (with the predictions' fingerprint) and `{task}.results.md`.
 """
 
 from __future__ import annotations
@@ -15,31 +20,39 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from eagle_fast.eval import fingerprint
 from eagle_fast.eval.tasks import Task, get_task
 
 IMAGE = "<image>"
 
 
+def _h(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class EvalConfig:
-    task: str
-    data: str
-    out: str = "results"
-    model: str | None = None  # None with score_only
-    image_folder: str = "."
-    template: str = "vicuna_v1"
-    batch_size: int = 8
-    num_shards: int = 1
-    shard: int = 0
-    limit: int | None = None  # the first N questions only
-    score_only: bool = False
-    merge: bool = False  # only merge finished shard files and score
-    max_new_tokens: int | None = None  # None: the task's
-    dtype: str = "auto"
-    device: str = "auto"
+    task: str = field(metadata={"help": "the benchmark (its scorer, prompt suffix and answer length)"})
+    data: str | None = _h(None, "the question JSONL (LLaVA eval layout); easy-vqa: built in")
+    out: str = _h("results", "folder of the predictions, results.json and results.md")
+    model: str | None = _h(None, "model directory or preset (not needed to score)")
+    image_folder: str = _h(".", "folder the questions' image paths are relative to")
+    template: str = _h("vicuna_v1", "chat template the model was trained with")
+    batch_size: int = _h(8, "questions generated at once")
+    num_shards: int = _h(1, "split the questions over this many runs (any machines, same --out)")
+    shard: int = _h(0, "which shard this run answers, 0 .. num_shards - 1")
+    limit: int | None = _h(None, "evaluate the first N questions only")
+    score_only: bool = _h(False, "score the existing prediction file(s), no model")
+    merge: bool = _h(False, "merge finished shard files and score")
+    max_new_tokens: int | None = _h(None, "answer length (default: the task's)")
+    dtype: str = _h("auto", "model dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    device: str = _h("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    overwrite: bool = field(default=False, metadata={"help": (
+        "replace this task's (this shard's) prediction file, made with another model or settings, instead of "
+        "refusing to mix the two")})
 
 
 def load_questions(path: str, limit: int | None = None) -> list[dict]:
@@ -117,6 +130,11 @@ def generate(cfg: EvalConfig, questions: list[dict], task: Task) -> str:
 
     os.makedirs(cfg.out, exist_ok=True)
     path = _shard_path(cfg, cfg.shard)
+    max_new_tokens = cfg.max_new_tokens or task.max_new_tokens
+    # checked before anything touches the file (even the torn-line repair): another run's file stays as it is
+    fingerprint.claim(path, fingerprint.of_run(cfg, max_new_tokens), overwrite=cfg.overwrite,
+                      model_path=os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model,
+                      data_path=os.path.abspath(cfg.data), shard=cfg.shard)
     done = _done_ids(path)
     todo = [q for i, q in enumerate(questions) if i % cfg.num_shards == cfg.shard and q["question_id"] not in done]
     if not todo:
@@ -124,7 +142,7 @@ def generate(cfg: EvalConfig, questions: list[dict], task: Task) -> str:
     model, tok, proc = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     engine = Engine(model, tok)
     stop = get_template(cfg.template).stop  # a reply ends there, as in chat (chatml: <|im_end|>, not EOS)
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens or task.max_new_tokens, do_sample=False, temperature=0,
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=0,
                            stop=(stop,) if stop else ())
     bar = tqdm(total=len(todo), desc=f"{cfg.task} shard {cfg.shard}/{cfg.num_shards}", unit="q")
     with open(path, "a", encoding="utf-8") as out:
@@ -151,25 +169,35 @@ def generate(cfg: EvalConfig, questions: list[dict], task: Task) -> str:
 
 
 def merge(cfg: EvalConfig) -> list[dict]:
-    """All shards' predictions, in shard order; a missing or unfinished shard is an error."""
-    recs = []
-    for k in range(cfg.num_shards):
-        path = _shard_path(cfg, k)
+    """All shards' predictions, in shard order; a missing or unfinished shard, or shards made with
+    different models or settings, is an error."""
+    return _merged(cfg)[0]
+
+
+def _merged(cfg: EvalConfig) -> tuple[list[dict], str | None]:
+    """(records, their common fingerprint); with `data` (not score-only) the shards must also have
+    answered these questions."""
+    paths = [_shard_path(cfg, k) for k in range(cfg.num_shards)]
+    for k, path in enumerate(paths):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: shard {k} of {cfg.num_shards} has not run")
+    digest = fingerprint.check_shards(paths, None if cfg.score_only else fingerprint.data_components(cfg))
+    recs = []
+    for path in paths:
         with open(path, encoding="utf-8") as f:
             recs += [json.loads(line) for line in f if line.strip()]
-    return recs
+    return recs, digest
 
 
-def score(cfg: EvalConfig, records: list[dict], expected: int | None, elapsed: float) -> dict:
+def score(cfg: EvalConfig, records: list[dict], expected: int | None, elapsed: float,
+          fingerprint_digest: str | None = None) -> dict:
     task = get_task(cfg.task)
     if expected is not None and len(records) != expected:
         raise ValueError(f"{cfg.task}: {len(records)} predictions for {expected} questions; run every shard "
                          f"to the end (an interrupted shard resumes where it stopped)")
     errors = [r for r in records if r.get("error")]
     result = {"task": cfg.task, "metric": task.metric, "n": len(records), "errors": len(errors),
-              "elapsed_s": round(elapsed, 1), **task.scorer(records)}
+              "elapsed_s": round(elapsed, 1), "fingerprint": fingerprint_digest, **task.scorer(records)}
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, f"{cfg.task}.results.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
@@ -189,6 +217,8 @@ def run(cfg: EvalConfig) -> dict | None:
     """Generates (unless score_only / merge) and scores when every shard is complete; returns the
     result, or None for a shard whose siblings are still to be merged."""
     t0 = time.time()
+    if cfg.data is None and not cfg.score_only:
+        raise ValueError("--data is needed (a question JSONL), unless --score-only")
     questions = None if cfg.score_only else load_questions(cfg.data, cfg.limit)
     if not (cfg.score_only or cfg.merge):
         if cfg.model is None:
@@ -196,4 +226,5 @@ def run(cfg: EvalConfig) -> dict | None:
         generate(cfg, questions, get_task(cfg.task))
         if cfg.num_shards > 1:
             return None  # `--merge` after every shard finished
-    return score(cfg, merge(cfg), None if questions is None else len(questions), time.time() - t0)
+    records, digest = _merged(cfg)
+    return score(cfg, records, None if questions is None else len(questions), time.time() - t0, digest)

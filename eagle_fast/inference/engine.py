@@ -24,17 +24,24 @@ from eagle_fast.data.collate import concat_images, select_images
 from eagle_fast.model.splice import IMAGE_TOKEN_INDEX
 
 
+def _gen(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 256
-    temperature: float = 0.2  # the original's defaults (vicuna_v1 demos): 0.2 / 0.5
-    top_p: float = 0.5
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    do_sample: bool | None = None  # None: sample when temperature > 0
-    stop: tuple[str, ...] = ()
-    stop_ids: tuple[int, ...] | None = None  # None: the tokenizer's EOS
-    seed: int | None = None
+    """How to generate: the one source of the generation defaults (the chat API and CLI, the server,
+    eval). The defaults are the original Eagle / LLaVA chat's: 512 new tokens, temperature 0.2,
+    top_p 0.5."""
+    max_new_tokens: int = _gen(512, "most tokens to generate")
+    temperature: float = _gen(0.2, "sampling temperature (0: greedy)")
+    top_p: float = _gen(0.5, "nucleus sampling: keep the most likely tokens up to this probability mass")
+    top_k: int = _gen(0, "keep only the k most likely tokens (0: all)")
+    repetition_penalty: float = _gen(1.0, "penalty on tokens already in the text (1: none)")
+    do_sample: bool | None = _gen(None, "sample (true) or greedy (false); default: sample when temperature > 0")
+    stop: tuple[str, ...] = _gen((), "stop strings (default: the chat template's own)")
+    stop_ids: tuple[int, ...] | None = _gen(None, "stop token ids (default: the tokenizer's EOS)")
+    seed: int | None = _gen(None, "sampling seed (default: nondeterministic)")
 
     def sampling(self) -> bool:
         return self.temperature > 0 if self.do_sample is None else self.do_sample

@@ -134,7 +134,14 @@ def _human(n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    names = (argv if argv is not None else sys.argv[1:]) or list(PRESETS)
+    from eagle_fast.cli import ConfigParser
+
+    p = ConfigParser("python -m eagle_fast.model.presets", "Parameter counts of the model presets (meta device).")
+    p.add_argument("names", nargs="*", metavar="PRESET", help=f"presets to count (default: all): {', '.join(PRESETS)}")
+    names = p.parse_args(argv).names or list(PRESETS)
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:
+        p.error(f"unknown preset(s) {unknown}; known: {', '.join(PRESETS)}")
     for name in names:
         c = {k: _human(v) for k, v in parameter_counts(name).items()}
         experts = ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("llm", "projector", "total"))

@@ -182,7 +182,7 @@ def _attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 def _register() -> None:
     if has_triton():
-        from triton_kernels.attention.flash import flash_attention_bwd_triton, flash_attention_fwd_triton
+        from eagle_fast.triton_kernels.attention.flash import flash_attention_bwd_triton, flash_attention_fwd_triton
 
         _attention_op.register_kernel("cuda")(flash_attention_fwd_triton)
         _attention_backward_op.register_kernel("cuda")(flash_attention_bwd_triton)
@@ -219,7 +219,7 @@ class _TritonAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale):
-        from triton_kernels.attention.flash import flash_attention_fwd_triton
+        from eagle_fast.triton_kernels.attention.flash import flash_attention_fwd_triton
 
         out, lse = flash_attention_fwd_triton(q, k, v, cu_seqlens, max_seqlen, causal, scale)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
@@ -228,7 +228,7 @@ class _TritonAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        from triton_kernels.attention.flash import flash_attention_bwd_triton
+        from eagle_fast.triton_kernels.attention.flash import flash_attention_bwd_triton
 
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
         max_seqlen, causal, scale = ctx.args

@@ -225,7 +225,7 @@ def _register() -> None:
         # No compiled library: the same op name, with the reference as its body on every device.
         torch.library.custom_op(_OP_NAME, mutates_args=())(_fused_preprocess_reference)
     if has_triton() and not has_cuda_kernels():
-        from triton_kernels.preprocess.fused_preprocess import fused_preprocess_triton
+        from eagle_fast.triton_kernels.preprocess.fused_preprocess import fused_preprocess_triton
 
         torch.library.register_kernel(_OP_NAME, "cuda", fused_preprocess_triton)
 
@@ -321,7 +321,7 @@ def fused_preprocess(
     elif backend == "reference":
         out = _fused_preprocess_reference(*args)
     elif backend == "triton":
-        from triton_kernels.preprocess.fused_preprocess import fused_preprocess_triton
+        from eagle_fast.triton_kernels.preprocess.fused_preprocess import fused_preprocess_triton
 
         out = fused_preprocess_triton(*args)
     else:

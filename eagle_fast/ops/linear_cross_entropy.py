@@ -102,7 +102,7 @@ def _op_body(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, i
 def _op_body_triton(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                     compute_grad_hidden: bool, compute_grad_weight: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from triton_kernels.loss.linear_cross_entropy import linear_cross_entropy_rows_triton
+    from eagle_fast.triton_kernels.loss.linear_cross_entropy import linear_cross_entropy_rows_triton
 
     return _chunked(hidden, weight, labels, ignore_index, compute_grad_hidden, compute_grad_weight,
                     row_pass=linear_cross_entropy_rows_triton)

@@ -62,7 +62,7 @@ def _register() -> None:
         torch.library.custom_op(_OP, mutates_args=())(_resize_concat_reference)
         torch.library.custom_op(_BWD, mutates_args=())(_resize_concat_backward_reference)
     if has_triton() and not has_cuda_kernels():
-        from triton_kernels.vision.resize_concat import resize_concat_backward_triton, resize_concat_triton
+        from eagle_fast.triton_kernels.vision.resize_concat import resize_concat_backward_triton, resize_concat_triton
 
         torch.library.register_kernel(_OP, "cuda", resize_concat_triton)
         torch.library.register_kernel(_BWD, "cuda", resize_concat_backward_triton)
@@ -155,7 +155,7 @@ def resize_concat(
     if backend == "reference":
         return _resize_concat_reference(maps, grid, unshuffle)
     if backend == "triton":
-        from triton_kernels.vision.resize_concat import resize_concat_triton
+        from eagle_fast.triton_kernels.vision.resize_concat import resize_concat_triton
 
         return resize_concat_triton(maps, grid, unshuffle)
     raise ValueError(f"resize_concat: unknown backend {backend!r} (auto, reference, triton)")

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from eagle_fast.data.images import DEFAULT_MAX_PIXELS
+from eagle_fast.inference.engine import GenerationConfig
 
 
 def _opt(default, help: str):
@@ -25,10 +26,11 @@ class ServeConfig:
     dtype: str = _opt("auto", "model dtype (auto: bf16 on CUDA, fp32 on CPU)")
     device: str = _opt("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
     context_length: int | None = _opt(None, "context in tokens (default: the model's max_position_embeddings)")
-    # defaults for requests that do not say (the original's demo settings)
-    max_tokens: int = _opt(512, "default max_tokens, clipped to what the prompt leaves of the context")
-    temperature: float = _opt(0.2, "default temperature (0: greedy)")
-    top_p: float = _opt(0.5, "default top_p")
+    # defaults for requests that do not say: the generation defaults (the original's chat settings)
+    max_tokens: int = _opt(GenerationConfig.max_new_tokens,
+                           "default max_tokens, clipped to what the prompt leaves of the context")
+    temperature: float = _opt(GenerationConfig.temperature, "default temperature (0: greedy)")
+    top_p: float = _opt(GenerationConfig.top_p, "default top_p")
     # limits on untrusted input
     max_body_bytes: int = _opt(48 << 20, "largest request body (413 beyond)")
     max_images: int = _opt(8, "images per request, all messages together")

@@ -6,90 +6,90 @@
         --data_path blip_laion_cc_sbu_558k.json --image_folder images/ --set learning_rate=5e-4
 
 Every TrainConfig field is a flag of the same name (the original Eagle/LLaVA names: --version,
---vision_tower, --tune_mm_mlp_adapter, --pretrain_mm_mlp_adapter, --group_by_modality_length, ...);
-`--set key=value` and `--config file.{json,yaml}` set fields too (flags win over the file). Flags of
-the original scripts that have no meaning here (--mm_vision_select_layer, --report_to, ...) are
-accepted and kept in `extra`.
+--vision_tower, --tune_mm_mlp_adapter, --pretrain_mm_mlp_adapter, --group_by_modality_length, ...;
+dashes work too); `--set key=value` and `--config file.{json,yaml}` set fields too (flags win over
+the file, `--set` over both). A flag changes the recipe's value only when given. Flags of the
+original scripts that mean nothing here (--local_rank, --report_to, --lazy_preprocess, ...: see
+ORIGINAL_FLAGS_IGNORED) are accepted with one notice line each; any other unknown flag is an error.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 import sys
-import typing
 from typing import Any
 
+from eagle_fast.cli import ConfigParser, Ignored
 from eagle_fast.train.config import RECIPES, STAGES, TrainConfig, recipe
 
+# Flags of the original training scripts (LLaVA's train.py + HF TrainingArguments) that change
+# nothing here. `allowed` lists the values that mean what we do anyway: another value would ask for
+# behaviour we do not have, so it is refused rather than ignored.
+_EVERY_STEP = "checkpoints follow --save_steps"
+ORIGINAL_FLAGS_IGNORED: dict[str, Ignored] = {
+    "local_rank": Ignored("the rank comes from the launcher's LOCAL_RANK / RANK environment"),
+    "report_to": Ignored("metrics go to OUTPUT_DIR/metrics.jsonl and loss.png"),
+    "run_name": Ignored("runs are named by --output_dir"),
+    "lazy_preprocess": Ignored("records are always tokenized lazily, per item"),
+    "is_multimodal": Ignored("set from the data (records with an image)"),
+    "mm_use_im_start_end": Ignored("image start/end tokens are not used (as in every Eagle model)", ("false", "0")),
+    "mm_use_im_patch_token": Ignored("image patch tokens are not used (as in every Eagle model)", ("false", "0")),
+    "mm_vision_select_layer": Ignored("Eagle's experts use their own output layers; the original ignores it too"),
+    "mm_vision_select_feature": Ignored("Eagle drops CLIP's CLS token itself", ("patch",)),
+    "mm_patch_merge_type": Ignored("image features are spliced flat", ("flat",)),
+    "evaluation_strategy": Ignored("training runs no evaluation; use python -m eagle_fast.eval", ("no",)),
+    "eval_strategy": Ignored("training runs no evaluation; use python -m eagle_fast.eval", ("no",)),
+    "per_device_eval_batch_size": Ignored("training runs no evaluation"),
+    "save_strategy": Ignored(_EVERY_STEP, ("steps",)),
+    "optim": Ignored("the optimizer is AdamW (torch), as the original's default", ("adamw_torch", "adamw_hf")),
+    "remove_unused_columns": Ignored("the collator builds its own batches", ("false", "0")),
+    "cache_dir": Ignored("models are read from --model_name_or_path or the Hugging Face cache"),
+    "mpt_attn_impl": Ignored("unused by the original as well"),
+    "freeze_mm_mlp_adapter": Ignored("the stage decides what trains", ("false", "0")),
+    "freeze_backbone": Ignored("the stage decides what trains", ("false", "0")),
+    "double_quant": Ignored("QLoRA (--bits 4) always uses double quantization, the original's default", ("true", "1")),
+    "quant_type": Ignored("QLoRA (--bits 4) uses NF4, the original's default", ("nf4",)),
+}
 
-def _convert(field: dataclasses.Field, text: str) -> Any:
-    hint = str(field.type)
-    if text.lower() in ("none", "null") and "None" in hint:
-        return None
-    if hint.startswith("bool"):
-        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"--{field.name}: expected true/false, got {text!r}")
-        return text.lower() in ("true", "1", "yes")
-    if hint.startswith("int"):
-        return int(text)
-    if hint.startswith("float"):
-        return float(text)
-    if hint.startswith("dict"):
-        return json.loads(text)
-    return text
+
+def parser() -> ConfigParser:
+    p = ConfigParser("python -m eagle_fast.train", __doc__, ignored=ORIGINAL_FLAGS_IGNORED)
+    p.add_argument("--config", default=None, help="JSON or YAML file of TrainConfig fields")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set one TrainConfig field")
+    p.add_config(TrainConfig, choices={"recipe": sorted(RECIPES), "stage": STAGES})
+    return p
 
 
 def parse(argv: list[str]) -> TrainConfig:
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    p = argparse.ArgumentParser(prog="python -m eagle_fast.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", default="tiny-x5", choices=sorted(RECIPES))
-    p.add_argument("--stage", default=None, choices=STAGES)
-    p.add_argument("--config", default=None, help="JSON or YAML file of TrainConfig fields")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--resume", default=None, help='"auto" or a checkpoint directory')
-    args, rest = p.parse_known_args(argv)
+    """The training configuration: the recipe (default tiny-x5) for the stage, then the config
+    file, the flags given and `--set`, in that order."""
+    p = parser()
+    given = p.parse_given(argv)
+    config_file, sets = given.pop("config", None), given.pop("set", [])
+    name = given.pop("recipe", "tiny-x5")
     values: dict[str, Any] = {}
-    if args.config:
-        with open(args.config) as f:
-            if args.config.endswith((".yaml", ".yml")):
-                import yaml
-
-                values.update(yaml.safe_load(f) or {})
-            else:
-                values.update(json.load(f))
-    extra: dict[str, str] = {}
-    i = 0
-    while i < len(rest):  # --name value | --name=value | bare --flag (true)
-        tok = rest[i]
-        if not tok.startswith("--"):
-            raise SystemExit(f"unexpected argument {tok!r}")
-        name, _, value = tok[2:].partition("=")
-        if not _ and (i + 1 >= len(rest) or rest[i + 1].startswith("--")):
-            value = "true"
-        elif not _:
-            i += 1
-            value = rest[i]
-        name = name.replace("-", "_")
-        if name in fields and name not in ("recipe", "stage", "extra"):
-            values[name] = _convert(fields[name], value)
-        else:
-            extra[name] = value
-        i += 1
-    for item in args.set:
+    if config_file:
+        with open(config_file) as f:
+            loaded = (__import__("yaml").safe_load(f) if config_file.endswith((".yaml", ".yml")) else json.load(f))
+        unknown = sorted(set(loaded or {}) - {a.dest for a in p._actions})
+        if unknown:
+            p.error(f"{config_file}: unknown training option(s) {unknown}")
+        values.update(loaded or {})
+    values.update(given)
+    for item in sets:
         key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY a training option")
-        values[key] = _convert(fields[key], value)
-    if args.resume is not None:
-        values["resume"] = args.resume
-    stage = args.stage or ("pretrain" if values.get("tune_mm_mlp_adapter") else "sft")
-    if extra:
-        values["extra"] = extra
-    return recipe(args.recipe, stage, **values)
+        if not sep:
+            p.error(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            values[key] = p.convert(key, value)
+        except ValueError as e:
+            p.error(f"--set {item!r}: {e}")
+    stage = values.pop("stage", None) or ("pretrain" if values.get("tune_mm_mlp_adapter") else "sft")
+    try:
+        return recipe(name, stage, **values)
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
 
 
 def main(argv: list[str] | None = None) -> int:

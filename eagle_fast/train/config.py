@@ -13,7 +13,7 @@ checkpointing, DeepSpeed ZeRO-2 (launch under torchrun or deepspeed). Tiny recip
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 STAGES = ("prealign", "pretrain", "sft")
@@ -71,10 +71,9 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: int = 1
     resume: str | None = None  # "auto" or a checkpoint directory
-    logging_steps: int = 1
+    logging_steps: int = 1  # a metrics.jsonl row (losses averaged) every N optimizer steps, and the last
     deepspeed: str | None = None
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP, when run on several ranks without DeepSpeed
-    extra: dict[str, Any] = field(default_factory=dict)  # unknown original flags, kept for the record
 
     def __post_init__(self) -> None:
         if self.tune_mm_mlp_adapter and self.stage == "sft":
@@ -85,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"bits={self.bits}: 4 or 8 (QLoRA) or 16 (no quantization)")
         if self.bits != 16 and not self.lora_enable:
             raise ValueError(f"bits={self.bits} quantizes the LLM for QLoRA training: pass --lora_enable too")
+        if self.logging_steps < 1:
+            raise ValueError(f"logging_steps={self.logging_steps}: must be >= 1")
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("batch size and gradient accumulation must be >= 1")
 

@@ -207,7 +207,7 @@ class Trainer:
         ckpt = find_resume(cfg.output_dir, cfg.resume)
         if ckpt:
             self.resume(ckpt)
-        metrics = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if self.rank == 0 else None
+        metrics = self._open_metrics() if self.rank == 0 else None
         bar = None
         if self.rank == 0:
             from tqdm import tqdm
@@ -216,6 +216,7 @@ class Trainer:
         stream = self._micro_batches()
         self.net.train()
         t0, losses, seen_samples, seen_tokens = time.time(), [], 0, 0
+        window: list[tuple[float, int, int]] = []  # (loss, samples, tokens) of the steps since the last row
         while self.step < self.total_steps:
             micro = []
             while len(micro) < cfg.gradient_accumulation_steps:
@@ -259,13 +260,19 @@ class Trainer:
             if metrics is not None:
                 seen_samples += samples
                 seen_tokens += tokens
-                rec = {"step": self.step, "loss": loss_sum, "lr": self.scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "epoch": self.epoch, "samples": samples, "tokens": tokens,
-                       "elapsed_s": round(time.time() - t0, 3)}
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
+                window.append((loss_sum, samples, tokens))
+                lr = self.scheduler.get_last_lr()[0]
+                if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+                    # as HF's Trainer: the loss averaged over the interval, the last step's grad norm
+                    rec = {"step": self.step, "loss": sum(w[0] for w in window) / len(window), "lr": lr,
+                           "grad_norm": float(grad_norm), "epoch": self.epoch, "steps": len(window),
+                           "samples": sum(w[1] for w in window), "tokens": sum(w[2] for w in window),
+                           "elapsed_s": round(time.time() - t0, 3)}
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                    window.clear()
                 dt = max(time.time() - t0, 1e-9)
-                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{rec['lr']:.2e}", samples_s=f"{seen_samples / dt:.1f}",
+                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", samples_s=f"{seen_samples / dt:.1f}",
                                 tokens_s=f"{seen_tokens / dt:.0f}")
                 bar.update(1)
             if cfg.save_steps > 0 and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
@@ -278,6 +285,25 @@ class Trainer:
         self._final()
         return {"steps": self.step, "losses": losses, "skipped": dict(self.skipped)}
 
+
+    def _open_metrics(self):
+        """metrics.jsonl for appending. After a resume at step S, the rows past S (written after
+        the checkpoint by the interrupted run, whose steps are now redone) and a torn last line are
+        dropped first, so every step has one row."""
+        path = os.path.join(self.cfg.output_dir, "metrics.jsonl")
+        if os.path.exists(path):
+            kept = []
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] <= self.step:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+                    except (ValueError, KeyError, TypeError):
+                        break  # a torn last line of a killed run
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+        return open(path, "a", encoding="utf-8")
 
     def _final(self) -> None:
         model_state, _ = self._full_states()

@@ -196,7 +196,7 @@ def test_bad_input_is_named(args, kw, match):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_triton_row_pass_matches_reference(dtype):
     pytest.importorskip("triton")
-    from triton_kernels.loss.linear_cross_entropy import linear_cross_entropy_rows_triton
+    from eagle_fast.triton_kernels.loss.linear_cross_entropy import linear_cross_entropy_rows_triton
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: TRITON_INTERPRET=1 (conftest)
     hidden, weight, labels = _problem(2, 9, 7, 203, 0.7, dtype=dtype, seed=11, device=device)

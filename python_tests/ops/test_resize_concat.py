@@ -145,7 +145,7 @@ def test_bad_input_is_named(feats, unshuffle, match):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_triton_matches_reference(dtype):
     pytest.importorskip("triton")
-    from triton_kernels.vision.resize_concat import resize_concat_backward_triton, resize_concat_triton
+    from eagle_fast.triton_kernels.vision.resize_concat import resize_concat_backward_triton, resize_concat_triton
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: TRITON_INTERPRET=1 (conftest)
     shapes = [("map", 3, 1, 2), ("map", 5, 7, 2), ("tok", 4, 3, 2), ("map", 2, 8, 2)]
@@ -179,7 +179,7 @@ def test_gpu_kernels_match_reference(backend, dtype):
         if backend == "auto":
             got = torch.ops.eagle_fast.resize_concat_backward(grad, maps, grid, unshuffle or [1] * len(maps))
         else:
-            from triton_kernels.vision.resize_concat import resize_concat_backward_triton
+            from eagle_fast.triton_kernels.vision.resize_concat import resize_concat_backward_triton
 
             got = resize_concat_backward_triton(grad, maps, grid, unshuffle or [1] * len(maps))
         want = _resize_concat_backward_reference(grad.float(), [m.float() for m in maps], grid,

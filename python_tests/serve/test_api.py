@@ -244,10 +244,17 @@ def test_decoded_image_equals_library_input():
 
 
 def test_cli_flags_build_the_config(monkeypatch):
-    from eagle_fast.serve.__main__ import _parser
+    from eagle_fast.inference.engine import GenerationConfig
+    from eagle_fast.serve.__main__ import parse
 
-    args = vars(_parser().parse_args(["--model", "ckpt/", "--parallel", "3", "--allow-remote-images",
-                                      "--max-image-pixels", "1000"]))
-    cfg = ServeConfig(**args).validate()
+    monkeypatch.delenv("EAGLE_FAST_API_KEY", raising=False)
+    cfg = parse(["--model", "ckpt/", "--parallel", "3", "--allow-remote-images", "--max_image_pixels", "1000"])
     assert (cfg.model, cfg.parallel, cfg.allow_remote_images, cfg.max_image_pixels) == ("ckpt/", 3, True, 1000)
-    assert cfg.host == "127.0.0.1" and cfg.served_name() == "ckpt"
+    assert cfg.host == "127.0.0.1" and cfg.served_name() == "ckpt" and cfg.api_key is None
+    gen = GenerationConfig()  # one source of the generation defaults
+    assert (cfg.max_tokens, cfg.temperature, cfg.top_p) == (gen.max_new_tokens, gen.temperature, gen.top_p)
+    monkeypatch.setenv("EAGLE_FAST_API_KEY", "k")
+    assert parse(["--model", "m"]).api_key == "k"
+    for bad in (["--model", "m", "--port", "80x"], ["--model", "m", "--parallel", "0"], ["--model", "m", "--max-tok", "9"]):
+        with pytest.raises(SystemExit):
+            parse(bad)

@@ -115,17 +115,6 @@ def test_a_checkpoint_cut_short_leaves_the_previous_one(tmp_path):
     assert sorted(os.listdir(out)) == ["checkpoint-3", "latest"]
 
 
-def test_cli_maps_original_flags():
-    cfg = parse(["--recipe", "eagle-x5-7b", "--model_name_or_path", "lmsys/vicuna-7b-v1.5", "--version", "plain",
-                 "--tune_mm_mlp_adapter", "True", "--mm_vision_select_layer", "-2", "--bf16", "True",
-                 "--learning_rate", "1e-3", "--group_by_modality_length", "--set", "save_steps=10"])
-    assert cfg.stage == "pretrain" and cfg.model_name_or_path == "lmsys/vicuna-7b-v1.5" and cfg.bf16
-    assert cfg.learning_rate == 1e-3 and cfg.group_by_modality_length and cfg.save_steps == 10
-    assert cfg.extra == {"mm_vision_select_layer": "-2"} and cfg.deepspeed == "zero2"
-    with pytest.raises(SystemExit):
-        parse(["--set", "no_such_option=1"])
-
-
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory, small_data):
     data, images, _ = small_data
@@ -135,33 +124,54 @@ def one_process_run(tmp_path_factory, small_data):
     return out
 
 
+# a rendezvous on a free port: fixed ports collide with any other run on the machine (or a
+# previous launch's socket still closing) and fail at random
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
 def _DIST_COMMON(data, images):
     return ["--recipe", "tiny-x5", "--data_path", data, "--image_folder", images, "--max_steps", "4",
             "--model_max_length", "96", "--save_steps", "0"]
 
 
+def _initial_weights(run_dir, data, images):
+    """The weights both runs started from: the same recipe and seed, built in this process."""
+    cfg = parse(_DIST_COMMON(data, images) + ["--output_dir", str(run_dir / "init")])
+    with torch.random.fork_rng():
+        return {k: v.detach().clone() for k, v in Trainer(cfg).model.state_dict().items()}
+
+
 @pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero2", "zero3"])
 def test_two_ranks_agree_with_one_process(tmp_path, small_data, one_process_run, engine):
     """torchrun, 2 CPU ranks (gloo), 2 records each per step == 1 process with 4 per step: DDP, FSDP2,
-    and DeepSpeed ZeRO-2 / ZeRO-3 with the configs shipped in the package."""
+    and DeepSpeed ZeRO-2 / ZeRO-3 with the configs shipped in the package. Every process runs one
+    thread; the two runs still add the batch's gradients up in another order.
+
+    Tolerances, from the problem: the losses are forward sums over the same tokens, equal up to
+    float rounding (rtol 1e-5). The weights are not compared element by element: AdamW divides each
+    gradient by its running magnitude, so an element whose gradient nearly cancels (a sum of terms
+    far larger than the result) can take a step of any size up to the learning rate from rounding
+    alone. What the ranks must agree on is the update as a whole: ||w_two - w_one|| at most 1e-3 of
+    ||w_one - w_init||, the size of the 4 steps both took."""
     data, images, _ = small_data
     common = _DIST_COMMON(data, images) + {"ddp": [], "fsdp": ["--fsdp", "true"]}.get(engine, ["--deepspeed", engine])
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    port = {"ddp": "29531", "zero2": "29532", "zero3": "29533", "fsdp": "29537"}[engine]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          port, "-m", "eagle_fast.train", *common, "--per_device_train_batch_size", "2",
+    two = subprocess.run([*TORCHRUN_2, "-m", "eagle_fast.train", *common, "--per_device_train_batch_size", "2",
                           "--output_dir", str(tmp_path / "two")], env=env, cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     from safetensors.torch import load_file
 
-    a = load_file(str(one_process_run / "final" / "model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst < 1e-5, worst
     la = [json.loads(x)["loss"] for x in open(one_process_run / "metrics.jsonl")]
     lb = [json.loads(x)["loss"] for x in open(tmp_path / "two" / "metrics.jsonl")]
-    assert len(la) == len(lb) == 4 and all(abs(x - y) < 1e-5 for x, y in zip(la, lb)), (la, lb)
+    assert len(la) == len(lb) == 4 and all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(la, lb)), (la, lb)
+    a = load_file(str(one_process_run / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    init = _initial_weights(one_process_run, data, images)
+    assert a.keys() == b.keys() and set(a) <= set(init)
+    moved = sum(float((a[k].double() - init[k].double()).square().sum()) for k in a) ** 0.5
+    apart = sum(float((a[k].double() - b[k].double()).square().sum()) for k in a) ** 0.5
+    assert moved > 0 and apart <= 1e-3 * moved, (apart, moved)
 
 
 def test_lora_adapters_save_reload_and_merge_to_the_same_logits(tmp_path, small_data):
@@ -204,20 +214,18 @@ def test_two_rank_resume_after_kill_9_is_bitwise_exact(tmp_path, small_data, eng
     data, images, _ = small_data
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     engine_args = ["--fsdp", "true"] if engine == "fsdp" else ["--deepspeed", engine]
-    ports = {"zero2": ("29534", "29535", "29536"), "fsdp": ("29538", "29539", "29540")}[engine]
 
-    def launch(out, port, *extra):
+    def launch(out, *extra):
         args = _DIST_COMMON(data, images)
         args[args.index("--save_steps") + 1] = "2"
-        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                 "--master_port", port, "-m", "eagle_fast.train", *args,
+        return subprocess.Popen([*TORCHRUN_2, "-m", "eagle_fast.train", *args,
                                  "--per_device_train_batch_size", "2", *engine_args, "--output_dir", str(out),
                                  *extra], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
 
-    full = launch(tmp_path / "full", ports[0])
+    full = launch(tmp_path / "full")
     assert full.wait(timeout=600) == 0, full.stderr.read()[-3000:]
-    victim = launch(tmp_path / "cut", ports[1])
+    victim = launch(tmp_path / "cut")
     latest = tmp_path / "cut" / "latest"
     deadline = time.time() + 600
     while time.time() < deadline and not (latest.exists() and latest.read_text().strip() == "checkpoint-2"):
@@ -226,7 +234,7 @@ def test_two_rank_resume_after_kill_9_is_bitwise_exact(tmp_path, small_data, eng
     os.killpg(victim.pid, signal.SIGKILL)  # the launcher and both ranks
     victim.wait()
     assert not (tmp_path / "cut" / "final").exists()  # it really was cut short
-    resumed = launch(tmp_path / "cut", ports[2], "--resume", "auto")
+    resumed = launch(tmp_path / "cut", "--resume", "auto")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
     from safetensors.torch import load_file
 
@@ -282,3 +290,25 @@ def test_torch_compile_trains_like_eager(tmp_path, small_data):
     a = load_file(str(tmp_path / "e" / "run" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "c" / "run" / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_metrics_rows_every_logging_steps_and_no_duplicates_after_a_resume(tmp_path, small_data):
+    """A row per `logging_steps` steps (and the last), its loss the interval's mean; a run resumed
+    from checkpoint-2 after writing rows 3 and 4 (and half a line) replaces them: one row per step."""
+    cfg = _cfg(tmp_path, small_data, max_steps=5, logging_steps=2)
+    losses = Trainer(cfg).train()["losses"]
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [(r["step"], r["steps"]) for r in rows] == [(2, 2), (4, 2), (5, 1)]
+    assert rows[0]["loss"] == pytest.approx(sum(losses[:2]) / 2) and rows[2]["loss"] == pytest.approx(losses[4])
+
+    out = tmp_path / "again"
+    cfg = _cfg(out, small_data, max_steps=4, save_steps=2, save_total_limit=3)
+    first = Trainer(cfg).train()["losses"]
+    # as if killed after step 4's row, before its checkpoint: back to checkpoint-2, half a row written
+    (out / "run" / "latest").write_text("checkpoint-2")
+    with open(out / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')
+    again = Trainer(cfg.replace(resume="auto")).train()["losses"]
+    rows = [json.loads(x) for x in open(out / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows] == first[:2] + again and again == first[2:]

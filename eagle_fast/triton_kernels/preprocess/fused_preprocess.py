@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels.utils import cast_out
+from eagle_fast.triton_kernels.utils import cast_out
 
 _PRECISION_BITS = 22  # Pillow's fixed point, as in the reference
 _BLOCK_R, _BLOCK_C = 8, 256  # row x (column*channel) tiles; powers of 2 (Triton, interpreter)

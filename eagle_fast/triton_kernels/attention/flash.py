@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels.utils import cast_out
+from eagle_fast.triton_kernels.utils import cast_out
 
 _LOG2E = 1.4426950408889634
 

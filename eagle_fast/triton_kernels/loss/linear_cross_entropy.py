@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels.utils import cast_out
+from eagle_fast.triton_kernels.utils import cast_out
 
 _MAX_BLOCK_V = 4096
 

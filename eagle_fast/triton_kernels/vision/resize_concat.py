@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels.utils import cast_out
+from eagle_fast.triton_kernels.utils import cast_out
 
 _TILE = tl.constexpr(2048)  # elements per program tile (BLOCK_M * BLOCK_C); powers of 2
 _MAX_BLOCK_C = 128
