@@ -79,8 +79,8 @@ def run_all(cfg: AllBenchConfig) -> int:
     rows += linear_cross_entropy.main(linear_cross_entropy.LinearCrossEntropyBenchConfig(
         threads=threads, out_dir=out_dir, device=dev, dtype="bfloat16" if dev == "cuda" else "float32", **q,
         **(dict(shapes=("small",)) if quick else {})))
-    rows += train.main(train.TrainBenchConfig(threads=threads, out_dir=out_dir, **q,
-                                              **(dict(batch_size=2, batches=1) if quick else {})))
+    rows += train.main(train.TrainBenchConfig(threads=threads, out_dir=out_dir, **q, **(
+        dict(presets=("eagle-tiny-x5",), batch_size=2, batches=1) if quick else {})))
     rows += chat.main(chat.ChatBenchConfig(threads=threads, out_dir=out_dir, **q, **(
         dict(presets=("eagle-tiny-x5",), reply_tokens=2) if quick else {})))
     path = os.path.join(out_dir, "results.csv")

@@ -1,4 +1,5 @@
-"""The benchmarks run end to end on tiny CPU settings and report every provider (attention: every mode; train: both paths)."""
+"""The benchmarks run end to end on tiny CPU settings and report every provider (attention: every mode; train and
+linear_cross_entropy: every path, each baseline doing the same work as the fast path)."""
 
 import csv
 
@@ -26,20 +27,103 @@ def test_tiny_cpu_sweep(tmp_path, capsys):
 
 
 def test_train_bench_runs(tmp_path):
-    from eagle_fast.bench.train import TrainBenchConfig, report, run
+    from eagle_fast.bench.train import WHAT, TrainBenchConfig, report, run
 
-    rows = run(TrainBenchConfig(batch_size=2, batches=1, repeats=1, threads=1, out_dir=str(tmp_path)))
-    assert {r.provider for r in rows} == {"eagle_fast", "reference ops"} and all(r.items_per_s > 0 for r in rows)
-    assert "| reference ops |" in report(rows)
+    rows = run(TrainBenchConfig(presets=("eagle-tiny-x5",), batch_size=2, batches=1, repeats=1, threads=1,
+                                out_dir=str(tmp_path)))
+    assert [r.provider for r in rows] == ["eagle_fast", "transformers", "reference ops"]
+    assert all(r.items_per_s > 0 and r.shape == "eagle-tiny-x5 B2" for r in rows)
+    by = {r.provider: r for r in rows}
+    assert by["transformers"].extra["role"] == "baseline"
+    assert by["transformers"].extra["path"] == "transformers sdpa + full-logits loss + eager fusion"
+    assert by["transformers"].extra["x_vs_transformers"] == 1.0
+    assert by["reference ops"].extra["x_vs_reference_ops"] == 1.0
+    assert by["eagle_fast"].extra["x_vs_transformers"] > 0 and by["eagle_fast"].extra["path"] == WHAT["eagle_fast"]
+    assert 0.5 < by["eagle_fast"].extra["lm_head_flop_share"] < 1  # the tiny LLM is mostly its 32k head
+    text = report(rows)
+    assert "| vs transformers sdpa + full-logits loss + eager fusion | vs reference ops |" in text
+    assert "| eagle-tiny-x5 B2 | transformers | transformers sdpa + full-logits loss + eager fusion |" in text
+
+
+def test_train_baseline_does_the_same_work():
+    """The transformers baseline takes transformers' path (full (B, L, V) logits, sdpa during the
+    call only) and computes the fast path's loss and gradients on the same batch, in fp32."""
+    import torch
+
+    from eagle_fast.bench.train import attn_implementation, build, forward, spliced_lengths
+
+    s = build("tiny-x5", "eagle-tiny-x5", 2, 1)
+    b = s.batches[0]
+    impls = [m.config._attn_implementation for m in s.model.modules() if hasattr(m, "_can_set_attn_implementation")]
+    assert s.model.config._attn_implementation == "eagle_attention"
+    with attn_implementation(s.model, "sdpa"):
+        assert s.model.config._attn_implementation == "sdpa"
+    losses, grads = {}, {}
+    for p in ("eagle_fast", "transformers", "reference ops"):
+        out = forward(s, b, p)
+        out.loss.backward()
+        losses[p] = out.loss.detach()
+        grads[p] = [w.grad.clone() for w in (s.model.lm_head.weight, s.model.model.mm_projector[0].weight,
+                                             s.model.model.layers[0].self_attn.q_proj.weight)]
+        s.model.zero_grad(set_to_none=True)
+        if p == "transformers":  # the LM head ran over every spliced row
+            assert out.logits.shape == (2, int(spliced_lengths(b, s.grid).max()), s.model.config.vocab_size)
+        else:  # the fused loss (the reference op inside it for "reference ops")
+            assert out.logits is None
+    after = [m.config._attn_implementation for m in s.model.modules() if hasattr(m, "_can_set_attn_implementation")]
+    assert after == impls
+    for p in ("transformers", "reference ops"):
+        torch.testing.assert_close(losses[p], losses["eagle_fast"], rtol=1e-5, atol=1e-6)
+        for g, g_fast in zip(grads[p], grads["eagle_fast"]):
+            torch.testing.assert_close(g, g_fast, rtol=1e-4, atol=1e-6)
+
+
+def test_train_bench_small_preset_fits_the_recipe():
+    from eagle_fast.bench.train import build, spliced_lengths
+
+    s = build("tiny-x5", "eagle-small-x5", 1, 1)
+    b = s.batches[0]
+    assert s.grid == 32 and s.model.config.vocab_size == 32000 and s.model.config.hidden_size == 576
+    assert int(spliced_lengths(b, s.grid).max()) > 1024 and int((b["labels"] != -100).sum()) > 0
 
 
 def test_linear_cross_entropy_bench_runs(tmp_path, capsys):
     from eagle_fast.bench.linear_cross_entropy import LinearCrossEntropyBenchConfig, main as lce_main
 
-    rows = lce_main(LinearCrossEntropyBenchConfig(repeats=1, threads=1, shapes=("small",), out_dir=str(tmp_path)))
-    assert {r.provider for r in rows} == {f"{p} {s}" for p in ("eager reference", "eagle_fast") for s in ("fwd", "fwd+bwd")}
-    assert all(r.median_ms > 0 for r in rows)
-    assert "| small V4096 H64 N256 |" in capsys.readouterr().out and (tmp_path / "linear_cross_entropy.png").exists()
+    for dtype in ("float32", "bfloat16"):
+        rows = lce_main(LinearCrossEntropyBenchConfig(repeats=1, threads=1, dtype=dtype, shapes=("small",),
+                                                      out_dir=str(tmp_path)))
+        assert {r.provider for r in rows} == {
+            f"{p} {s}" for p in ("eager reference", "eager learned rows", "eagle_fast") for s in ("fwd", "fwd+bwd")}
+        assert all(r.median_ms > 0 and r.dtype == dtype for r in rows)
+        labels = {r.provider.rsplit(" ", 1)[0]: r.extra["baseline"] for r in rows}
+        assert labels == {"eager reference": "eager F.linear over all rows + F.cross_entropy",
+                          "eager learned rows": "eager F.linear over learned rows + F.cross_entropy", "eagle_fast": ""}
+        fast = [r for r in rows if r.provider.startswith("eagle_fast")]
+        assert all(r.extra["x_vs_eager_reference"] > 0 and r.extra["x_vs_eager_learned_rows"] > 0 for r in fast)
+        out = capsys.readouterr().out
+        assert "| vs eager all rows | vs eager learned rows |" in out
+        assert f"| small V4096 H64 N256 | {dtype} |" in out
+    assert (tmp_path / "linear_cross_entropy.png").exists()
+
+
+def test_linear_cross_entropy_baselines_compute_the_op():
+    """Both eager baselines give the op's loss and gradients (fp32 tightly; bf16 inputs stay bf16)."""
+    import torch
+
+    from eagle_fast.bench.linear_cross_entropy import PROVIDERS, loss_fn, make_problem
+
+    for dtype, tol in ((torch.float32, dict(rtol=1e-5, atol=1e-6)), (torch.bfloat16, dict(rtol=2e-2, atol=2e-3))):
+        hidden, weight, labels = make_problem(4096, 64, 256, 0.25, dtype, "cpu")
+        got = {}
+        for p in PROVIDERS:
+            loss = loss_fn(p)(hidden, weight, labels)
+            assert loss.dtype == torch.float32
+            got[p] = (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
+        for p in ("eager reference", "eager learned rows"):
+            for x, y in zip(got[p], got["eagle_fast"]):
+                assert x.dtype == y.dtype
+                torch.testing.assert_close(x.float(), y.float(), **tol)
 
 
 def test_chat_bench_runs(tmp_path, capsys):
