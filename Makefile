@@ -35,3 +35,22 @@ bench: build
 
 clean:
 	rm -rf build dist wheelhouse .pytest_cache
+
+# make gpu-wheels — download what make gpu-check needs on a GPU machine without network into
+#   $(GPU_WHEELS)/ (gitignored): pinned wheels for CPython $(GPU_PYTHON_VERSION) manylinux x86_64 and offline
+#   assets; GPU_WHEELS_CMAKE=1 adds cmake's wheel (~30 MB) for machines without CMake >= 3.31.
+# make gpu-check — on the GPU machine, with its own python3 (PY=... to choose another; never the venv):
+#   installs what that python lacks from $(GPU_WHEELS)/ into a private folder, builds, runs the GPU
+#   tiers (GPU_CHECK_ARGS, e.g. "--tier 1"); without a GPU, reports the environment and exits 0.
+.PHONY: gpu-check gpu-wheels
+GPU_WHEELS ?= gpu-wheels
+GPU_PYTHON_VERSION ?= 3.12
+GPU_WHEELS_CMAKE ?= 0
+GPU_CHECK_ARGS ?=
+gpu-check: PY = python3
+gpu-check:
+	$(PY) tools/gpu_check/run.py --wheels $(GPU_WHEELS) $(GPU_CHECK_ARGS)
+
+gpu-wheels:
+	python3 tools/gpu_check/wheels.py --dest $(GPU_WHEELS) --python-version $(GPU_PYTHON_VERSION) \
+		$(if $(filter 1,$(GPU_WHEELS_CMAKE)),--with-cmake)

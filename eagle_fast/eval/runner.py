@@ -156,7 +156,7 @@ def generate(cfg: EvalConfig, questions: list[dict], task: Task) -> str:
                     continue
                 turn = (IMAGE + "\n" if img is not None else "") + q["text"] + task.prompt_suffix
                 prompts.append((q, prompt_ids(cfg.template, [("user", turn)], tok)))
-                images.append(proc([img]) if img is not None else None)
+                images.append(proc([img], device=model.device) if img is not None else None)
             answers = engine.generate_batch([p for _, p in prompts], images, gen) if prompts else []
             lines = failed + [{**q, "prediction": _reply(tok, a, stop)} for (q, _), a in zip(prompts, answers)]
             for rec in lines:

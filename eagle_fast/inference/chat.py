@@ -62,7 +62,7 @@ class ChatSession:
         if IMAGE_TOKEN in text:
             raise ValueError(f"pass images through `images=`, not as {IMAGE_TOKEN!r} in the text")
         if images:
-            self._images.append(self.processor(to_rgb_batch(images)))
+            self._images.append(self.processor(to_rgb_batch(images), device=self.engine.model.device))
         self.history.append(("user", IMAGE_TOKEN * len(images) + ("\n" if images else "") + text))
         gen = dataclasses.replace(self.defaults, **generation)
         deltas = self._stream(gen)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from eagle_fast.data.collate import concat_images, select_images
+from eagle_fast.data.collate import concat_images, select_images, to_device
 from eagle_fast.model.splice import IMAGE_TOKEN_INDEX
 
 
@@ -76,9 +76,12 @@ def _processors(gen: GenerationConfig):
 
 
 def image_digests(images: dict[str, Any] | None) -> list[str]:
-    """One content digest per image of a processor output (its pixels as every expert sees them)."""
+    """One content digest per image of a processor output: the processor's own (of the decoded
+    image's host bytes), else one of its pixels as every expert sees them (a device-to-host copy)."""
     if images is None:
         return []
+    if "image_digests" in images:
+        return list(images["image_digests"])
     tensors = [images["pixel_values"]]
     for v in images.get("expert_inputs", {}).values():
         tensors += list(v.values()) if isinstance(v, dict) else [v]
@@ -130,6 +133,7 @@ class Engine:
         With a prefix, it is left holding the whole prompt. Only the last row goes through the LM
         head (a (rows, vocab) logits block would cost more than the layers on a small LLM)."""
         digests = iter(image_digests(images))
+        images = to_device(images, self.model.device)  # processor outputs may live on the host
         units = [("image", next(digests)) if t == IMAGE_TOKEN_INDEX else t for t in input_ids]
         prefix = prefix if prefix is not None else KVPrefix()
         keep = 0
@@ -211,7 +215,7 @@ class Engine:
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.tensor(p, device=dev)
             mask[i, width - len(p):] = 1
-        imgs = concat_images([im for im in images if im is not None])
+        imgs = to_device(concat_images([im for im in images if im is not None]), dev)
         if (ids == IMAGE_TOKEN_INDEX).any():
             s = self.model._splice_inputs(ids, mask, None, imgs)
             mask, pos = s.attention_mask, s.position_ids

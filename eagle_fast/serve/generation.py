@@ -97,7 +97,8 @@ class Generator:
         cfg = self.config
         images = [load_image_url(url, param, cfg) for url, param in req.image_urls]
         try:
-            pixels = self.processor(to_rgb_batch(images, cfg.max_image_pixels)) if images else None
+            pixels = (self.processor(to_rgb_batch(images, cfg.max_image_pixels), device=self.model.device)
+                      if images else None)  # preprocessed where the model runs (CUDA: uint8 upload)
         except ValueError as exc:  # the processor names the image and the problem
             raise APIError(400, f"image cannot be used: {exc}", param="messages", code="invalid_image") from None
         template, turns = with_system(self.template, req.turns, req.system)

@@ -95,10 +95,14 @@ def parse(argv: list[str]) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
+    from eagle_fast.train.device import backend_for, resolve_device, setup_device
+
     cfg = parse(sys.argv[1:] if argv is None else argv)
+    device = resolve_device(cfg.device)
+    setup_device(device, cfg.tf32)  # before the process group: NCCL binds the current device
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        torch.distributed.init_process_group(backend_for(device))
     from eagle_fast.train.loop import Trainer
 
     result = Trainer(cfg).train()

@@ -13,7 +13,7 @@ checkpointing, DeepSpeed ZeRO-2 (launch under torchrun or deepspeed). Tiny recip
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 STAGES = ("prealign", "pretrain", "sft")
@@ -48,6 +48,10 @@ class TrainConfig:
     image_aspect_ratio: str = "pad"
     model_max_length: int = 2048
     group_by_modality_length: bool = False
+    packing: bool | None = field(default=None, metadata={"help": (
+        "pack each micro-batch's records into one row (varlen attention per record, positions restarting): "
+        "the same records per step and the same per-token loss as padded batches, without the padding's "
+        "compute. default None: on for the pretrain and sft stages, off for prealign")})
     dataloader_num_workers: int = 0
     max_bad_fraction: float = 0.01
     # optimisation
@@ -74,6 +78,7 @@ class TrainConfig:
     logging_steps: int = 1  # a metrics.jsonl row (losses averaged) every N optimizer steps, and the last
     deepspeed: str | None = None
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP, when run on several ranks without DeepSpeed
+    device: str | None = None  # None: cuda:$LOCAL_RANK with CUDA, else cpu (eagle_fast.train.device)
 
     def __post_init__(self) -> None:
         if self.tune_mm_mlp_adapter and self.stage == "sft":
@@ -88,6 +93,11 @@ class TrainConfig:
             raise ValueError(f"logging_steps={self.logging_steps}: must be >= 1")
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("batch size and gradient accumulation must be >= 1")
+
+    def packs(self) -> bool:
+        """`packing`, or when None the stage's default: on for pretrain and sft, off for prealign
+        (resolved here, not in __post_init__, so that `replace(stage=...)` gets its own default)."""
+        return self.stage != "prealign" if self.packing is None else self.packing
 
     def replace(self, **kw: Any) -> TrainConfig:
         return dataclasses.replace(self, **kw)

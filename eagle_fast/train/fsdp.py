@@ -12,15 +12,20 @@ import torch
 from eagle_fast.train.config import TrainConfig
 
 
-def shard(model: torch.nn.Module) -> torch.nn.Module:
-    from torch.distributed.fsdp import fully_shard
+def shard(model: torch.nn.Module, bf16: bool = False) -> torch.nn.Module:
+    """Shards `model` in place on the current device's mesh (the model must already be there).
+    bf16: parameters are all-gathered and computed in bf16 and gradients reduced in fp32 (a
+    MixedPrecisionPolicy: half the all-gather bytes of fp32 weights under autocast), the fp32
+    sharded parameters staying the optimizer's."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if bf16 else {}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for layer in base.model.layers:
-        fully_shard(layer)
+        fully_shard(layer, **kw)
     for expert in base.model.vision_tower.vision_towers:
-        fully_shard(expert)
-    fully_shard(model)
+        fully_shard(expert, **kw)
+    fully_shard(model, **kw)
     return model
 
 

@@ -2,11 +2,13 @@
 
 Per optimizer step, `gradient_accumulation_steps` micro-batches; the loss is the per-token mean
 over every learned token of the step on every rank (each micro-batch's summed loss divided by that
-global count, DDP summing across ranks), not a mean of means. AdamW with LLaVA's no-decay groups
-(biases and norms) and optional separate learning rates for the projector and the experts; cosine
-schedule with warmup; gradient clipping; bf16 autocast when asked. Data order is a function of
-(seed, epoch) and the position in the epoch, so a resumed run sees exactly the batches it would
-have seen: with the optimizer, scheduler and RNG states restored, resuming is bitwise exact.
+global count, DDP summing across ranks), not a mean of means. With packing (TrainConfig.packing)
+each micro-batch is one row of its records (the same records, the same loss; no padding). AdamW
+with LLaVA's no-decay groups (biases and norms) and optional separate learning rates for the
+projector and the experts; cosine schedule with warmup; gradient clipping; bf16 autocast when
+asked. Data order is a function of (seed, epoch) and the position in the epoch, so a resumed run
+sees exactly the batches it would have seen: with the optimizer, scheduler and RNG states
+restored, resuming is bitwise exact.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import numpy as np
 import torch
 
 from eagle_fast.data import EagleCollator, EagleDataset, ModalityLengthSampler
+from eagle_fast.data.collate import to_device
 from eagle_fast.model.splice import IGNORE_INDEX
 from eagle_fast.train import ds, fsdp
 from eagle_fast.train.checkpoint import begin, commit, find_resume, load_model_weights, rng_state, set_rng_state, \
     write_model
 from eagle_fast.train.config import TrainConfig
+from eagle_fast.train.device import resolve_device, setup_device
 from eagle_fast.train.setup import build_data, build_model, build_tokenizer, export_prealigned, freeze_for_stage, \
     projector_state
 
@@ -58,6 +62,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.rank, self.world = _dist()
+        self.device = resolve_device(cfg.device)
+        setup_device(self.device, cfg.tf32)
         torch.manual_seed(cfg.seed)
         self.tokenizer = build_tokenizer(cfg)
         self.model, self.processor = build_model(cfg, self.tokenizer)
@@ -70,12 +76,16 @@ class Trainer:
                     self.model.save_pretrained(os.path.join(cfg.output_dir, "base"), safe_serialization=True)
                 self.model.name_or_path = os.path.join("..", "base")  # adapter_config.json: relative to final/
             self.model = apply_lora(self.model, cfg)
+        self.model.to(self.device)  # before any wrapper: DDP, FSDP2 and DeepSpeed take it where it is
         self.dataset: EagleDataset = build_data(cfg, self.tokenizer, self.processor, self.model)
-        self.collate = EagleCollator(pad_token_id=self.tokenizer.pad_token_id or 0)
+        # packing: each micro-batch's records in one row (the same records, so the same global batch)
+        self.collate = EagleCollator(pad_token_id=self.tokenizer.pad_token_id or 0, pack=cfg.packs())
         self.fsdp = fsdp.enabled(cfg, self.world) and not cfg.deepspeed
         if self.fsdp:  # before the optimizer: it must see the sharded parameters
-            fsdp.shard(self.model)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.learning_rate, betas=(0.9, 0.999))
+            fsdp.shard(self.model, bf16=cfg.bf16)
+        # fused: one kernel for every parameter's update on CUDA (the CPU has no fused AdamW path)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.learning_rate, betas=(0.9, 0.999),
+                                           fused=self.device.type == "cuda")
         self.micro_per_epoch = math.ceil(len(self.dataset) / (cfg.per_device_train_batch_size * self.world))
         steps_per_epoch = max(self.micro_per_epoch // cfg.gradient_accumulation_steps, 1)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
@@ -89,7 +99,9 @@ class Trainer:
         if cfg.deepspeed:
             self.engine = self.net = ds.initialize(self.model, self.optimizer, self.scheduler, cfg, self.world)
         elif self.world > 1 and not self.fsdp:
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
         if cfg.torch_compile:  # the wrapper compiles; self.model keeps the parameters and state-dict names
             if self.engine is not None:
                 self.engine.compile()
@@ -120,7 +132,8 @@ class Trainer:
         while True:
             batches = self._epoch_batches(self.epoch)[self.position:]
             loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate,
-                                                 num_workers=self.cfg.dataloader_num_workers)
+                                                 num_workers=self.cfg.dataloader_num_workers,
+                                                 pin_memory=self.device.type == "cuda")  # async host->device copies
             for batch in loader:
                 self.position += 1
                 yield batch
@@ -225,27 +238,32 @@ class Trainer:
                     self.skipped[s["skipped"]] = self.skipped.get(s["skipped"], 0) + 1
                 if batch["input_ids"] is not None:
                     micro.append(batch)
-            n_items = torch.tensor(sum(self._learned(b) for b in micro), dtype=torch.long)
+            # counted on the host batches (no device sync); every collective runs on device tensors
+            n_items = torch.tensor(sum(self._learned(b) for b in micro), dtype=torch.long, device=self.device)
             if self.world > 1:
                 torch.distributed.all_reduce(n_items)
-            loss_sum, tokens, samples = 0.0, 0, sum(b["input_ids"].shape[0] for b in micro) * self.world
+            tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            samples = sum(len(b["ids"]) for b in micro) * self.world  # records: a packed batch is one row
+            loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
             for batch in micro:
-                with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16,
-                                    enabled=cfg.bf16):
+                batch = to_device(batch, self.device)
+                # FSDP2 with bf16 casts in its MixedPrecisionPolicy (bf16 all-gathers); others autocast
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and not self.fsdp):
+                    packed = {"packed_seq_lens": batch["packed_seq_lens"]} if "packed_seq_lens" in batch else {}
                     out = self.net(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
-                                   images=batch["images"], num_items_in_batch=n_items)
+                                   images=batch["images"], num_items_in_batch=n_items, **packed)
                 loss = out.loss * self.world  # DDP / ZeRO average gradients over ranks; we want their sum
                 if self.engine is not None:  # it divides by the accumulation steps and steps at the boundary
                     self.engine.backward(loss * cfg.gradient_accumulation_steps)
                     self.engine.step()
                 else:
                     loss.backward()
-                loss_sum += out.loss.item()
-                tokens += int(batch["attention_mask"].sum())
+                loss_acc += out.loss.detach()
             if self.world > 1:  # the step's loss over every rank's tokens, for the log
-                total = torch.tensor([loss_sum, tokens], dtype=torch.float64)
+                total = torch.stack([loss_acc, loss_acc.new_tensor(tokens)])
                 torch.distributed.all_reduce(total)
-                loss_sum, tokens = float(total[0]), int(total[1])
+                loss_acc, tokens = total[0], int(total[1])
+            loss_sum = float(loss_acc)  # the step's one host sync for the log
             if self.engine is not None:
                 grad_norm = self.engine.get_global_grad_norm() or 0.0
             else:

@@ -13,6 +13,7 @@ inside the model's forward). Which expert inputs exist follows the mixture strin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -78,6 +79,16 @@ class ImageProcessorConfig:
         parse_mixture(self.vision_towers)
 
 
+
+def image_digest(image: torch.Tensor) -> str:
+    """Content digest of one decoded (H, W, 3) uint8 image: its shape and bytes, read on the host
+    (an image already on a device is copied once; the processor's inputs are host images)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(tuple(image.shape)).encode())
+    h.update(image.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 class EagleImageProcessor:
     """Images (PIL, numpy, torch; one or a list) -> {"pixel_values", "expert_inputs"}."""
 
@@ -108,15 +119,17 @@ class EagleImageProcessor:
 
         Returns:
             {"pixel_values": (B, 3, S, S), "expert_inputs": {name: tensor or dict}} holding only
-            the experts whose input differs from the canvas.
+            the experts whose input differs from the canvas, and "image_digests": one content
+            digest per image (of its decoded RGB bytes: what the KV-prefix reuse compares).
 
         Raises:
             ValueError: naming the image index and the problem.
         """
         cfg = self.config
         batch = to_rgb_batch(images, cfg.max_pixels)
-        if device is not None:
-            batch = [im.to(device) for im in batch]
+        digests = [image_digest(im) for im in batch]  # from the host bytes, before any upload
+        if device is not None:  # uint8 crosses to the device (a quarter of fp32), the kernels run there
+            batch = [im.to(device, non_blocking=True) for im in batch]
         kinds = {EXPERT_INPUT_KINDS[n] for n in self.experts}
         out = fused_preprocess(
             batch,
@@ -140,7 +153,7 @@ class EagleImageProcessor:
                     "flattened_patches": out.flattened_patches,
                     "attention_mask": out.attention_mask,
                 }
-        return {"pixel_values": out.pixel_values, "expert_inputs": expert_inputs}
+        return {"pixel_values": out.pixel_values, "expert_inputs": expert_inputs, "image_digests": digests}
 
     # ------------------------------------------------------------------ persistence
 

@@ -131,3 +131,47 @@ def test_batch_overflow_names_the_prompt(tiny):
     eng = Engine(model, tok, context_length=40)
     with pytest.raises(ValueError, match="prompt 1 of"):
         eng.generate_batch([[1, 2], [1] + [5] * 35], None, GenerationConfig(max_new_tokens=8))
+
+
+def test_image_digests_come_from_host_bytes_not_from_device_tensors(tiny, monkeypatch):
+    """The processor digests each decoded image's host bytes; the engine reads those (no copy of
+    the preprocessed tensors back from the model's device); one changed pixel is another image."""
+    from eagle_fast.data.collate import concat_images, select_images
+    from eagle_fast.inference.engine import image_digests
+
+    _, _, proc = tiny
+    a, b = _img(0), _img(0).copy()
+    b[3, 4, 1] ^= 1
+    out = proc([a, b, a])
+    d = out["image_digests"]
+    assert len(d) == 3 and d[0] == d[2] != d[1]
+
+    def no_host_copy(*args, **kw):
+        raise AssertionError("preprocessed tensors copied to the host to digest them")
+
+    monkeypatch.setattr(torch.Tensor, "numpy", no_host_copy)
+    assert image_digests(out) == d
+    assert image_digests(select_images(out, [2, 1])) == [d[2], d[1]]
+    assert image_digests(concat_images([select_images(out, [1]), select_images(out, [0])])) == [d[1], d[0]]
+
+
+def test_chat_preprocesses_on_the_model_device(tiny, monkeypatch):
+    """ChatSession hands the processor the model's device (on CUDA: a uint8 upload, then the CUDA
+    fused_preprocess); the engine moves any processor output to the model before the forward."""
+    from eagle_fast.data.collate import to_device
+
+    model, tok, proc = tiny
+    seen = []
+    real = type(proc).__call__
+
+    def spy(self, images, device=None):
+        seen.append(device)
+        return real(self, images, device=device)
+
+    monkeypatch.setattr(type(proc), "__call__", spy)
+    ChatSession(model, tok, proc).send("What is this?", images=[_img(0)], max_new_tokens=2, do_sample=False)
+    assert seen == [model.device]
+    moved = to_device(proc([_img(1)]), "meta")
+    assert moved["pixel_values"].device.type == "meta" and isinstance(moved["image_digests"][0], str)
+    assert all(t.device.type == "meta" for v in moved["expert_inputs"].values()
+               for t in (v.values() if isinstance(v, dict) else [v]))

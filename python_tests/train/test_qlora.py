@@ -6,6 +6,7 @@ equal to an uninterrupted one (the quantized base is rebuilt, not stored)."""
 import pytest
 import torch
 
+from eagle_fast.data import EagleCollator
 from eagle_fast.train.config import recipe
 from eagle_fast.train.loop import Trainer
 
@@ -46,7 +47,7 @@ def test_qlora_trains_adapters_on_a_quantized_llm_and_reloads(tmp_path, small_da
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if n in before)
 
     trainer.model.eval()
-    batch = trainer.collate([trainer.dataset[i] for i in range(2)])
+    batch = EagleCollator(trainer.tokenizer.pad_token_id)([trainer.dataset[i] for i in range(2)])  # padded rows
     want = _logits(trainer.model, batch)
     requant = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "base")
     quantize_llm(requant, bits)

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from eagle_fast.data import EagleCollator
 from eagle_fast.train.__main__ import parse
 from eagle_fast.train.checkpoint import find_resume, load_model_weights, save_checkpoint
 from eagle_fast.train.config import recipe
@@ -186,7 +187,7 @@ def test_lora_adapters_save_reload_and_merge_to_the_same_logits(tmp_path, small_
     assert any("lora_" in n for n in trained) and any("mm_projector" in n for n in trained)
     trainer.train()
     trainer.model.eval()
-    batch = trainer.collate([trainer.dataset[i] for i in range(2)])
+    batch = EagleCollator(trainer.tokenizer.pad_token_id)([trainer.dataset[i] for i in range(2)])  # padded rows
     args = (batch["input_ids"], batch["attention_mask"])
     with torch.no_grad():
         want = trainer.model(*args, images=batch["images"]).logits
