@@ -56,3 +56,30 @@ def test_bf16_autocast_steps_run_packed_and_padded(tmp_path, small_data):
         losses[packing] = Trainer(cfg).train()["losses"]
     assert all(torch.isfinite(torch.tensor(v)).all() for v in losses.values())
     assert torch.allclose(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=2e-2), losses
+
+
+def test_fsdp2_bf16_policy_trains_like_autocast(tmp_path, small_data):
+    """FSDP2 with --bf16 computes in bf16 through its MixedPrecisionPolicy (no autocast): 2 ranks
+    train, and the first step's loss matches one process under bf16 autocast to bf16 rounding."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from eagle_fast.train.config import recipe
+    from eagle_fast.train.loop import Trainer
+
+    data, images, _ = small_data
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    common = dict(data_path=data, image_folder=images, max_steps=2, save_steps=0, model_max_length=96, bf16=True)
+    one = Trainer(recipe("tiny-x5", "sft", output_dir=str(tmp_path / "one"), per_device_train_batch_size=4,
+                         **common)).train()["losses"]
+    args = [f"--{k}={v}" for k, v in common.items()] + ["--per_device_train_batch_size=2", "--fsdp=true",
+                                                        f"--output_dir={tmp_path / 'two'}"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "eagle_fast.train", "--recipe", "tiny-x5", *args], cwd=root, capture_output=True,
+                         text=True, timeout=600, env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
+    assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)
+    assert abs(rows[0]["loss"] - one[0]) <= 2e-2 * abs(one[0]), (rows[0]["loss"], one[0])
