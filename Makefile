@@ -1,4 +1,6 @@
 # make test  — create .venv if needed (torch 2.14.1 + deps), build the kernels, run the whole suite.
+# make test-fallback — the op, model and vision tests again with EAGLE_FAST_DISABLE_COMPILED=1:
+#              every op on its pure-torch fallback, as an install without the compiled kernels runs.
 # make wheel — build the wheel (carries _C and, with nvcc, _C_cuda; requires the torch it was built
 #              with) and smoke-test it in a fresh venv that installs its dependencies from the index.
 # make demo  — same setup as make test, then train, evaluate and chat with a tiny Eagle (runs/demo/).
@@ -7,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.deps-stamp
 
-.PHONY: test build wheel bench demo clean
+.PHONY: test test-fallback build wheel bench demo clean
 
 $(STAMP): requirements-dev.txt requirements-assets.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +24,9 @@ build: $(STAMP)
 
 test: build
 	$(PY) -m pytest -q python_tests
+
+test-fallback: build
+	EAGLE_FAST_DISABLE_COMPILED=1 $(PY) -m pytest -q python_tests/ops python_tests/model python_tests/vision
 
 wheel: $(STAMP)
 	rm -rf dist && $(PIP) wheel -q --no-build-isolation --no-deps -w dist .

@@ -201,13 +201,19 @@ def _fused_preprocess_reference(
     canvas = torch.stack([reference_canvas(im, canvas_size, pad, fill) for im in images])  # (B, S, S, 3)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    scaled = (canvas.permute(0, 3, 1, 2).double() * (1.0 / 255.0)).float()  # HF rescale
+    # (B, S, S, 3) -> (B, 3, S, S) made contiguous here, on the uint8 canvas (the cheapest copy):
+    # every output is then laid out as the kernels (and the op's fake kernel) lay theirs out.
+    planar = canvas.permute(0, 3, 1, 2).contiguous()
+    scaled = (planar.double() * (1.0 / 255.0)).float()  # HF rescale
     pixel_values = (scaled - mean_t) / std_t  # HF normalize, float32
-    empty = torch.empty(0, dtype=dtype, device=device)
-    clip = empty
+
+    def empty() -> torch.Tensor:  # a skipped output: its own (0,) tensor, never shared between outputs
+        return torch.empty(0, dtype=dtype, device=device)
+
+    clip = empty()
     if clip_size > 0:
         clip = F.interpolate(pixel_values, size=(clip_size, clip_size), mode="bilinear", align_corners=True).to(dtype)
-    patches, mask = empty, empty
+    patches, mask = empty(), empty()
     if p2s_max_patches > 0:
         patches, mask = _reference_flattened_patches(pixel_values, mean_t, std_t, p2s_max_patches, p2s_patch)
         patches, mask = patches.to(dtype), mask.to(dtype)
@@ -219,27 +225,45 @@ def _fused_preprocess_reference(
 _OP_NAME = "eagle_fast::fused_preprocess"
 
 
+def _fused_preprocess_triton_op(
+    images: list[torch.Tensor], canvas_size: int, pad: bool, fill: list[int], mean: list[float],
+    std: list[float], clip_size: int, p2s_max_patches: int, p2s_patch: int, dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton launcher as the op's CUDA kernel. The launcher hands back one shared (0,) tensor
+    for every skipped output; an op's outputs must not alias one another (the schema declares no
+    aliasing, and the op defined here without the compiled library checks it on every call), so
+    each repeat gets its own (0,) tensor."""
+    from eagle_fast.triton_kernels.preprocess.fused_preprocess import fused_preprocess_triton
+
+    outs = list(fused_preprocess_triton(images, canvas_size, pad, fill, mean, std, clip_size, p2s_max_patches,
+                                        p2s_patch, dtype))
+    for i in range(1, len(outs)):
+        if any(outs[i] is earlier for earlier in outs[:i]):
+            outs[i] = torch.empty_like(outs[i])
+    return tuple(outs)
+
+
 def _register() -> None:
     """Bind the op name to the best kernels present; the schema lives in csrc/registration.cpp."""
     if not load_compiled():
         # No compiled library: the same op name, with the reference as its body on every device.
         torch.library.custom_op(_OP_NAME, mutates_args=())(_fused_preprocess_reference)
     if has_triton() and not has_cuda_kernels():
-        from eagle_fast.triton_kernels.preprocess.fused_preprocess import fused_preprocess_triton
-
-        torch.library.register_kernel(_OP_NAME, "cuda", fused_preprocess_triton)
+        torch.library.register_kernel(_OP_NAME, "cuda", _fused_preprocess_triton_op)
 
     @torch.library.register_fake(_OP_NAME)
     def _fake(images, canvas_size, pad, fill, mean, std, clip_size, p2s_max_patches, p2s_patch, dtype):
-        b, dev = len(images), images[0].device
-        empty = torch.empty(0, dtype=dtype, device=dev)
-        pv = images[0].new_empty((b, 3, canvas_size, canvas_size), dtype=dtype)
-        clip = images[0].new_empty((b, 3, clip_size, clip_size), dtype=dtype) if clip_size > 0 else empty
+        b = len(images)
+
+        def new(*shape: int) -> torch.Tensor:  # contiguous, one tensor per output (skipped: (0,))
+            return images[0].new_empty(shape, dtype=dtype)
+
+        pv = new(b, 3, canvas_size, canvas_size)
+        clip = new(b, 3, clip_size, clip_size) if clip_size > 0 else new(0)
         if p2s_max_patches > 0:
-            patches = images[0].new_empty((b, p2s_max_patches, 2 + p2s_patch * p2s_patch * 3), dtype=dtype)
-            mask = images[0].new_empty((b, p2s_max_patches), dtype=dtype)
+            patches, mask = new(b, p2s_max_patches, 2 + p2s_patch * p2s_patch * 3), new(b, p2s_max_patches)
         else:
-            patches, mask = empty, empty
+            patches, mask = new(0), new(0)
         return pv, clip, patches, mask
 
 

@@ -43,12 +43,30 @@ def _resize_concat_reference(features: list[torch.Tensor], grid: int, unshuffle:
 def _resize_concat_backward_reference(
     grad: torch.Tensor, features: list[torch.Tensor], grid: int, unshuffle: list[int]
 ) -> list[torch.Tensor]:
-    """Vector-Jacobian product of the reference: the oracle for every backward kernel."""
-    leaves = [f.detach().requires_grad_(True) for f in features]
-    with torch.enable_grad():
-        out = _resize_concat_reference(leaves, grid, unshuffle)
-    grads = torch.autograd.grad(out, leaves, grad)
-    return [torch.empty_like(f).copy_(g) for f, g in zip(features, grads)]  # strided like the input
+    """Vector-Jacobian product of the reference, the oracle for every backward kernel and the
+    backward op's body without the compiled library.
+
+    Written with the backward ops autograd would run for the reference (slice of the concat,
+    upsample_bilinear2d_backward in fp32 / fp64, pixel_shuffle as the inverse permutation of
+    pixel_unshuffle) rather than with torch.autograd.grad: a custom op's body runs below the
+    autograd dispatch key, where the reference's forward records no graph to differentiate.
+    """
+    out = []
+    offset = 0
+    for x, u in zip(features, unshuffle):  # x: (B, C, H, W)
+        b, c, h, w = x.shape
+        cu, hu, wu = c * u * u, h // u, w // u  # the map after pixel_unshuffle: (B, C*u^2, H/u, W/u)
+        g = grad[:, :, offset : offset + cu].transpose(1, 2).reshape(b, cu, grid, grid)  # (B, C*u^2, G, G)
+        offset += cu
+        if (hu, wu) != (grid, grid):
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # as the forward's resize
+            g = torch.ops.aten.upsample_bilinear2d_backward(
+                g.to(acc), [grid, grid], [b, cu, hu, wu], True
+            ).to(x.dtype)  # (B, C*u^2, H/u, W/u)
+        if u > 1:
+            g = F.pixel_shuffle(g, u)  # (B, C, H, W)
+        out.append(torch.empty_like(x).copy_(g))  # strided like the input, never a view of grad
+    return out
 
 
 # ----------------------------------------------------------------------------- registration

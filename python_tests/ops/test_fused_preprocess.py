@@ -179,6 +179,32 @@ def test_fake_kernel_and_opcheck():
     assert [tuple(o.shape) for o in out] == [(2, 3, 32, 32), (2, 3, 12, 12), (2, 8, 50), (2, 8)]
 
 
+@pytest.mark.parametrize("clip,patches", [(12, 8), (0, 0), (12, 0), (0, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_outputs_are_fresh_contiguous_tensors_as_the_fake_kernel_says(clip, patches, dtype):
+    """Every output, a skipped (0,) one included, is its own contiguous tensor sharing memory with
+    no input and no other output, and the fake kernel predicts its metadata (shape, strides, dtype)."""
+    images = [_rand_image(9, 14), _rand_image(20, 3, seed=1), _rand_image(16, 16, seed=2)]
+    args = (images, 16, True, list(PAD_FILL), list(CLIP_MEAN), list(CLIP_STD), clip, patches, 4, dtype)
+    torch.library.opcheck(torch.ops.eagle_fast.fused_preprocess.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    out = torch.ops.eagle_fast.fused_preprocess(*args)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = torch.ops.eagle_fast.fused_preprocess([mode.from_tensor(im) for im in images], *args[1:])
+    for o, f in zip(out, fake):
+        assert o.is_contiguous() and o.dtype == dtype
+        assert (o.shape, o.stride()) == (f.shape, f.stride())
+    storages = [t.untyped_storage() for t in (*out, *images) if t.numel()]
+    assert len({st.data_ptr() for st in storages}) == len(storages)
+    assert len({id(o) for o in out}) == 4
+    pv, c, p, m = out
+    assert pv.shape == (3, 3, 16, 16)
+    assert c.shape == ((3, 3, clip, clip) if clip else (0,))
+    assert (p.shape, m.shape) == (((3, patches, 2 + 4 * 4 * 3), (3, patches)) if patches else ((0,), (0,)))
+
+
 @pytest.mark.parametrize(
     "bad,match",
     [
@@ -231,3 +257,22 @@ def test_gpu_kernels_match_reference_full_size(real_photos, backend, dtype):
         want = fused_preprocess(images, pad=pad, dtype=dtype, backend="reference")
         got = fused_preprocess([im.cuda() for im in images], pad=pad, dtype=dtype, backend=backend)
         _compare(type(got)(*(t.cpu() for t in got)), want, dtype)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("clip,patches", [(0, 0), (12, 0)])
+def test_triton_op_kernel_gives_every_skipped_output_its_own_tensor(clip, patches):
+    """The op's CUDA kernel when Triton stands in for the CUDA C++ ones: the launcher shares one (0,)
+    tensor between skipped outputs, which the op's no-aliasing contract forbids."""
+    pytest.importorskip("triton")
+    from eagle_fast.ops.fused_preprocess import _fused_preprocess_triton_op
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: TRITON_INTERPRET=1 (conftest)
+    images = [_rand_image(h, w, seed=h).to(device) for h, w in [(7, 5), (13, 29)]]
+    args = (images, 16, True, list(PAD_FILL), list(CLIP_MEAN), list(CLIP_STD), clip, patches, 4, torch.float32)
+    got = _fused_preprocess_triton_op(*args)
+    assert len({id(o) for o in got}) == 4
+    assert [tuple(o.shape) for o in got[1 + (clip > 0):]] == [(0,)] * (3 - (clip > 0))
+    want = fused_preprocess(images, canvas_size=16, clip_size=clip, pix2struct_max_patches=patches,
+                            pix2struct_patch=4, backend="reference")
+    _compare(type(want)(*(t.cpu() for t in got)), want, torch.float32)

@@ -125,6 +125,40 @@ def test_opcheck_and_torch_compile():
     assert all(f.grad is not None for f in feats)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("case", ["x5", "odd", "identity", "single_down_unshuffle"])
+def test_backward_reference_equals_autograd_of_the_reference(case, layout, dtype):
+    """The backward op's pure-torch body (also every backward kernel's oracle) is the VJP that
+    autograd computes through the forward reference, for every layout and dtype."""
+    shapes, grid, unshuffle = CASES[case]
+    unshuffle = unshuffle or [1] * len(shapes)
+    maps = [m.requires_grad_(True) for m in _as_maps(_features(shapes, dtype=dtype, seed=4, layout=layout))]
+    out = _resize_concat_reference(maps, grid, unshuffle)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    want = torch.autograd.grad(out, maps, grad)
+    got = _resize_concat_backward_reference(grad, [m.detach() for m in maps], grid, unshuffle)
+    for g, w, m in zip(got, want, maps):
+        assert g.dtype == dtype and g.shape == m.shape and g.stride() == torch.empty_like(m).stride()
+        assert torch.equal(g, w)  # the same backward ops in the same order: bit for bit
+
+
+def test_backward_op_opcheck():
+    """The registered backward op (C++ kernel, or the pure-torch body without it): schema, fake
+    kernel strides (empty_like of each feature: channels-last, token-grid view, sliced) and outputs."""
+    shapes = [("map", 3, 6, 2), ("tok", 2, 4, 2), ("map", 1, 8, 2)]
+    maps = _as_maps(_features(shapes))
+    maps[0] = maps[0].to(memory_format=torch.channels_last)
+    maps[2] = torch.randn(2, 2, 8, 8)[:, ::2]  # (2, 1, 8, 8), not dense
+    grad = torch.randn(2, 16, 3 + 2 + 4)
+    torch.library.opcheck(torch.ops.eagle_fast.resize_concat_backward.default, (grad, maps, 4, [1, 1, 2]))
+    got = torch.ops.eagle_fast.resize_concat_backward(grad, maps, 4, [1, 1, 2])
+    for g, w, m in zip(got, _resize_concat_backward_reference(grad, maps, 4, [1, 1, 2]), maps):
+        assert g.stride() == torch.empty_like(m).stride()
+        assert (g - w).abs().max() <= 1e-5
+        assert g.data_ptr() != grad.data_ptr()
+
+
 @pytest.mark.parametrize(
     "feats,unshuffle,match",
     [
