@@ -225,31 +225,15 @@ def _fused_preprocess_reference(
 _OP_NAME = "eagle_fast::fused_preprocess"
 
 
-def _fused_preprocess_triton_op(
-    images: list[torch.Tensor], canvas_size: int, pad: bool, fill: list[int], mean: list[float],
-    std: list[float], clip_size: int, p2s_max_patches: int, p2s_patch: int, dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Triton launcher as the op's CUDA kernel. The launcher hands back one shared (0,) tensor
-    for every skipped output; an op's outputs must not alias one another (the schema declares no
-    aliasing, and the op defined here without the compiled library checks it on every call), so
-    each repeat gets its own (0,) tensor."""
-    from eagle_fast.triton_kernels.preprocess.fused_preprocess import fused_preprocess_triton
-
-    outs = list(fused_preprocess_triton(images, canvas_size, pad, fill, mean, std, clip_size, p2s_max_patches,
-                                        p2s_patch, dtype))
-    for i in range(1, len(outs)):
-        if any(outs[i] is earlier for earlier in outs[:i]):
-            outs[i] = torch.empty_like(outs[i])
-    return tuple(outs)
-
-
 def _register() -> None:
     """Bind the op name to the best kernels present; the schema lives in csrc/registration.cpp."""
     if not load_compiled():
         # No compiled library: the same op name, with the reference as its body on every device.
         torch.library.custom_op(_OP_NAME, mutates_args=())(_fused_preprocess_reference)
     if has_triton() and not has_cuda_kernels():
-        torch.library.register_kernel(_OP_NAME, "cuda", _fused_preprocess_triton_op)
+        from eagle_fast.triton_kernels.preprocess.fused_preprocess import fused_preprocess_triton
+
+        torch.library.register_kernel(_OP_NAME, "cuda", fused_preprocess_triton)
 
     @torch.library.register_fake(_OP_NAME)
     def _fake(images, canvas_size, pad, fill, mean, std, clip_size, p2s_max_patches, p2s_patch, dtype):

@@ -262,15 +262,15 @@ def test_gpu_kernels_match_reference_full_size(real_photos, backend, dtype):
 @pytest.mark.triton
 @pytest.mark.parametrize("clip,patches", [(0, 0), (12, 0)])
 def test_triton_op_kernel_gives_every_skipped_output_its_own_tensor(clip, patches):
-    """The op's CUDA kernel when Triton stands in for the CUDA C++ ones: the launcher shares one (0,)
-    tensor between skipped outputs, which the op's no-aliasing contract forbids."""
+    """The op's CUDA kernel when Triton stands in for the CUDA C++ ones: every skipped output is its
+    own (0,) tensor (the op's no-aliasing contract; a shared one fails the op's check)."""
     pytest.importorskip("triton")
-    from eagle_fast.ops.fused_preprocess import _fused_preprocess_triton_op
+    from eagle_fast.triton_kernels.preprocess.fused_preprocess import fused_preprocess_triton
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: TRITON_INTERPRET=1 (conftest)
     images = [_rand_image(h, w, seed=h).to(device) for h, w in [(7, 5), (13, 29)]]
     args = (images, 16, True, list(PAD_FILL), list(CLIP_MEAN), list(CLIP_STD), clip, patches, 4, torch.float32)
-    got = _fused_preprocess_triton_op(*args)
+    got = fused_preprocess_triton(*args)
     assert len({id(o) for o in got}) == 4
     assert [tuple(o.shape) for o in got[1 + (clip > 0):]] == [(0,)] * (3 - (clip > 0))
     want = fused_preprocess(images, canvas_size=16, clip_size=clip, pix2struct_max_patches=patches,

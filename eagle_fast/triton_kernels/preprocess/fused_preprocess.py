@@ -318,8 +318,10 @@ def fused_preprocess_triton(
     pixel_values = torch.empty(B, 3, S, S, dtype=dtype, device=device)
     canvas = _canvas(images, S, pad, fill, lut.contiguous(), pixel_values)
 
-    empty = torch.empty(0, dtype=dtype, device=device)
-    clip = empty
+    def empty() -> torch.Tensor:  # one (0,) tensor per skipped output: an op's outputs never alias
+        return torch.empty(0, dtype=dtype, device=device)
+
+    clip = empty()
     if clip_size > 0:
         # torch's scale: float(in - 1) / float(out - 1) in float32 (0 for a single output).
         scale = np.float32(S - 1) / np.float32(clip_size - 1) if clip_size > 1 else np.float32(0.0)
@@ -327,7 +329,7 @@ def fused_preprocess_triton(
         clip = torch.empty(B, 3, clip_size, clip_size, dtype=dtype, device=device)
         grid = (triton.cdiv(clip_size, 16), triton.cdiv(clip_size, 64), B * 3)
         _bilinear_align_corners_kernel[grid](canvas, lut, src, clip, S, clip_size, BLOCK_R=16, BLOCK_C=64)
-    patches, mask = empty, empty
+    patches, mask = empty(), empty()
     if p2s_max_patches > 0:
         patches, mask = _pix2struct(canvas, p2s_max_patches, p2s_patch, dtype)
     return pixel_values, clip, patches, mask
