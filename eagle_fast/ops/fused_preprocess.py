@@ -1,6 +1,6 @@
 """fused_preprocess: decoded uint8 RGB images -> every vision expert's input, in one pass.
 
-Eagle feeds all experts from one shared canvas (DESIGN §1 "Shared input"):
+Eagle feeds all experts from one shared canvas (the original preprocessing):
   image (H, W, 3) uint8
     -> "pad": centred on a square of the fill colour, offset (long - short) // 2
        "square": shortest edge -> canvas_size, centre crop

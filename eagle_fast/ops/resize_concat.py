@@ -1,6 +1,6 @@
 """resize_concat: every expert's feature map -> one G x G grid, concatenated on channels.
 
-Eagle's fusion (DESIGN §1 "Fusion"), per expert i:
+Eagle's fusion (the original's channel-concat of resampled expert maps), per expert i:
   map (B, C_i, H_i, W_i) or token grid (B, H_i*W_i, C_i)
     -> optional pixel_unshuffle(u_i): (B, C_i*u_i^2, H_i/u_i, W_i/u_i), channel c*u^2 + u*dy + dx
     -> bilinear align_corners=True to (G, G), computed in fp32 (fp64 for fp64 inputs)

@@ -4,7 +4,7 @@ named recipes returning it.
     cfg = recipe("tiny-x5", stage="sft", output_dir="runs/t", max_steps=20)
     cfg = recipe("eagle-x5-7b", stage="pretrain", data_path=..., image_folder=...)
 
-Official recipes reproduce the reference scripts' hyper-parameters (DESIGN §1 "Training"):
+Official recipes reproduce the original training scripts' hyper-parameters:
 stage 1 (pretrain) projector only, lr 1e-3, global batch 256; stage 2 (sft) everything, lr 2e-5,
 global batch 128; both 1 epoch, cosine, 3% warmup, wd 0, bf16, max length 2048, gradient
 checkpointing, DeepSpeed ZeRO-2 (launch under torchrun or deepspeed). Tiny recipes run on a CPU in minutes on the built-in easy-VQA data.

@@ -116,7 +116,7 @@ def test_splice_count_mismatch_names_the_sample():
 
 # ----------------------------------------------------------------------------- checkpoint layout
 
-FAMILIES = {  # official key families (DESIGN "Checkpoint layout"), expert keys after the tower prefix
+FAMILIES = {  # official key families (the NVEagle checkpoint layout), expert keys after the tower prefix
     "llm": r"(model\.(embed_tokens|norm)\.weight|model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj"
            r"|input_layernorm|post_attention_layernorm)\.weight|lm_head\.weight)",
     "projector": r"model\.mm_projector\.[02]\.(weight|bias)",
