@@ -15,6 +15,7 @@ ORIGINAL_FLAGS_IGNORED) are accepted with one notice line each; any other unknow
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -61,22 +62,30 @@ def parser() -> ConfigParser:
     return p
 
 
+def _config_file(p: ConfigParser, path: str) -> dict[str, Any]:
+    """TrainConfig fields from a JSON or YAML file; an unknown key is an error naming it."""
+    with open(path) as f:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            loaded = yaml.safe_load(f) or {}
+        else:
+            loaded = json.load(f)
+    unknown = sorted(set(loaded) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        p.error(f"{path}: unknown training option(s) {unknown}")
+    return loaded
+
+
 def parse(argv: list[str]) -> TrainConfig:
     """The training configuration: the recipe (default tiny-x5) for the stage, then the config
     file, the flags given and `--set`, in that order."""
     p = parser()
     given = p.parse_given(argv)
     config_file, sets = given.pop("config", None), given.pop("set", [])
-    name = given.pop("recipe", "tiny-x5")
-    values: dict[str, Any] = {}
-    if config_file:
-        with open(config_file) as f:
-            loaded = (__import__("yaml").safe_load(f) if config_file.endswith((".yaml", ".yml")) else json.load(f))
-        unknown = sorted(set(loaded or {}) - {a.dest for a in p._actions})
-        if unknown:
-            p.error(f"{config_file}: unknown training option(s) {unknown}")
-        values.update(loaded or {})
+    values: dict[str, Any] = _config_file(p, config_file) if config_file else {}
     values.update(given)
+    name = values.pop("recipe", TrainConfig.recipe)  # the recipe's table, whichever layer named it
     for item in sets:
         key, sep, value = item.partition("=")
         if not sep:

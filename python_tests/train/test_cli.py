@@ -87,3 +87,11 @@ def test_every_ignored_flag_is_not_a_training_option():
     from eagle_fast.train.config import TrainConfig
 
     assert not set(ORIGINAL_FLAGS_IGNORED) & {f.name for f in fields(TrainConfig)}
+
+
+def test_a_recipe_named_in_the_config_file_is_the_one_applied(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"recipe": "demo"}))
+    cfg = parse(["--config", str(path)])
+    assert cfg.recipe == "demo" and cfg.per_device_train_batch_size == 32  # demo's table, not tiny-x5's
+    assert parse(["--config", str(path), "--recipe", "tiny-x5"]).per_device_train_batch_size == 8
