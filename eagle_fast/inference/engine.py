@@ -149,7 +149,7 @@ class Engine:
         n_img = int((ids == IMAGE_TOKEN_INDEX).sum())
         if n_img:
             feats = select_images(images, list(range(first_img, first_img + n_img)))
-            s = self.model._splice_inputs(ids, None, None, feats)
+            s = self.model.splice_inputs(ids, None, None, feats)
             out = self.model(inputs_embeds=s.inputs_embeds, cache=cache, use_cache=True, logits_to_keep=1)
         else:
             out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
@@ -217,7 +217,7 @@ class Engine:
             mask[i, width - len(p):] = 1
         imgs = to_device(concat_images([im for im in images if im is not None]), dev)
         if (ids == IMAGE_TOKEN_INDEX).any():
-            s = self.model._splice_inputs(ids, mask, None, imgs)
+            s = self.model.splice_inputs(ids, mask, None, imgs)
             mask, pos = s.attention_mask, s.position_ids
             out = self.model(inputs_embeds=s.inputs_embeds, attention_mask=mask, position_ids=pos, use_cache=True,
                              logits_to_keep=1)

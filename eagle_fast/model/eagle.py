@@ -85,17 +85,31 @@ class EagleLlamaForCausalLM(_EagleDefaults, LlamaForCausalLM):
 
     # ------------------------------------------------------------------ vision
 
+    def save_pretrained(self, *args, save_original_format: bool = False, **kwargs):
+        """Saves the module's own keys: its modules already carry the official checkpoint names. With
+        transformers' default, renamings of sub-models (CLIP's legacy `vision_model.` prefix) are
+        reverted or not depending on how the model was built — under ZeRO-3, giving
+        `vision_model.vision_model.*` keys the official checkpoints do not have."""
+        return super().save_pretrained(*args, save_original_format=save_original_format, **kwargs)
+
     def encode_images(self, images: dict[str, Any]) -> torch.Tensor:
         """Processor output for N images -> projected features (N, grid * grid, hidden)."""
         fused = self.model.vision_tower(images)
         weight = next(self.model.mm_projector.parameters(), None)  # none for "identity"
         return self.model.mm_projector(fused if weight is None else fused.to(weight.dtype))
 
-    def _splice_inputs(self, input_ids, attention_mask, labels, images):
+    def splice_inputs(self, input_ids, attention_mask, labels, images):
+        """Token ids with image placeholders (-200) -> the LLM's input embeddings with each image's
+        projected features in place (a Splice: embeddings, mask, labels, positions), or None when
+        there are no images. `images`: a processor output, or precomputed features (N, g*g, hidden)
+        — what a generation engine with an encoder cache passes."""
         counts = count_images(input_ids, attention_mask)
         if sum(counts) == 0 and images is None:
             return None
-        features = list(self.encode_images(images)) if images is not None and _num_images(images) else []
+        if isinstance(images, torch.Tensor):  # features already projected (an encoder cache's)
+            features = list(images)
+        else:
+            features = list(self.encode_images(images)) if images is not None and _num_images(images) else []
         return splice(input_ids, attention_mask, labels, features, self.model.embed_tokens)
 
     # ------------------------------------------------------------------ forward / generate
@@ -117,7 +131,7 @@ class EagleLlamaForCausalLM(_EagleDefaults, LlamaForCausalLM):
             row_lens = self._packed_row_lengths(input_ids, packed_seq_lens)
         if input_ids is not None and inputs_embeds is None and (
                 images is not None or bool((input_ids == IMAGE_TOKEN_INDEX).any())):
-            s = self._splice_inputs(input_ids, attention_mask if row_lens is None else None, labels, images)
+            s = self.splice_inputs(input_ids, attention_mask if row_lens is None else None, labels, images)
             if s is not None:
                 input_ids, inputs_embeds, attention_mask, position_ids, labels = (
                     None, s.inputs_embeds, s.attention_mask, s.position_ids, s.labels)
@@ -190,7 +204,7 @@ class EagleLlamaForCausalLM(_EagleDefaults, LlamaForCausalLM):
         prompt is spliced first and generation runs from its embeddings; as with any
         `inputs_embeds` generation, the result then holds only the new tokens."""
         if input_ids is not None and (images is not None or (input_ids == IMAGE_TOKEN_INDEX).any()):
-            s = self._splice_inputs(input_ids, attention_mask, None, images)
+            s = self.splice_inputs(input_ids, attention_mask, None, images)
             return super().generate(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask, **kwargs)
         return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 

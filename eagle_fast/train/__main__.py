@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 2 -m eagle_fast.train --recipe tiny-x5 --output_dir runs/t2
     python -m eagle_fast.train --recipe eagle-x5-7b --stage pretrain --model_name_or_path lmsys/vicuna-7b-v1.5 \\
         --data_path blip_laion_cc_sbu_558k.json --image_folder images/ --set learning_rate=5e-4
+        # (the experts start from the released encoders the recipe names: --vision_tower_weights)
 
 Every TrainConfig field is a flag of the same name (the original Eagle/LLaVA names: --version,
 --vision_tower, --tune_mm_mlp_adapter, --pretrain_mm_mlp_adapter, --group_by_modality_length, ...;
@@ -112,17 +113,37 @@ def main(argv: list[str] | None = None) -> int:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         torch.distributed.init_process_group(backend_for(device))
+    from eagle_fast.train.checkpoint import CheckpointError, SaveError
     from eagle_fast.train.loop import Trainer
+    from eagle_fast.train.nonfinite import NonFiniteError
 
-    result = Trainer(cfg).train()
-    if int(os.environ.get("RANK", "0")) == 0:
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        result = Trainer(cfg).train()
+    except (CheckpointError, SaveError, NonFiniteError) as e:
+        # a failure the run has reported in full (the files, the records, what `latest` names):
+        # the message alone, once, without a traceback; every rank raised the same one
+        if rank0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        _leave(distributed, 1)
+    if rank0:  # "stopped": the signal that ended the run early (its checkpoint saved), or null
         print(json.dumps({"steps": result["steps"], "final_loss": result["losses"][-1] if result["losses"] else None,
-                          "skipped": result["skipped"], "output_dir": cfg.output_dir}))
+                          "skipped": result["skipped"], "stopped": result["stopped"],
+                          "nonfinite_steps": result["nonfinite_steps"], "output_dir": cfg.output_dir}))
+    _leave(distributed, 0)
+    return 0
+
+
+def _leave(distributed: bool, status: int) -> None:
+    import torch
+
     if distributed:  # gloo can abort at interpreter exit after a clean finish: leave right away
         torch.distributed.destroy_process_group()
         sys.stdout.flush()
-        os._exit(0)
-    return 0
+        sys.stderr.flush()
+        os._exit(status)
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from eagle_fast.train.expert_sources import OFFICIAL_SOURCES, format_sources
+
 STAGES = ("prealign", "pretrain", "sft")
 
 
@@ -33,6 +35,11 @@ class TrainConfig:
     tune_mm_mlp_adapter: bool = False  # the original's stage-1 switch (= stage "pretrain")
     freeze_vision: bool = False
     prealigned_experts: str | None = None  # directory of {expert}.safetensors written by stage "prealign"
+    vision_tower_weights: str | None = field(default=None, metadata={"help": (
+        "where new experts' weights come from: 'expert=source;...', a source being a local file or directory, "
+        "a hub repo id, or repo:file, each optionally @revision (eagle_fast.train.expert_sources). The official "
+        "recipes name the original's encoders; 'none': random experts. Unused when model_name_or_path is an "
+        "Eagle checkpoint")})
     tokenizer_name_or_path: str | None = None  # None: the checkpoint's, or the built-in Llama SentencePiece
     # LoRA on the LLM's linear layers (peft); the projector (and unfrozen experts) train fully
     lora_enable: bool = False
@@ -73,9 +80,16 @@ class TrainConfig:
     seed: int = 0
     # checkpoints and logs
     save_steps: int = 500
-    save_total_limit: int = 1
+    # 2, not the original's 1: with a single checkpoint kept, one damaged save leaves nothing to resume from
+    save_total_limit: int = 2
     resume: str | None = None  # "auto" or a checkpoint directory
     logging_steps: int = 1  # a metrics.jsonl row (losses averaged) every N optimizer steps, and the last
+    max_nonfinite_steps: int = field(default=10, metadata={"help": (
+        "a step whose loss or gradient norm is NaN / inf is skipped (weights and optimizer untouched) and "
+        "logged; more than this many in a row stop the run, `latest` left on the last good checkpoint")})
+    stop_timeout_s: float = field(default=600.0, metadata={"help": (
+        "after SIGTERM / SIGUSR1 the run finishes its step, saves and exits 0; if it has not exited this many "
+        "seconds after the signal (a lost rank, a hung collective) it exits with status 1. 0: no limit")})
     deepspeed: str | None = None
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP, when run on several ranks without DeepSpeed
     device: str | None = None  # None: cuda:$LOCAL_RANK with CUDA, else cpu (eagle_fast.train.device)
@@ -91,6 +105,8 @@ class TrainConfig:
             raise ValueError(f"bits={self.bits} quantizes the LLM for QLoRA training: pass --lora_enable too")
         if self.logging_steps < 1:
             raise ValueError(f"logging_steps={self.logging_steps}: must be >= 1")
+        if self.max_nonfinite_steps < 0 or self.stop_timeout_s < 0:
+            raise ValueError("max_nonfinite_steps and stop_timeout_s must be >= 0")
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("batch size and gradient accumulation must be >= 1")
 
@@ -104,10 +120,10 @@ class TrainConfig:
 
 
 def _official(preset: str, version: str) -> dict[str, Any]:
-    return dict(preset=preset, version=version, model_max_length=2048, bf16=True, tf32=True,
+    return dict(preset=preset, version=version, vision_tower_weights=format_sources(OFFICIAL_SOURCES), model_max_length=2048, bf16=True, tf32=True,
                 gradient_checkpointing=True, deepspeed="zero2", weight_decay=0.0, warmup_ratio=0.03,
                 lr_scheduler_type="cosine", num_train_epochs=1.0, dataloader_num_workers=4, save_steps=24000,
-                save_total_limit=1)
+                save_total_limit=2)  # the original keeps 1: nothing to fall back to past a damaged checkpoint
 
 
 # stage -> overrides; global batch = per-device x accumulation x 32 GPUs in the reference scripts

@@ -51,6 +51,29 @@ def initialize(model, optimizer, scheduler, cfg: TrainConfig, world: int):
     return engine
 
 
+# The engine's files go under checkpoint-N/deepspeed/ (one file per rank for the ZeRO partitions),
+# inside the temporary directory, so the checkpoint's manifest lists and verifies them too.
+TAG = "deepspeed"
+
+
+def save(engine, folder: str) -> None:
+    """Collective: every rank writes its optimizer partition into folder/deepspeed. No 'latest'
+    file of DeepSpeed's own: the trainer's `latest` names checkpoints, and loading names the tag."""
+    engine.save_checkpoint(folder, tag=TAG, save_latest=False)
+
+
+def load(engine, folder: str) -> None:
+    """Collective: restores the module, optimizer partitions and scheduler from folder/deepspeed.
+    DeepSpeed reports a missing checkpoint by returning None: raised here, naming the folder.
+    (DeepSpeed reads its own files with its own torch.load settings; the manifest has checked
+    their bytes before this is called.)"""
+    path, _ = engine.load_checkpoint(folder, tag=TAG, load_module_strict=True)
+    if path is None:
+        from eagle_fast.train.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{os.path.join(folder, TAG)}: DeepSpeed found no checkpoint there")
+
+
 def zero_stage(engine) -> int:
     return int(engine.zero_optimization_stage()) if engine is not None else 0
 

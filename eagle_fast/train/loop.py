@@ -9,6 +9,8 @@ projector and the experts; cosine schedule with warmup; gradient clipping; bf16 
 asked. Data order is a function of (seed, epoch) and the position in the epoch, so a resumed run
 sees exactly the batches it would have seen: with the optimizer, scheduler and RNG states
 restored, resuming is bitwise exact.
+
+Failures: checkpoint.py (damaged checkpoints), signals.py (SIGTERM / SIGUSR1), nonfinite.py (NaN / inf).
 """
 
 from __future__ import annotations
@@ -16,23 +18,28 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from eagle_fast.data import EagleCollator, EagleDataset, ModalityLengthSampler
 from eagle_fast.data.collate import to_device
 from eagle_fast.model.splice import IGNORE_INDEX
-from eagle_fast.train import ds, fsdp
-from eagle_fast.train.checkpoint import begin, commit, find_resume, load_model_weights, rng_state, set_rng_state, \
-    write_model
+from eagle_fast.train import ds, fsdp, materialize
+from eagle_fast.train import signals
+from eagle_fast.train.checkpoint import TRAINER_STATE, choose_resume, estimate_bytes, load_model_weights, rng_state, \
+    safe_load, save_collective, set_rng_state, write_model
+from eagle_fast.train.metrics import open_metrics
+from eagle_fast.train.nonfinite import Tracker, finite
 from eagle_fast.train.config import TrainConfig
 from eagle_fast.train.device import resolve_device, setup_device
-from eagle_fast.train.setup import build_data, build_model, build_tokenizer, export_prealigned, freeze_for_stage, \
-    projector_state
+from eagle_fast.train.setup import TokenizerFiles, build_data, build_model, build_tokenizer, export_prealigned, \
+    freeze_for_stage, projector_state
 
 
 def _dist() -> tuple[int, int]:
@@ -66,7 +73,13 @@ class Trainer:
         setup_device(self.device, cfg.tf32)
         torch.manual_seed(cfg.seed)
         self.tokenizer = build_tokenizer(cfg)
-        self.model, self.processor = build_model(cfg, self.tokenizer)
+        # once per job, not once per rank: ranks > 0 build shapes only and receive rank 0's weights
+        self.construction = materialize.construction(cfg, self.rank, self.world)
+        self._zero3 = materialize.zero3_hold(cfg, self.world) if self.construction == "zero3" else None
+        self.model, self.processor = build_model(cfg, self.tokenizer, meta=self.construction == "meta",
+                                                 rank=self.rank, world=self.world)
+        if self.world > 1:
+            print(materialize.describe(self.construction, self.rank), flush=True)
         freeze_for_stage(self.model, cfg)
         if cfg.lora_enable:
             from eagle_fast.train.lora import apply_lora
@@ -76,13 +89,26 @@ class Trainer:
                     self.model.save_pretrained(os.path.join(cfg.output_dir, "base"), safe_serialization=True)
                 self.model.name_or_path = os.path.join("..", "base")  # adapter_config.json: relative to final/
             self.model = apply_lora(self.model, cfg)
-        self.model.to(self.device)  # before any wrapper: DDP, FSDP2 and DeepSpeed take it where it is
+        # before any wrapper: DDP, FSDP2 and DeepSpeed take it where it is; ZeRO-3 partitions
+        # already sit where DeepSpeed put them; meta ranks under FSDP2 allocate after sharding
+        self.fsdp = fsdp.enabled(cfg, self.world) and not cfg.deepspeed
+        full_state = self.model.state_dict() if self.fsdp and self.rank == 0 else {}  # references: no copy
+        if self.construction == "real" and not self.fsdp:  # fully_shard moves each unit itself
+            self.model.to(self.device)
+        elif self.construction == "meta" and not self.fsdp:
+            materialize.allocate(self.model, self.device)
         self.dataset: EagleDataset = build_data(cfg, self.tokenizer, self.processor, self.model)
         # packing: each micro-batch's records in one row (the same records, so the same global batch)
         self.collate = EagleCollator(pad_token_id=self.tokenizer.pad_token_id or 0, pack=cfg.packs())
-        self.fsdp = fsdp.enabled(cfg, self.world) and not cfg.deepspeed
         if self.fsdp:  # before the optimizer: it must see the sharded parameters
             fsdp.shard(self.model, bf16=cfg.bf16)
+            if self.construction == "meta":
+                materialize.allocate(self.model, self.device)  # this rank's shards only
+            if materialize.shared_from_rank0(cfg, self.world):
+                materialize.fsdp_load_from_rank0(self.model, full_state)
+            del full_state
+        elif materialize.shared_from_rank0(cfg, self.world):
+            materialize.broadcast_from_rank0(self.model)
         # fused: one kernel for every parameter's update on CUDA (the CPU has no fused AdamW path)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.learning_rate, betas=(0.9, 0.999),
                                            fused=self.device.type == "cuda")
@@ -109,6 +135,8 @@ class Trainer:
                 self.net = torch.compile(self.net)
         self.step, self.epoch, self.position = 0, 0, 0  # position: micro-batches done in this epoch
         self.skipped: dict[str, int] = {}
+        self.nonfinite = Tracker(cfg.max_nonfinite_steps, cfg.output_dir, self.rank, self.world)  # NaN / inf steps
+        self._saved_at: tuple[int, int, int] | None = None  # (step, epoch, position) of the last save
 
     # ------------------------------------------------------------------ data order
 
@@ -145,7 +173,8 @@ class Trainer:
 
     def state(self) -> dict[str, Any]:
         st = {"step": self.step, "epoch": self.epoch, "position": self.position, "config": asdict(self.cfg),
-              "skipped": dict(self.skipped), "world": self.world}
+              "skipped": dict(self.skipped), "world": self.world,
+              "nonfinite": self.nonfinite.state()}
         if self.engine is None:  # DeepSpeed keeps these in its own checkpoint files
             st.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
         return st
@@ -157,11 +186,11 @@ class Trainer:
         return fsdp.full_model_state(self.model), fsdp.full_optimizer_state(self.model, self.optimizer)
 
     def resume(self, path: str) -> None:
-        st = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+        st = safe_load(os.path.join(path, TRAINER_STATE))
         if st["world"] != self.world:
             raise ValueError(f"{path}: saved with {st['world']} ranks, resuming with {self.world}")
         if self.engine is not None:
-            self.engine.load_checkpoint(path, tag="deepspeed", load_module_strict=True)
+            ds.load(self.engine, path)
         elif self.fsdp:
             from safetensors.torch import load_file
 
@@ -177,7 +206,9 @@ class Trainer:
             self.scheduler.load_state_dict(st["scheduler"])
         self.step, self.epoch, self.position = st["step"], st["epoch"], st["position"]
         self.skipped = st["skipped"]
-        set_rng_state(torch.load(os.path.join(path, f"rng_rank{self.rank}.pt"), weights_only=False))
+        self.nonfinite.load(st.get("nonfinite", {}))
+        set_rng_state(safe_load(os.path.join(path, f"rng_rank{self.rank}.pt")))
+        self._saved_at = (self.step, self.epoch, self.position)
 
     def _barrier(self) -> None:
         if self.world > 1:
@@ -185,29 +216,27 @@ class Trainer:
 
     def save(self) -> str:
         """Every rank writes its part (DeepSpeed shards, its RNG) into the temporary directory;
-        rank 0 writes the HF model and the trainer state, then commits."""
-        cfg = self.cfg
-        tmp = os.path.join(cfg.output_dir, f"checkpoint-{self.step}.tmp")
-        if self.rank == 0:
-            begin(cfg.output_dir, self.step)
-        self._barrier()
-        if self.engine is not None:
-            self.engine.save_checkpoint(tmp, tag="deepspeed")
-        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
-        model_state, optim_state = self._full_states()
-        with ds.gathered(self.model, self.engine):
+        rank 0 writes the HF model and the trainer state, then commits. A write failing on any
+        rank (a full disk) raises SaveError on all, `latest` unchanged (checkpoint.save_collective)."""
+        def write(tmp: str, attempt) -> None:
+            if self.engine is not None:
+                attempt(lambda: ds.save(self.engine, tmp))
+            attempt(lambda: torch.save(rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt")))
+            model_state, optim_state = self._full_states()
+            with ds.gathered(self.model, self.engine):
+                if self.rank == 0:
+                    attempt(lambda: write_model(self.model, tmp, savers=(TokenizerFiles(self.tokenizer), self.processor),
+                                                state_dict=model_state))
             if self.rank == 0:
-                write_model(self.model, tmp, savers=(self.tokenizer, self.processor), state_dict=model_state)
-        self._barrier()
-        final = os.path.join(cfg.output_dir, f"checkpoint-{self.step}")
-        if self.rank == 0:
-            state = self.state()
-            if optim_state is not None:  # full, keyed by parameter name
-                state["optimizer"] = optim_state
-            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-            commit(cfg.output_dir, self.step, cfg.save_total_limit)
-        self._barrier()
-        return final
+                state = self.state()
+                if optim_state is not None:  # full, keyed by parameter name
+                    state["optimizer"] = optim_state
+                attempt(lambda: torch.save(state, os.path.join(tmp, TRAINER_STATE)))
+
+        path = save_collective(self.cfg.output_dir, self.step, self.cfg.save_total_limit, self.rank, self.world,
+                               self.device, write, lambda: estimate_bytes(self.model, 3 if self.engine else 2))
+        self._saved_at = (self.step, self.epoch, self.position)
+        return path
 
     # ------------------------------------------------------------------ loop
 
@@ -217,15 +246,37 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
         os.makedirs(cfg.output_dir, exist_ok=True)
-        ckpt = find_resume(cfg.output_dir, cfg.resume)
-        if ckpt:
-            self.resume(ckpt)
-        metrics = self._open_metrics() if self.rank == 0 else None
-        bar = None
-        if self.rank == 0:
-            from tqdm import tqdm
+        # SIGTERM / SIGUSR1 handlers for this run only; a signal during start-up stops after one step
+        with signals.StopSignals(cfg.stop_timeout_s, label=f"rank {self.rank}: " if self.world > 1 else "") as stop:
+            ckpt = choose_resume(cfg.output_dir, cfg.resume, self.rank, self.world, self.device)
+            if ckpt:
+                self.resume(ckpt)
+            metrics = bar = None
+            if self.rank == 0:
+                metrics = open_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), self.step, self.epoch,
+                                       self.position)
+                bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.recipe} {cfg.stage}",
+                           dynamic_ncols=True)
+            try:
+                losses, stopped = self._steps(stop, metrics, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
+                if metrics is not None:
+                    metrics.close()
+            if not stopped or self._saved_at != (self.step, self.epoch, self.position):
+                self.save()  # (a stop right after a periodic save has its checkpoint already)
+            if not stopped:
+                self._final()
+            elif self.rank == 0:
+                print(f"stopped by {stop.received or 'a signal to another rank'} after step {self.step}: "
+                      f"checkpoint-{self.step} saved; --resume auto continues", file=sys.stderr, flush=True)
+        return {"steps": self.step, "losses": losses, "skipped": dict(self.skipped), "nonfinite_steps":
+                self.nonfinite.total, "stopped": (stop.received or "another rank") if stopped else None}
 
-            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.recipe} {cfg.stage}", dynamic_ncols=True)
+    def _steps(self, stop: signals.StopSignals, metrics, bar) -> tuple[list[float], bool]:
+        """Optimizer steps until the last, or until a stop signal reached any rank (True)."""
+        cfg = self.cfg
         stream = self._micro_batches()
         self.net.train()
         t0, losses, seen_samples, seen_tokens = time.time(), [], 0, 0
@@ -245,6 +296,7 @@ class Trainer:
             tokens = sum(int(b["attention_mask"].sum()) for b in micro)
             samples = sum(len(b["ids"]) for b in micro) * self.world  # records: a packed batch is one row
             loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
+            micro_losses = []  # read only when the step is not finite: to name its records
             for batch in micro:
                 batch = to_device(batch, self.device)
                 # FSDP2 with bf16 casts in its MixedPrecisionPolicy (bf16 all-gathers); others autocast
@@ -259,23 +311,39 @@ class Trainer:
                 else:
                     loss.backward()
                 loss_acc += out.loss.detach()
+                micro_losses.append(out.loss.detach())
             if self.world > 1:  # the step's loss over every rank's tokens, for the log
                 total = torch.stack([loss_acc, loss_acc.new_tensor(tokens)])
                 torch.distributed.all_reduce(total)
                 loss_acc, tokens = total[0], int(total[1])
             loss_sum = float(loss_acc)  # the step's one host sync for the log
-            if self.engine is not None:
+            if self.engine is not None:  # DeepSpeed has stepped (or, fp16, skipped an overflow) already
                 grad_norm = self.engine.get_global_grad_norm() or 0.0
+                ok, applied = finite(loss_sum, grad_norm), True
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
                     grad_norm = grad_norm.full_tensor()
-                self.optimizer.step()
-                self.scheduler.step()
+                # the same on every rank: an all-reduced loss, the norm of synchronized gradients
+                ok = applied = finite(loss_sum, grad_norm)
+                if ok:  # else nothing moves: weights, AdamW's moments and step count, the schedule
+                    self.optimizer.step()
+                    self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            losses.append(loss_sum)
-            if metrics is not None:
+            if ok:
+                self.nonfinite.good()
+            else:  # a row naming the batch's records; NonFiniteError after too many in a row
+                row, error = self.nonfinite.bad(micro, micro_losses, loss_sum, grad_norm, applied, self.step + 1,
+                                                self.epoch, self.position)
+                if metrics is not None:
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                if error is not None:
+                    raise error
+            if applied:
+                self.step += 1
+                losses.append(loss_sum)
+            if applied and metrics is not None:
                 seen_samples += samples
                 seen_tokens += tokens
                 window.append((loss_sum, samples, tokens))
@@ -293,35 +361,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", samples_s=f"{seen_samples / dt:.1f}",
                                 tokens_s=f"{seen_tokens / dt:.0f}")
                 bar.update(1)
-            if cfg.save_steps > 0 and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
+            if applied and cfg.save_steps > 0 and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
                 self.save()
-        if bar is not None:
-            bar.close()
-        if metrics is not None:
-            metrics.close()
-        self.save()
-        self._final()
-        return {"steps": self.step, "losses": losses, "skipped": dict(self.skipped)}
-
-
-    def _open_metrics(self):
-        """metrics.jsonl for appending. After a resume at step S, the rows past S (written after
-        the checkpoint by the interrupted run, whose steps are now redone) and a torn last line are
-        dropped first, so every step has one row."""
-        path = os.path.join(self.cfg.output_dir, "metrics.jsonl")
-        if os.path.exists(path):
-            kept = []
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        if json.loads(line)["step"] <= self.step:
-                            kept.append(line if line.endswith("\n") else line + "\n")
-                    except (ValueError, KeyError, TypeError):
-                        break  # a torn last line of a killed run
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                f.writelines(kept)
-            os.replace(path + ".tmp", path)
-        return open(path, "a", encoding="utf-8")
+            # every rank stops after the same step: one all-reduce of the flag (a signal may reach one rank)
+            if self.step < self.total_steps and signals.agree(stop.received is not None, self.device, self.world):
+                return losses, True
+        return losses, False
 
     def _final(self) -> None:
         model_state, _ = self._full_states()
@@ -338,7 +383,7 @@ class Trainer:
             save_lora(self.model, final)
         else:
             self.model.save_pretrained(final, safe_serialization=True, state_dict=model_state)
-        self.tokenizer.save_pretrained(final)
+        TokenizerFiles(self.tokenizer).save_pretrained(final)
         self.processor.save_pretrained(final)
         if self.cfg.stage == "pretrain":
             torch.save(projector_state(self.model), os.path.join(self.cfg.output_dir, "mm_projector.bin"))

@@ -291,3 +291,14 @@ def test_loss_decreases_on_a_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_splice_inputs_takes_processor_output_or_the_projected_features_it_gives():
+    """An encoder cache hands the model the features encode_images computed earlier: the splice
+    must be the same."""
+    model = _model()
+    ids, mask, _, images = _batch(model)
+    with torch.no_grad():
+        a = model.splice_inputs(ids, mask, None, images)
+        b = model.splice_inputs(ids, mask, None, model.encode_images(images))
+    assert torch.equal(a.inputs_embeds, b.inputs_embeds)

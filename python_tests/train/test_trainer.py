@@ -117,10 +117,27 @@ def test_a_checkpoint_cut_short_leaves_the_previous_one(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def one_process_run(tmp_path_factory, small_data):
+def init_checkpoint(tmp_path_factory, small_data):
+    """The model every run below starts from: the recipe's random weights, saved once (the runs
+    load it: under ZeRO-3, new weights are drawn module by module on rank 0, so a random start
+    would differ from a one-process run's)."""
+    from eagle_fast.train.checkpoint import write_model
+
+    data, images, _ = small_data
+    out = tmp_path_factory.mktemp("init")
+    cfg = parse(_DIST_COMMON(data, images) + ["--output_dir", str(out / "run")])
+    with torch.random.fork_rng():
+        t = Trainer(cfg)
+    write_model(t.model, str(out / "model"), savers=(t.tokenizer, t.processor))
+    return out / "model"
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, small_data, init_checkpoint):
     data, images, _ = small_data
     out = tmp_path_factory.mktemp("one")
-    one = _run(_DIST_COMMON(data, images) + ["--per_device_train_batch_size", "4", "--output_dir", str(out)])
+    one = _run(_DIST_COMMON(data, images) + ["--per_device_train_batch_size", "4", "--output_dir", str(out),
+                                             "--model_name_or_path", str(init_checkpoint)])
     assert one.wait(timeout=600) == 0, one.stderr.read()
     return out
 
@@ -135,18 +152,13 @@ def _DIST_COMMON(data, images):
             "--model_max_length", "96", "--save_steps", "0"]
 
 
-def _initial_weights(run_dir, data, images):
-    """The weights both runs started from: the same recipe and seed, built in this process."""
-    cfg = parse(_DIST_COMMON(data, images) + ["--output_dir", str(run_dir / "init")])
-    with torch.random.fork_rng():
-        return {k: v.detach().clone() for k, v in Trainer(cfg).model.state_dict().items()}
-
-
 @pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero2", "zero3"])
-def test_two_ranks_agree_with_one_process(tmp_path, small_data, one_process_run, engine):
+def test_two_ranks_agree_with_one_process(tmp_path, small_data, init_checkpoint, one_process_run, engine):
     """torchrun, 2 CPU ranks (gloo), 2 records each per step == 1 process with 4 per step: DDP, FSDP2,
     and DeepSpeed ZeRO-2 / ZeRO-3 with the configs shipped in the package. Every process runs one
-    thread; the two runs still add the batch's gradients up in another order.
+    thread; the two runs still add the batch's gradients up in another order. Rank 1 builds the
+    model on the meta device (ZeRO-3: partitioned) and never reads the weights file: its weights
+    come from rank 0.
 
     Tolerances, from the problem: the losses are forward sums over the same tokens, equal up to
     float rounding (rtol 1e-5). The weights are not compared element by element: AdamW divides each
@@ -156,11 +168,14 @@ def test_two_ranks_agree_with_one_process(tmp_path, small_data, one_process_run,
     ||w_one - w_init||, the size of the 4 steps both took."""
     data, images, _ = small_data
     common = _DIST_COMMON(data, images) + {"ddp": [], "fsdp": ["--fsdp", "true"]}.get(engine, ["--deepspeed", engine])
+    common += ["--model_name_or_path", str(init_checkpoint)]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     two = subprocess.run([*TORCHRUN_2, "-m", "eagle_fast.train", *common, "--per_device_train_batch_size", "2",
                           "--output_dir", str(tmp_path / "two")], env=env, cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
+    built = "partitioned (deepspeed.zero.Init)" if engine == "zero3" else "on the meta device, weights from rank 0"
+    assert f"rank 1: model built {built}" in two.stdout, two.stdout[-2000:]
     from safetensors.torch import load_file
 
     la = [json.loads(x)["loss"] for x in open(one_process_run / "metrics.jsonl")]
@@ -168,7 +183,7 @@ def test_two_ranks_agree_with_one_process(tmp_path, small_data, one_process_run,
     assert len(la) == len(lb) == 4 and all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(la, lb)), (la, lb)
     a = load_file(str(one_process_run / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
-    init = _initial_weights(one_process_run, data, images)
+    init = load_file(str(init_checkpoint / "model.safetensors"))
     assert a.keys() == b.keys() and set(a) <= set(init)
     moved = sum(float((a[k].double() - init[k].double()).square().sum()) for k in a) ** 0.5
     apart = sum(float((a[k].double() - b[k].double()).square().sum()) for k in a) ** 0.5
