@@ -1,14 +1,23 @@
 """Conversation templates as data: rendering a conversation into text segments, each marked as
 learned (assistant replies and their end-of-turn marker) or not.
 
-Built-in templates reproduce the original Eagle/LLaVA ones:
-  plain      stage-1 captioning: "<image>" + caption + "\\n"; only the caption and "\\n" are learned
-  vicuna_v1  "{system} USER: {q} ASSISTANT: {a}</s>USER: ..." (LLaVA's SeparatorStyle.TWO)
-  llama3     header-style turns ending in <|eot_id|> (the system text carries <|begin_of_text|>, so
-             no second BOS is added: the original's double BOS is not reproduced)
+Built-in templates render exactly as the original's `Conversation.get_prompt` (NVlabs/EAGLE
+`eagle/conversation.py`, a copy of LLaVA's):
+  plain      stage-1 captioning: "<image>" + caption + "\\n" (LLaVA's preprocess_plain)
+  vicuna_v1  "{system} USER: {q} ASSISTANT: {a}</s>USER: ..." (SeparatorStyle.TWO)
+  llama3     header-style turns ending in <|eot_id|> (SeparatorStyle.MPT; the system text carries
+             <|begin_of_text|>, so no second BOS is added: the original's double BOS is not reproduced)
   chatml     Yi-34B's "chatml direct": <|im_start|>role\\n ... <|im_end|>, no newline between turns
+             (SeparatorStyle.MPT)
   hf         the tokenizer's own chat_template (apply_chat_template), learned spans found by
              rendering growing prefixes of the conversation
+
+An empty message renders as the original renders it, on purpose: SeparatorStyle.TWO writes
+"ROLE:" with neither the space nor the separator ("... ASSISTANT:USER: ..."), SeparatorStyle.MPT
+writes the role header alone ("<|im_start|>assistant\\n<|im_start|>user\\n..."), and plain writes
+"<image>" + "\\n". The label masks of the built-in templates are not read from the segments: they
+follow the original's token-count rule (data/tokenize.py); the segments' `learn` flags give the
+same answer on ordinary conversations and drive the masks of "hf" only.
 """
 
 from __future__ import annotations
@@ -47,23 +56,29 @@ class Template:
             for role, text in turns:
                 segs.append(Segment(text, learn=False) if role == "user" else Segment(text + self.sep, learn=True))
             return segs
-        if self.style == "two":  # LLaVA SeparatorStyle.TWO
+        if self.style == "two":  # SeparatorStyle.TWO
             segs = [Segment(self.system + self.sep, learn=False)]
             for role, text in turns:
-                if role == "user":
-                    segs.append(Segment(f"{self.user}: {text}{self.sep}", learn=False))
-                else:
-                    segs += [Segment(f"{self.assistant}: ", learn=False), Segment(text + self.sep2, learn=True)]
+                name = self.user if role == "user" else self.assistant
+                if not text:  # the original writes "ROLE:" alone: no space, no separator
+                    segs.append(Segment(f"{name}:", learn=False))
+                elif role == "user":
+                    segs.append(Segment(f"{name}: {text}{self.sep}", learn=False))
+                else:  # the space after "ASSISTANT:" is learned: generation starts right after the colon
+                    segs += [Segment(f"{name}:", learn=False), Segment(f" {text}{self.sep2}", learn=True)]
             if add_generation_prompt:
                 segs.append(Segment(f"{self.assistant}:", learn=False))
             return segs
-        if self.style == "mpt":  # LLaVA SeparatorStyle.MPT
+        if self.style == "mpt":  # SeparatorStyle.MPT
             segs = [Segment(self.system + self.sep, learn=False)]
             for role, text in turns:
-                if role == "user":
-                    segs.append(Segment(self.user + text + self.sep, learn=False))
+                header = self.user if role == "user" else self.assistant
+                if not text:  # the original writes the role header alone, without the separator
+                    segs.append(Segment(header, learn=False))
+                elif role == "user":
+                    segs.append(Segment(header + text + self.sep, learn=False))
                 else:
-                    segs += [Segment(self.assistant, learn=False), Segment(text + self.sep, learn=True)]
+                    segs += [Segment(header, learn=False), Segment(text + self.sep, learn=True)]
             if add_generation_prompt:
                 segs.append(Segment(self.assistant, learn=False))
             return segs

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from eagle_fast.eval.metrics_mc import extract_choice, mmbench_circular, mme_scores, pope_scores
 
 __all__ = [
+    "VQA_PROCESSING",
     "anls",
     "extract_choice",
     "gqa_accuracy",
@@ -107,6 +108,19 @@ def normalize_answer(text: str) -> str:
     return _process_digit_article(_process_punctuation(text, _M4C_COMMA))
 
 
+# vqa_accuracy's ``processing`` modes and the script each reproduces.
+VQA_PROCESSING = ("m4c", "vqaeval", "eagle_submission", "vqaeval_2016")
+
+
+def _vqaeval_clean(text: str) -> str:
+    # vqaEval.py's whitespace cleanup, applied to the prediction and (since a013f00) every answer.
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def _vqaeval_process(text: str) -> str:
+    return _process_digit_article(_process_punctuation(text, _VQAEVAL_COMMA))
+
+
 def vqa_accuracy(prediction: str, answers: Sequence[str], *, processing: str = "m4c") -> float:
     """VQA soft accuracy (VQAv2, TextVQA, VizWiz) of one prediction against the human answers.
 
@@ -116,12 +130,22 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], *, processing: str = "
 
     ``processing`` picks the official script whose normalisation is reproduced:
       * ``"m4c"`` (default): ``TextVQAAccuracyEvaluator`` in llava/eval/m4c_evaluator.py, which LLaVA
-        (and Eagle) use for TextVQA and whose ``EvalAIAnswerProcessor`` LLaVA also applies to VQAv2
-        predictions before submission: prediction and every answer go through ``normalize_answer``.
-      * ``"vqaeval"``: GT-Vision-Lab ``vqaEval.py`` (the VQAv2/VizWiz server): the prediction gets
-        whitespace cleanup + punctuation + digit/article processing; the answers get punctuation
-        processing only, and only when they are not all identical (identical answers are compared
-        verbatim, so an all-"Two" answer set never matches any prediction, whose "two" became "2").
+        (and Eagle) use for TextVQA: prediction and every answer go through ``normalize_answer``
+        (``EvalAIAnswerProcessor``, which lowercases).
+      * ``"vqaeval"``: GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py as of
+        a013f00 (2021, "Fixed processing answers bug"; the VQAv2 / VizWiz servers' script):
+        prediction and answers get newline/tab -> space and strip; only when the stripped answers
+        are not all identical do both also get punctuation + digit/article processing (which
+        lowercases). Identical answers are compared verbatim: "Two" against ten "Two" scores 1,
+        "two" against ten "Two" scores 0. The script itself never lowercases an unprocessed
+        prediction; the caller does (see ``"eagle_submission"``).
+      * ``"eagle_submission"``: what Eagle's VQAv2 / VizWiz number is: its
+        scripts/convert_vqav2_for_submission.py / convert_vizwiz_for_submission.py pass the raw
+        prediction through ``EvalAIAnswerProcessor`` (``normalize_answer``), and the server scores
+        that with ``"vqaeval"``.
+      * ``"vqaeval_2016"``: vqaEval.py before a013f00: answers never stripped; the prediction always
+        gets punctuation + digit/article processing; differing answers get punctuation processing
+        only (so an all-"Two" answer set never matches any prediction, whose "two" became "2").
 
     Deliberate deviations: the official loops accept exactly the dataset's 10 answers; any n >= 2
     works here, and with a single answer (where leave-one-out leaves nothing to match) the score
@@ -133,14 +157,20 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], *, processing: str = "
     if processing == "m4c":
         pred = normalize_answer(prediction)
         refs = [normalize_answer(a) for a in answers]
-    elif processing == "vqaeval":
-        cleaned = prediction.replace("\n", " ").replace("\t", " ").strip()
-        pred = _process_digit_article(_process_punctuation(cleaned, _VQAEVAL_COMMA))
+    elif processing in ("vqaeval", "eagle_submission"):
+        raw = normalize_answer(prediction) if processing == "eagle_submission" else prediction
+        pred = _vqaeval_clean(raw)
+        refs = [_vqaeval_clean(a) for a in answers]
+        if len(set(refs)) > 1:
+            refs = [_vqaeval_process(a) for a in refs]
+            pred = _vqaeval_process(pred)
+    elif processing == "vqaeval_2016":
+        pred = _vqaeval_process(_vqaeval_clean(prediction))
         refs = list(answers)
         if len(set(refs)) > 1:
             refs = [_process_punctuation(a, _VQAEVAL_COMMA) for a in refs]
     else:
-        raise ValueError(f"processing must be 'm4c' or 'vqaeval', got {processing!r}")
+        raise ValueError(f"processing must be one of {', '.join(VQA_PROCESSING)}; got {processing!r}")
     hits = [ref == pred for ref in refs]
     matches = sum(hits)
     if len(refs) == 1:

@@ -120,12 +120,38 @@ def _option_table(options: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
     return table
 
 
-def _sqa_letter(text: str, letters: dict[str, str]) -> str | None:
-    # LLaVA eval_science_qa.py (newlines already turned into ". "): the whole answer is a letter;
-    # else it starts "X. "; else it contains "The answer is X." / "The answer is X". The first rule
-    # that fires decides, even on a letter past the last option (then the answer is wrong: None).
-    # The official letters are A-E; options past E are added so that longer lists work too.
-    alphabet = "ABCDE" + "".join(k for k in letters if k not in "ABCDE")
+def _sqa_options(letters: dict[str, str]) -> tuple[str, ...]:
+    # The official scripts' args.options: ["A", "B", "C", "D", "E"]; later option letters are added
+    # so that longer lists work too. A tuple: `in` must test equality, not substrings.
+    return ("A", "B", "C", "D", "E") + tuple(k for k in letters if k not in "ABCDE")
+
+
+# eval_science_qa.py's pattern: "." is any character but a newline, so the letter must be followed
+# by one ("The answer is A" at the very end of the text does not match).
+_EAGLE_SQA_ANSWER = re.compile(r"The answer is ([A-Z]).")
+
+
+def _eagle_sqa_letter(text: str, letters: dict[str, str]) -> str | None:
+    # Eagle's eagle/eval/eval_science_qa.py (LLaVA-1.5's rules): the raw text is an option letter;
+    # else it starts "X. "; else "The answer is X" + one more character occurs exactly once. Then
+    # get_pred_idx: a letter that is not one of the question's options is wrong (None here).
+    options = _sqa_options(letters)
+    if text in options:
+        decided = text
+    elif len(text) >= 3 and text[0] in options and text[1:3] == ". ":
+        decided = text[0]
+    else:
+        found = _EAGLE_SQA_ANSWER.findall(text)
+        decided = found[0] if len(found) == 1 else None
+    return decided if decided in letters else None
+
+
+def _llava_sqa_late_letter(text: str, letters: dict[str, str]) -> str | None:
+    # Later haotian-liu/LLaVA eval_science_qa.py (5200b75), newlines already turned into ". ": the
+    # stripped answer is a letter; else it starts "X. "; else it contains "The answer is X." /
+    # "The answer is X" (first match). The first rule that fires decides, even on a letter past the
+    # last option (then the answer is wrong: None).
+    alphabet = "".join(_sqa_options(letters))
     stripped = text.strip()
     if len(stripped) == 1 and stripped in alphabet:
         decided = stripped
@@ -164,32 +190,43 @@ def _mmbench_text(text: str, letters: dict[str, str]) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+EXTRACT_STYLES = ("auto", "eagle_sqa", "llava_sqa_late", "mmbench")
+
+
 def extract_choice(
     prediction: str, options: Sequence[str] | Mapping[str, str], *, style: str = "auto"
 ) -> str | None:
     """The option letter a free-form answer chose, or None when it chose none or is ambiguous.
 
-    ``options``: option texts in order (letters A, B, C, ...) or a mapping letter -> text. Rules, in
-    order (``style`` selects which apply):
-      1. LLaVA llava/eval/eval_science_qa.py (``"llava_sqa"`` and ``"auto"``), newlines read as ". ":
-         the whole stripped answer is a letter; else it starts with "X. "; else it contains
-         "The answer is X." or "The answer is X". The first rule that fires decides; a letter
-         past the last option gives None.
-      2. MMBench ``can_infer`` (VLMEvalKit vlmeval/utils/matching_util.py; ``"mmbench"`` and
-         ``"auto"``): with ``.()[],:;!*#{}`` read as spaces, exactly one valid letter occurs as a
-         standalone token ("(B)", "B.", "Answer: B"); several letters are ambiguous ("A or B"); a
-         lone "Z" token or a known refusal means no answer (None, no further rule). Else the
-         option whose text occurs (case-insensitively) in the answer, if exactly one does.
-    ``"llava_sqa"`` and ``"mmbench"`` reproduce one official script each; ``"auto"`` (default)
-    tries the explicit ScienceQA formats first, then (when they yield None) MMBench's rules.
-    Generalisation: the official ScienceQA patterns only know A-E; option letters past E work too.
+    ``options``: option texts in order (letters A, B, C, ...) or a mapping letter -> text.
+    ``style`` picks the official rules:
+      * ``"eagle_sqa"``: NVlabs/EAGLE eagle/eval/eval_science_qa.py (LLaVA-1.5's rules, which Eagle
+        ships): the raw answer (not stripped) is exactly a letter; else it starts with "X. "; else
+        the regex ``The answer is ([A-Z]).`` matches exactly once ("." is one more character other
+        than a newline, so "The answer is A" at the very end, or twice in the text, is no answer).
+        A letter that is not one of the options is wrong (None).
+      * ``"llava_sqa_late"``: the later haotian-liu/LLaVA llava/eval/eval_science_qa.py (5200b75):
+        newlines read as ". ", then the stripped answer is a letter; else it starts with "X. "; else
+        it contains "The answer is X." or "The answer is X" (first occurrence). The first rule that
+        fires decides; a letter past the last option gives None.
+      * ``"mmbench"``: MMBench ``can_infer`` (VLMEvalKit vlmeval/utils/matching_util.py, 18fc37a): with
+        ``.()[],:;!*#{}`` read as spaces, exactly one valid letter occurs as a standalone token
+        ("(B)", "B.", "Answer: B"); several letters are ambiguous ("A or B"); a lone "Z" token or a
+        known refusal means no answer (None, no further rule). Else the option whose text occurs
+        (case-insensitively) in the answer, if exactly one does.
+      * ``"auto"`` (default, lenient, no official script): the ``"eagle_sqa"`` rules, then (when they
+        yield None) the ``"mmbench"`` rules.
+    Generalisation: the official ScienceQA scripts only know the letters A-E; option letters past E
+    count too.
     """
     letters = _option_table(options)
-    if style not in ("auto", "llava_sqa", "mmbench"):
-        raise ValueError(f"style must be 'auto', 'llava_sqa' or 'mmbench', got {style!r}")
-    if style != "mmbench":
-        letter = _sqa_letter(prediction.replace("\n", ". "), letters)
-        if letter is not None or style == "llava_sqa":
+    if style not in EXTRACT_STYLES:
+        raise ValueError(f"style must be one of {', '.join(EXTRACT_STYLES)}; got {style!r}")
+    if style == "llava_sqa_late":
+        return _llava_sqa_late_letter(prediction.replace("\n", ". "), letters)
+    if style in ("eagle_sqa", "auto"):
+        letter = _eagle_sqa_letter(prediction, letters)
+        if letter is not None or style == "eagle_sqa":
             return letter
     letter = _mmbench_letter(prediction, letters)
     if letter is _NO_ANSWER:

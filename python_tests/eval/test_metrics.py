@@ -76,18 +76,44 @@ def test_vqa_accuracy_vizwiz_unanswerable():
 
 
 def test_vqa_accuracy_vqaeval_processing():
-    # vqaEval.py compares identical answers verbatim, while the prediction is always processed.
-    assert vqa_accuracy("Two", ["Two"] * 10, processing="vqaeval") == 0.0
-    assert vqa_accuracy("Two", ["Two"] * 10) == 1.0  # m4c normalises the answers too
-    # Differing answers get punctuation processing only (no lowercasing / number words).
-    mixed = ["Two"] * 5 + ["2"] * 5
-    assert vqa_accuracy("two", mixed, processing="vqaeval") == 1.0
-    # Without EvalAIAnswerProcessor's comma deletion, "red,blue" becomes "red blue".
+    # GT-Vision-Lab/VQA vqaEval.py at a013f00: prediction and answers lose newlines/tabs and outer
+    # spaces; only when the stripped answers differ do both get punctuation + digit/article
+    # processing (which lowercases); identical answers are compared verbatim.
+    assert vqa_accuracy("Two", ["Two"] * 10, processing="vqaeval") == 1.0  # "Two" == "Two"
+    assert vqa_accuracy("two", ["Two"] * 10, processing="vqaeval") == 0.0  # verbatim: case counts
+    assert vqa_accuracy("yes", ["yes "] * 10, processing="vqaeval") == 1.0  # answers stripped
+    assert vqa_accuracy("blue\n", ["\tblue"] * 10, processing="vqaeval") == 1.0
+    # nine "two" + one "2" differ: every answer and the prediction become "2": 10 matches -> 1.0
+    assert vqa_accuracy("two", ["two"] * 9 + ["2"], processing="vqaeval") == 1.0
+    # Without EvalAIAnswerProcessor's comma deletion, "red,blue" becomes "red blue": 2 of 10 -> 0.6.
     answers = ["red,blue"] * 2 + _answers("x", 0, 8)
     assert vqa_accuracy("red blue", answers, processing="vqaeval") == 0.6
     assert vqa_accuracy("red blue", answers) == 0.0  # m4c: "redblue"
-    # A digit,digit comma anywhere deletes every punctuation mark instead of spacing it.
+    # A digit,digit comma anywhere deletes every punctuation mark instead of spacing it: "1,000" ->
+    # "1000", 3 of 4 answers: leaving a match out leaves 2 (2/3, three times), leaving "x" out 3 (1):
+    # (3 * 2/3 + 1) / 4 = 0.75.
     assert vqa_accuracy("1000", ["1,000", "1,000", "1,000", "x"], processing="vqaeval") == 0.75
+
+
+def test_vqa_accuracy_eagle_submission():
+    # Eagle's convert_vqav2_for_submission.py runs EvalAIAnswerProcessor on the prediction ("Yes"
+    # -> "yes", "Two" -> "2") before the server's vqaEval.py (a013f00) compares it.
+    assert vqa_accuracy("Yes", ["yes"] * 10, processing="eagle_submission") == 1.0
+    assert vqa_accuracy("Yes", ["yes"] * 10, processing="vqaeval") == 0.0
+    assert vqa_accuracy("Two", ["2"] * 10, processing="eagle_submission") == 1.0
+    # identical answers stay verbatim on the server: "2" against ten "two" does not match
+    assert vqa_accuracy("Two", ["two"] * 10, processing="eagle_submission") == 0.0
+    assert vqa_accuracy("Two", ["two"] * 9 + ["2"], processing="eagle_submission") == 1.0
+
+
+def test_vqa_accuracy_vqaeval_2016_processing():
+    # vqaEval.py before a013f00: the prediction is always processed, the answers never stripped and
+    # only punctuation-processed when they differ.
+    assert vqa_accuracy("Two", ["Two"] * 10, processing="vqaeval_2016") == 0.0  # "2" vs "Two"
+    assert vqa_accuracy("two", ["two"] * 9 + ["2"], processing="vqaeval_2016") == 0.3  # 1 match
+    assert vqa_accuracy("yes", ["yes "] * 10, processing="vqaeval_2016") == 0.0  # "yes" vs "yes "
+    mixed = ["Two"] * 5 + ["2"] * 5
+    assert vqa_accuracy("two", mixed, processing="vqaeval_2016") == 1.0  # 5 matches
 
 
 def test_vqa_accuracy_answer_counts():
@@ -270,17 +296,41 @@ def test_extract_choice_auto(prediction, expected):
 def test_extract_choice_styles():
     assert extract_choice("B. Because A is wrong", OPTS, style="mmbench") is None  # letters B and A
     assert extract_choice("The answer is A, not B", OPTS, style="mmbench") is None
-    assert extract_choice("(A)", OPTS, style="llava_sqa") is None  # not a ScienceQA format
-    assert extract_choice("dog", OPTS, style="llava_sqa") is None
-    assert extract_choice("A\nBecause cats purr", OPTS, style="llava_sqa") == "A"  # newline -> ". "
-    assert extract_choice("The answer is E.", OPTS, style="llava_sqa") is None  # only 4 options
+    assert extract_choice("(A)", OPTS, style="eagle_sqa") is None  # not a ScienceQA format
+    assert extract_choice("dog", OPTS, style="eagle_sqa") is None
+    assert extract_choice("The answer is E.", OPTS, style="eagle_sqa") is None  # only 4 options
     # ScienceQA: the first rule that fires decides, even on an out-of-range letter ...
-    assert extract_choice("E. The answer is B.", OPTS, style="llava_sqa") is None
+    assert extract_choice("E. The answer is B.", OPTS, style="eagle_sqa") is None
+    assert extract_choice("E. The answer is B.", OPTS, style="llava_sqa_late") is None
     # ... while "auto" then falls through to MMBench's rules, where B is the only valid letter.
     assert extract_choice("E. The answer is B.", OPTS) == "B"
-    assert extract_choice("F", [str(i) for i in range(6)], style="llava_sqa") == "F"  # options past E
-    with pytest.raises(ValueError):
+    assert extract_choice("F", [str(i) for i in range(6)], style="eagle_sqa") == "F"  # options past E
+    with pytest.raises(ValueError, match="eagle_sqa"):
         extract_choice("A", OPTS, style="gpt")
+    with pytest.raises(ValueError):
+        extract_choice("A", OPTS, style="llava_sqa")  # ambiguous: Eagle's copy or the later one
+
+
+@pytest.mark.parametrize(
+    ("prediction", "eagle", "late"),
+    [
+        # Eagle's eval_science_qa.py: exact letter; "X. " prefix; else re.findall(r"The answer is
+        # ([A-Z]).") must find exactly one match ("." = one more character, not a newline).
+        ("A", "A", "A"),
+        ("B. dog", "B", "B"),
+        ("The answer is C.", "C", "C"),
+        ("The answer is A", None, "A"),  # nothing after the letter: no match
+        ("The answer is A. The answer is B.", None, "A"),  # two matches
+        ("A\nB", None, "A"),  # not a letter, no "X. ": the later script rewrites "\n" as ". "
+        ("The answer is A\n", None, "A"),  # "." does not match a newline
+        (" A", None, "A"),  # not stripped
+        ("The answer is AB", "A", "A"),  # "." matched "B"
+        ("D.", None, None),
+    ],
+)
+def test_extract_choice_scienceqa_official(prediction, eagle, late):
+    assert extract_choice(prediction, OPTS, style="eagle_sqa") == eagle
+    assert extract_choice(prediction, OPTS, style="llava_sqa_late") == late
 
 
 def test_extract_choice_dict_options():
@@ -341,3 +391,16 @@ def test_mean_score():
     assert mean_score([True, False, True, True]) == 0.75
     with pytest.raises(ValueError):
         mean_score([])
+
+
+def test_tasks_score_as_eagle_reports():
+    from eagle_fast.eval.tasks import get_task
+
+    # VQAv2: the submission converter lowercases "Yes" before vqaEval.py compares it with ten "yes"
+    vqa = {"question_id": 1, "prediction": "Yes", "answers": ["yes"] * 10}
+    assert get_task("vqav2").scorer([vqa])["score"] == 100.0
+    assert get_task("vizwiz").scorer([vqa])["score"] == 100.0
+    # ScienceQA: Eagle's eval_science_qa.py finds no answer in "The answer is A" (nothing follows A)
+    sqa = {"question_id": 2, "options": ["cat", "dog"], "answer": 0}
+    assert get_task("scienceqa").scorer([{**sqa, "prediction": "The answer is A"}])["score"] == 0.0
+    assert get_task("scienceqa").scorer([{**sqa, "prediction": "The answer is A."}])["score"] == 100.0

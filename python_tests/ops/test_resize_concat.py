@@ -220,3 +220,74 @@ def test_gpu_kernels_match_reference(backend, dtype):
                                                  unshuffle or [1] * len(maps))
         for g, w in zip(got, want):
             assert (g.float() - w).abs().max() <= (1e-5 if dtype == torch.float32 else 5e-2)
+
+
+# ------------------------------------------------------------------ float64: exact, every path
+# bilinear align_corners=True as torch defines it: src = g * (n - 1) / (G - 1), i0 = floor(src),
+# i1 = min(i0 + 1, n - 1), weights 1 - (src - i0) and src - i0, everything in fp64 here.
+
+
+def _interp_matrix(n: int, G: int) -> torch.Tensor:
+    """(G, n) fp64: row g holds the two bilinear weights of output g on its input samples."""
+    m = torch.zeros(G, n, dtype=torch.float64)
+    for g in range(G):
+        src = g * (n - 1) / (G - 1)
+        i0 = int(src)
+        lam = src - i0
+        m[g, i0] += 1 - lam
+        m[g, min(i0 + 1, n - 1)] += lam
+    return m
+
+
+def _fp64_backends(device):
+    backends = ["auto", "reference"]
+    if device == "cuda" or __import__("os").environ.get("TRITON_INTERPRET") == "1":
+        backends.append("triton")
+    return backends
+
+
+def _fp64_backward(backend, grad, maps, grid):
+    if backend == "triton":
+        from eagle_fast.triton_kernels.vision.resize_concat import resize_concat_backward_triton
+
+        return resize_concat_backward_triton(grad, maps, grid, [1])[0]
+    if backend == "reference":
+        return _resize_concat_backward_reference(grad, maps, grid, [1])[0]
+    return torch.ops.eagle_fast.resize_concat_backward(grad, maps, grid, [1])[0]
+
+
+def _check_fp64_exact(device):
+    # A linear ramp is reproduced exactly by bilinear resampling: 19 x 19 tokens, channel 0 = column,
+    # channel 1 = 100 * row, to a 16 x 16 grid: cell (gy, gx) = (1.2 * gx, 120 * gy) (scale 18/15).
+    # fp32 coordinates would give 1.2000000477 * gx (5e-8 off at gx = 1).
+    i19, i16 = torch.arange(19, dtype=torch.float64), torch.arange(16, dtype=torch.float64)
+    row, col = torch.meshgrid(i19, i19, indexing="ij")
+    ramp = torch.stack([col, 100 * row], -1).reshape(1, 361, 2).to(device)
+    gy, gx = torch.meshgrid(i16, i16, indexing="ij")
+    want_ramp = torch.stack([1.2 * gx, 120 * gy], -1).reshape(1, 256, 2)
+    # Random tokens (2, 361, 40) -> grid 16: out = M X M^T per channel, grad_in = M^T grad M.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 361, 40, dtype=torch.float64, generator=gen)
+    grad = torch.randn(2, 256, 40, dtype=torch.float64, generator=gen)
+    m = _interp_matrix(19, 16)
+    xm = x.reshape(2, 19, 19, 40)
+    want = torch.einsum("yi,bijc,xj->byxc", m, xm, m).reshape(2, 256, 40)
+    want_grad = torch.einsum("yi,byxc,xj->bijc", m, grad.reshape(2, 16, 16, 40), m).reshape(2, 361, 40)
+    maps = _as_maps([x.to(device)])
+    for backend in _fp64_backends(device):
+        assert (resize_concat([ramp], 16, backend=backend).cpu() - want_ramp).abs().max() <= 1e-12, backend
+        out = resize_concat([x.to(device)], 16, backend=backend)
+        assert out.dtype == torch.float64 and (out.cpu() - want).abs().max() <= 1e-12, backend
+        got = _fp64_backward(backend, grad.to(device), maps, 16)  # (2, 40, 19, 19) view of the tokens
+        assert (got.permute(0, 2, 3, 1).reshape(2, 361, 40).cpu() - want_grad).abs().max() <= 1e-12, backend
+
+
+def test_float64_is_exact_on_cpu():
+    """fp64 inputs: coordinates, weights and sums in fp64 on every CPU path (C++, reference and,
+    under TRITON_INTERPRET=1, Triton), forward and backward, within 1e-12 of the exact resampling."""
+    _check_fp64_exact("cpu")
+
+
+@pytest.mark.cuda
+def test_float64_is_exact_on_gpu():
+    _check_fp64_exact("cuda")
