@@ -23,4 +23,11 @@ TORCH_LIBRARY(eagle_fast, m) {
       "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, "
       "bool compute_grad_hidden, bool compute_grad_weight) -> (Tensor loss_sum, Tensor grad_hidden, "
       "Tensor grad_weight)");
+  // Causal attention of packed new query rows q (Tq, Hq, D) (cu_seqlens_q (B+1,) int32) against a
+  // paged KV cache k_cache / v_cache (num_blocks, block_size, Hkv, D), block_table (B, max_blocks)
+  // int32, seqlens_k (B,) int32 keys per sequence including its new rows; bottom-right causal, GQA,
+  // forward only -> (Tq, Hq, D) in q's dtype. See ops/paged_attention.py.
+  m.def(
+      "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor cu_seqlens_q, "
+      "Tensor seqlens_k, int max_seqlen_q, float scale) -> Tensor");
 }

@@ -1,6 +1,7 @@
-"""python -m eagle_fast.bench {preprocess,resize_concat,attention,linear_cross_entropy,train,chat,all} [options];
-each subcommand has --help, its flags the fields of its config dataclass. `all` runs every benchmark with its
-defaults and writes OUT/results.csv (every row) beside each benchmark's own CSV and PNG."""
+"""python -m eagle_fast.bench BENCH [options], BENCH one of preprocess, resize_concat, attention, paged_attention,
+linear_cross_entropy, train, chat, all; each subcommand has --help, its flags the fields of its config dataclass.
+`all` runs every benchmark with its defaults and writes OUT/results.csv (every row) beside each benchmark's own CSV
+and PNG."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ BENCHES = {
                       "channel-concat fusion of expert maps, forward and backward", ()),
     "attention": ("attention", "AttentionBenchConfig",
                   "flash attention sweep: eagle_fast vs sdpa (vs flash-attn when installed)", ()),
+    "paged_attention": ("paged_attention", "PagedAttentionBenchConfig",
+                        "decode step against a paged KV cache: eagle_fast vs gather + sdpa", ()),
     "linear_cross_entropy": ("linear_cross_entropy", "LinearCrossEntropyBenchConfig",
                              "LM head + causal-LM loss, forward and forward+backward", ()),
     "train": ("train", "TrainBenchConfig", "training steps: eagle_fast against plain transformers", ()),
@@ -62,7 +65,8 @@ def run_all(cfg: AllBenchConfig) -> int:
     pipeline) -> each one's CSV and PNG, and OUT/results.csv with all rows of this run."""
     import os
 
-    from eagle_fast.bench import attention, chat, fused_preprocess, linear_cross_entropy, resize_concat, train
+    from eagle_fast.bench import (attention, chat, fused_preprocess, linear_cross_entropy, paged_attention,
+                                  resize_concat, train)
     from eagle_fast.bench.harness import write_csv
 
     out_dir, threads, quick = cfg.out_dir, cfg.threads, cfg.quick
@@ -76,6 +80,9 @@ def run_all(cfg: AllBenchConfig) -> int:
     rows += attention.main(attention.AttentionBenchConfig(
         device=dev, threads=threads, dtype="bfloat16" if dev == "cuda" else "float32", out_dir=out_dir, **q,
         **(dict(head_dims=(32,), causal=(True,), shapes=((1, 64),), width=64) if quick else {})))
+    rows += paged_attention.main(paged_attention.PagedAttentionBenchConfig(
+        device=dev, threads=threads, out_dir=out_dir, **q,
+        **(dict(batches=(2,), context=64, min_sample_ms=1.0) if quick else {})))
     rows += linear_cross_entropy.main(linear_cross_entropy.LinearCrossEntropyBenchConfig(
         threads=threads, out_dir=out_dir, device=dev, dtype="bfloat16" if dev == "cuda" else "float32", **q,
         **(dict(shapes=("small",)) if quick else {})))

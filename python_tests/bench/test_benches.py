@@ -146,3 +146,17 @@ def test_bench_all_writes_every_benchmark(tmp_path):
     assert {r["bench"] for r in rows} >= set(names)
     for name in names:
         assert (tmp_path / f"{name}.png").stat().st_size > 0
+
+
+def test_paged_attention_bench_runs(tmp_path, capsys):
+    from eagle_fast.bench.paged_attention import PagedAttentionBenchConfig, heads, main
+
+    assert heads("eagle-small-x5") == (9, 3, 64)  # SmolLM2-135M: 576 wide, 9 heads, 3 kv heads
+    rows = main(PagedAttentionBenchConfig(device="cpu", batches=(2,), context=40, repeats=1, min_sample_ms=0.0,
+                                          threads=1, out_dir=str(tmp_path)))
+    assert [r.provider for r in rows] == ["eagle_fast", "eagle_fast unchecked", "gather+sdpa", "reference"]
+    assert all(r.median_ms > 0 and r.items_per_s > 0 for r in rows)
+    # keys 40 + (37 b mod 64) - 32 for b = 0, 1: 8 and 45 rows of 3 kv heads x 64 fp32, K and V
+    assert rows[0].extra["kv_bytes"] == (8 + 45) * 3 * 64 * 2 * 4
+    assert "| B2 ctx~40 bs16 Hq9 Hkv3 D64 | gather+sdpa |" in capsys.readouterr().out
+    assert (tmp_path / "paged_attention.png").stat().st_size > 0

@@ -1,0 +1,243 @@
+// CPU kernel of eagle_fast::paged_attention (semantics: eagle_fast/ops/paged_attention.py).
+//
+// Work items are (sequence b, kv head h, tile of up to kRowTile query rows); at::parallel_for runs
+// them independently, so the output has the same bits for any thread count. An item holds the
+// G = Hq / Hkv query heads of its kv head for its rows (M = rows * G query vectors), so every key
+// and value row it reads serves all G heads (a decode step reads each cache row once per kv head).
+// It walks the keys its last row sees in chunks of kKeyChunk logical keys, whatever the block size:
+// per chunk the key / value row addresses are looked up through the block table (bf16 / fp16 rows
+// are upcast into a small per-task buffer, fp32 / fp64 rows are read in place: never a gather of
+// the sequence), then per query vector:
+//   s_t = scale * q . k_t  for the keys t of the chunk the row sees (bottom-right causal)
+//   m'  = max(m, max_t s_t);  alpha = exp(m - m');  p_t = exp(s_t - m')
+//   l   = l * alpha + sum_t p_t;  acc = acc * alpha + sum_t p_t v_t;  m = m'
+// and out = acc / l. Everything in fp32 (fp64 for fp64 inputs), out rounded to q's dtype.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "attention/paged_attention.h"
+#include "loss/linear_cross_entropy.h"  // exp_acc: branch-free fp32 exp that vectorizes
+
+namespace eagle_fast::paged_attention {
+namespace {
+
+using eagle_fast::linear_cross_entropy::exp_acc;
+
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// 16 rows x G heads of fp32 state stay in L1/L2 (G = 3, D = 64: 12 KiB of accumulators); a prefill
+// chunk of many rows still splits into enough items to keep every thread busy.
+constexpr int64_t kRowTile = 16;
+// Keys per online-softmax step: the rescale of the accumulators (D multiplies per query vector)
+// is paid once per chunk rather than once per block (block_size 1 would pay it per key).
+constexpr int64_t kKeyChunk = 64;
+
+struct Item {
+  int64_t b, h, r0, r1;  // sequence, kv head, query rows [r0, r1) of the sequence
+};
+
+// What every item reads: geometry, strides (elements) and base pointers.
+template <typename T>
+struct Args {
+  const T *q, *k, *v;
+  T* out;
+  const int32_t *table, *cu, *lk;
+  int64_t table_stride, G, D, block_size, Hq;
+  int64_t sq0, sq1, sq2;     // q (Tq, Hq, D)
+  int64_t sk0, sk1, sk2;     // k_cache (block, slot, head); last dim contiguous
+  int64_t sv0, sv1, sv2;     // v_cache
+  double scale;
+};
+
+template <typename acc_t>
+__attribute__((always_inline)) inline acc_t dot(const acc_t* a, const acc_t* b, int64_t D) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
+// Per-task scratch, reused across the items of one parallel_for chunk.
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> q, acc, m, l, kbuf, vbuf, s;
+  std::vector<const acc_t*> kp, vp;
+  Scratch(int64_t M, int64_t D)
+      : q(M * D), acc(M * D), m(M), l(M), kbuf(kKeyChunk * D), vbuf(kKeyChunk * D), s(kKeyChunk), kp(kKeyChunk),
+        vp(kKeyChunk) {}
+};
+
+template <typename T>
+__attribute__((always_inline)) inline void run_item(const Args<T>& a, const Item& it, Scratch<acc_type<T>>& w) {
+  using acc_t = acc_type<T>;
+  const int64_t G = a.G, D = a.D;
+  const int64_t q0 = a.cu[it.b], Lq = a.cu[it.b + 1] - q0, Lk = a.lk[it.b];
+  const int64_t rows = it.r1 - it.r0, M = rows * G;
+  const int32_t* table = a.table + it.b * a.table_stride;
+  const acc_t scale = static_cast<acc_t>(a.scale);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      const T* src = a.q + (q0 + it.r0 + r) * a.sq0 + (it.h * G + g) * a.sq1;
+      acc_t* dst = w.q.data() + (r * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d * a.sq2]);
+    }
+  std::fill(w.acc.begin(), w.acc.begin() + M * D, acc_t(0));
+  std::fill(w.m.begin(), w.m.begin() + M, std::numeric_limits<acc_t>::lowest());
+  std::fill(w.l.begin(), w.l.begin() + M, acc_t(0));
+  const int64_t end = std::min<int64_t>(Lk, visible_keys(it.r1 - 1, Lq, Lk));  // keys the last row sees
+  for (int64_t c0 = 0; c0 < end; c0 += kKeyChunk) {
+    const int64_t cn = std::min(kKeyChunk, end - c0);
+    for (int64_t t = 0; t < cn; ++t) {
+      const T* kr = a.k + key_offset(table, c0 + t, a.block_size, a.sk0, a.sk1, a.sk2, it.h);
+      const T* vr = a.v + key_offset(table, c0 + t, a.block_size, a.sv0, a.sv1, a.sv2, it.h);
+      if constexpr (std::is_same_v<T, acc_t>) {
+        w.kp[t] = kr;
+        w.vp[t] = vr;
+      } else {  // bf16 / fp16 -> fp32 once per chunk, shared by the item's M query vectors
+        acc_t* kd = w.kbuf.data() + t * D;
+        acc_t* vd = w.vbuf.data() + t * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) {
+          kd[d] = static_cast<acc_t>(kr[d]);
+          vd[d] = static_cast<acc_t>(vr[d]);
+        }
+        w.kp[t] = kd;
+        w.vp[t] = vd;
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t n = std::min(cn, visible_keys(it.r0 + r, Lq, Lk) - c0);
+      if (n <= 0) continue;  // this row's keys ended in an earlier chunk
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t mi = r * G + g;
+        const acc_t* qv = w.q.data() + mi * D;
+        acc_t* s = w.s.data();
+        acc_t smax = std::numeric_limits<acc_t>::lowest();
+        for (int64_t t = 0; t < n; ++t) {
+          s[t] = dot(qv, w.kp[t], D) * scale;
+          smax = std::max(smax, s[t]);
+        }
+        const acc_t m_new = std::max(w.m[mi], smax);
+        const acc_t alpha = exp_acc(w.m[mi] - m_new);  // 0 on the first chunk (m = lowest)
+        acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < n; ++t) {
+          s[t] = exp_acc(s[t] - m_new);
+          sum += s[t];
+        }
+        w.l[mi] = w.l[mi] * alpha + sum;
+        w.m[mi] = m_new;
+        acc_t* o = w.acc.data() + mi * D;
+        if (alpha != acc_t(1)) {
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) o[d] *= alpha;
+        }
+        for (int64_t t = 0; t < n; ++t) {
+          const acc_t p = s[t];
+          const acc_t* vr = w.vp[t];
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) o[d] += p * vr[d];
+        }
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t mi = r * G + g;
+      const acc_t inv = acc_t(1) / w.l[mi];  // l >= 1: every row sees at least one key
+      const acc_t* o = w.acc.data() + mi * D;
+      T* dst = a.out + ((q0 + it.r0 + r) * a.Hq + it.h * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(o[d] * inv);
+    }
+}
+
+// The item loop per dtype, compiled twice on x86-64 GCC builds: for AVX2 + FMA (x86-64-v3) and for
+// the baseline (SSE2), picked once at load time (ifunc), as in linear_cross_entropy_cpu.cpp.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define EF_ATTN_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define EF_ATTN_CLONES
+#endif
+
+template <typename T>
+__attribute__((always_inline)) inline void run_items(const Args<T>& a, const Item* items, int64_t n) {
+  Scratch<acc_type<T>> w(kRowTile * a.G, a.D);
+  for (int64_t i = 0; i < n; ++i) run_item<T>(a, items[i], w);
+}
+
+EF_ATTN_CLONES void run_items_isa(const Args<float>& a, const Item* it, int64_t n) { run_items(a, it, n); }
+EF_ATTN_CLONES void run_items_isa(const Args<double>& a, const Item* it, int64_t n) { run_items(a, it, n); }
+EF_ATTN_CLONES void run_items_isa(const Args<c10::BFloat16>& a, const Item* it, int64_t n) { run_items(a, it, n); }
+EF_ATTN_CLONES void run_items_isa(const Args<c10::Half>& a, const Item* it, int64_t n) { run_items(a, it, n); }
+
+// Checks the metadata's values (a bad block id would read outside the cache) and lists the items.
+std::vector<Item> plan(const at::Tensor& cu_t, const at::Tensor& lk_t, const at::Tensor& table_t, int64_t Tq,
+                       int64_t Hkv, int64_t num_blocks, int64_t block_size, int64_t max_seqlen_q) {
+  constexpr const char* op = "paged_attention";
+  const int32_t* cu = cu_t.const_data_ptr<int32_t>();
+  const int32_t* lk = lk_t.const_data_ptr<int32_t>();
+  const int32_t* table = table_t.const_data_ptr<int32_t>();
+  const int64_t B = lk_t.size(0), width = table_t.size(1);
+  TORCH_CHECK(cu[0] == 0 && cu[B] == Tq, op, ": cu_seqlens_q must rise from 0 to the ", Tq, " rows of q, got ",
+              cu[0], " .. ", cu[B]);
+  std::vector<Item> items;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t Lq = cu[b + 1] - cu[b], Lk = lk[b];
+    TORCH_CHECK(Lq >= 0, op, ": cu_seqlens_q decreases at sequence ", b);
+    TORCH_CHECK(Lq <= max_seqlen_q, op, ": sequence ", b, " has ", Lq, " query rows, max_seqlen_q is ", max_seqlen_q);
+    TORCH_CHECK(Lk >= Lq, op, ": sequence ", b, ": seqlens_k ", Lk, " < its ", Lq, " query rows");
+    TORCH_CHECK(Lk <= width * block_size, op, ": sequence ", b, ": seqlens_k ", Lk, " exceeds block_table's ", width,
+                " blocks of ", block_size, " rows");
+    for (int64_t p = 0; p < (Lk + block_size - 1) / block_size; ++p) {
+      const int32_t id = table[b * width + p];
+      TORCH_CHECK(id >= 0 && id < num_blocks, op, ": sequence ", b, ": block_table holds block ", id,
+                  ", outside the cache's ", num_blocks, " blocks");
+    }
+    for (int64_t h = 0; h < Hkv; ++h)
+      for (int64_t r0 = 0; r0 < Lq; r0 += kRowTile) items.push_back({b, h, r0, std::min(Lq, r0 + kRowTile)});
+  }
+  return items;
+}
+
+at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache_in, const at::Tensor& v_cache_in,
+                               const at::Tensor& block_table, const at::Tensor& cu_seqlens_q,
+                               const at::Tensor& seqlens_k, int64_t max_seqlen_q, double scale) {
+  check_shapes(q, k_cache_in, v_cache_in, block_table, cu_seqlens_q, seqlens_k);
+  for (const at::Tensor* t : {&q, &k_cache_in, &v_cache_in, &block_table, &cu_seqlens_q, &seqlens_k})
+    TORCH_CHECK(t->device().is_cpu(), "paged_attention: expected cpu tensors, got one on ", t->device());
+  // The kernel reads cache rows as contiguous runs of D; any other strides are free.
+  const at::Tensor k_cache = k_cache_in.stride(3) == 1 ? k_cache_in : k_cache_in.contiguous();
+  const at::Tensor v_cache = v_cache_in.stride(3) == 1 ? v_cache_in : v_cache_in.contiguous();
+  const at::Tensor table = block_table.contiguous(), cu = cu_seqlens_q.contiguous(), lk = seqlens_k.contiguous();
+  const int64_t Hq = q.size(1), Hkv = k_cache.size(2), D = q.size(2);
+  const std::vector<Item> items =
+      plan(cu, lk, table, q.size(0), Hkv, k_cache.size(0), k_cache.size(1), max_seqlen_q);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  if (items.empty() || D == 0) return out.zero_();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention_cpu", [&] {
+    const Args<scalar_t> a{q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(),
+                           v_cache.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                           table.const_data_ptr<int32_t>(), cu.const_data_ptr<int32_t>(),
+                           lk.const_data_ptr<int32_t>(), table.size(1), Hq / Hkv, D, k_cache.size(1), Hq,
+                           q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1),
+                           k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), scale};
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+      run_items_isa(a, items.data() + begin, end - begin);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace eagle_fast::paged_attention
+
+TORCH_LIBRARY_IMPL(eagle_fast, CPU, m) {
+  m.impl("paged_attention", &eagle_fast::paged_attention::paged_attention_cpu);
+}
