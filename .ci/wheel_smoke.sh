@@ -92,7 +92,7 @@ model = AutoModelForCausalLM.from_config(presets.get("eagle-tiny-x5"))
 images = eagle_fast.EagleImageProcessor.from_model_config(model.config)([img])
 ids = torch.tensor([[1, -200, 5, 6]])
 assert model(ids, images=images).logits.shape == (1, 3 + 16, model.config.vocab_size)
-from eagle_fast.train.ds import load_config
+from eagle_fast.train.deepspeed_engine import load_config
 assert load_config("zero3")["zero_optimization"]["stage"] == 3  # package data travels in the wheel
 from importlib.resources import files
 assert all((files("eagle_fast.serve") / "static" / f).is_file() for f in ("index.html", "app.js", "style.css"))

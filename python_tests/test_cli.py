@@ -96,7 +96,7 @@ TOOLS = {  # module: (a flag of its own spelled with dashes, a near-miss of that
     "eagle_fast.train.__main__": ("--max-steps", "--max_step"),
     "eagle_fast.eval.__main__": ("--image-folder", "--image_foldr"),
     "eagle_fast.serve.__main__": ("--max-image-pixels", "--max_image_pixel"),
-    "eagle_fast.chat": ("--max-new-tokens", "--temp"),
+    "eagle_fast.chat.__main__": ("--max-new-tokens", "--temp"),
     "eagle_fast.demo": ("--eval-limit", "--eval_limt"),
     "eagle_fast.bench.__main__": ("train", "--thread"),
     "eagle_fast.model.presets": ("eagle-tiny-x5", "--tiny"),

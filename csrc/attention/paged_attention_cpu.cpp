@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "attention/paged_attention.h"
+#include "common/cpu_isa.h"
 #include "loss/linear_cross_entropy.h"  // exp_acc: branch-free fp32 exp that vectorizes
 
 namespace eagle_fast::paged_attention {
@@ -159,12 +160,8 @@ __attribute__((always_inline)) inline void run_item(const Args<T>& a, const Item
 }
 
 // The item loop per dtype, compiled twice on x86-64 GCC builds: for AVX2 + FMA (x86-64-v3) and for
-// the baseline (SSE2), picked once at load time (ifunc), as in linear_cross_entropy_cpu.cpp.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define EF_ATTN_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define EF_ATTN_CLONES
-#endif
+// the baseline (SSE2), picked once at load time (ifunc, common/cpu_isa.h).
+#define EF_ATTN_CLONES EF_CLONES_V3
 
 template <typename T>
 __attribute__((always_inline)) inline void run_items(const Args<T>& a, const Item* items, int64_t n) {

@@ -14,10 +14,15 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/host_device.h"
 
 namespace eagle_fast::linear_cross_entropy {
+
+// The accumulation type of an input dtype: double for fp64, float otherwise.
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 EF_HD float bits_to_float(int32_t b) {
 #if defined(__CUDA_ARCH__)

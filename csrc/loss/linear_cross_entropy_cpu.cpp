@@ -1,14 +1,10 @@
 // CPU kernel of eagle_fast::linear_cross_entropy (semantics: the pure-torch body in
-// eagle_fast/ops/linear_cross_entropy.py; per-row maths: linear_cross_entropy.h).
-//
-// hidden (n, H) learned rows, weight (V, H), labels (n,) in [0, V) or ignore_index. Rows go in
-// chunks of R so that only one (R, V) logits buffer exists (~kChunkBytes in fp32); per chunk:
-//   z = h_c @ W^T                   at::mm, input dtype (the reference's lm_head output)
-//   per row (at::parallel_for):     max, sum of exp, lse, loss; with grads z <- softmax - onehot,
-//                                   in the input dtype (the reference casts its fp32 grad so too)
-//   grad_h[c] = z @ W               at::mm into the chunk's rows of grad_hidden
-//   grad_W   += z^T @ h_c           fp32 (fp64) accumulator; bf16/fp16 operands upcast exactly
-// Gradients are those of the sum of the row losses; the caller scales them.
+// eagle_fast/ops/linear_cross_entropy.py; per-row maths: linear_cross_entropy.h; the chunk loop:
+// linear_cross_entropy_chunks.h). What is CPU-specific lives here: the device and label-range
+// checks, chunks of ~16 MiB, the per-row pass (three vectorized passes per row over the chunk's rows,
+// split over threads with at::parallel_for), the fp32 accumulation of bf16/fp16 grad_weight
+// products (upcast operands: exact), and the loss summed in double in row order (same bits for any
+// thread count).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,16 +12,14 @@
 #include <algorithm>
 #include <limits>
 #include <tuple>
-#include <type_traits>
 
+#include "common/cpu_isa.h"
 #include "loss/linear_cross_entropy.h"
 #include "loss/linear_cross_entropy_checks.h"
+#include "loss/linear_cross_entropy_chunks.h"
 
 namespace eagle_fast::linear_cross_entropy {
 namespace {
-
-template <typename T>
-using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // ~16 MiB of fp32 logits per chunk (131 rows at V = 32000, 85 at 49152): BLAS needs that many rows
 // to run near its large-M speed (measured on one core here, H = 576, V = 49152: the three matmuls
@@ -34,8 +28,6 @@ using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 constexpr int64_t kChunkBytes = int64_t(16) << 20;
 
 constexpr int64_t kSumBlock = 512;
-
-int64_t chunk_rows(int64_t V) { return std::max<int64_t>(1, kChunkBytes / (4 * std::max<int64_t>(V, 1))); }
 
 // One row z[0..V) of the logits chunk: returns its loss; with_grad leaves d loss / d z in z.
 // Three passes, each a plain loop the compiler vectorizes (exp_acc is branch-free).
@@ -69,13 +61,10 @@ __attribute__((always_inline)) inline acc_type<T> row_pass(T* z, int64_t V, int6
 }
 
 // The row pass per dtype, compiled twice on x86-64 GCC builds: for AVX2 + FMA (x86-64-v3: 8 fp32
-// lanes) and for the baseline (SSE2), picked once at load time by the dynamic linker (ifunc).
-// Measured on one core here: 1.2-1.5 ns per logit for the three passes with AVX2, 4.5 with SSE2.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define EF_ROW_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define EF_ROW_CLONES
-#endif
+// lanes) and for the baseline (SSE2), picked once at load time by the dynamic linker (ifunc,
+// common/cpu_isa.h). Measured on one core here: 1.2-1.5 ns per logit for the three passes with
+// AVX2, 4.5 with SSE2.
+#define EF_ROW_CLONES EF_CLONES_V3
 
 EF_ROW_CLONES float row_pass_isa(float* z, int64_t V, int64_t label, bool g) { return row_pass(z, V, label, g); }
 EF_ROW_CLONES double row_pass_isa(double* z, int64_t V, int64_t label, bool g) { return row_pass(z, V, label, g); }
@@ -98,63 +87,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cpu(const at
                                                                         int64_t ignore_index, bool grad_hidden,
                                                                         bool grad_weight) {
   check_inputs(hidden, weight, labels);
-  const int64_t n = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const int64_t n = hidden.size(0), V = weight.size(0);
   const at::Tensor lab = labels.to(at::kLong).contiguous();
   const int64_t* y = lab.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < n; ++r)
     TORCH_CHECK(y[r] == ignore_index || (y[r] >= 0 && y[r] < V), "linear_cross_entropy: label ", y[r],
                 " of row ", r, " is outside [0, ", V, ") and not ignore_index ", ignore_index);
   const auto dt = hidden.scalar_type();
-  const auto acc_dt = dt == at::kDouble ? at::kDouble : at::kFloat;
-  const bool with_grad = grad_hidden || grad_weight;
-  at::Tensor row_losses = at::empty({n}, hidden.options().dtype(acc_dt));
-  // Gradients not asked for come back as empty (0,) tensors.
-  at::Tensor gh = grad_hidden ? at::empty({n, H}, hidden.options()) : at::empty({0}, hidden.options());
-  at::Tensor gw = grad_weight ? at::zeros({V, H}, weight.options().dtype(acc_dt)) : at::empty({0}, weight.options());
-  const int64_t R = chunk_rows(V);
-  at::Tensor buf = at::empty({std::min(R, n), V}, hidden.options());  // the one logits chunk
-  const at::Tensor wt = weight.t();
-  for (int64_t r0 = 0; r0 < n; r0 += R) {
-    const int64_t rc = std::min(R, n - r0);
-    const at::Tensor h = hidden.narrow(0, r0, rc);
-    at::Tensor z = buf.narrow(0, 0, rc);
-    at::mm_out(z, h, wt);
+  const auto row_pass = [&](at::Tensor& z, const at::Tensor& labels_c, at::Tensor& losses_c, bool with_grad) {
+    const int64_t rc = z.size(0);
+    const int64_t* yc = labels_c.const_data_ptr<int64_t>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "linear_cross_entropy_cpu", [&] {
       using acc_t = acc_type<scalar_t>;
       scalar_t* zp = z.mutable_data_ptr<scalar_t>();
-      acc_t* lp = row_losses.mutable_data_ptr<acc_t>() + r0;
+      acc_t* lp = losses_c.mutable_data_ptr<acc_t>();
       at::parallel_for(0, rc, 1, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           scalar_t* row = zp + r * V;
-          if (y[r0 + r] == ignore_index) {  // contributes nothing
+          if (yc[r] == ignore_index) {  // contributes nothing
             lp[r] = acc_t(0);
             if (with_grad) std::fill(row, row + V, scalar_t(0));
           } else {
-            lp[r] = row_pass_isa(row, V, y[r0 + r], with_grad);
+            lp[r] = row_pass_isa(row, V, yc[r], with_grad);
           }
         }
       });
     });
-    if (grad_hidden) {
-      at::Tensor gh_c = gh.narrow(0, r0, rc);
-      at::mm_out(gh_c, z, weight);
-    }
-    if (grad_weight) {
-      if (dt == acc_dt)
-        gw.addmm_(z.t(), h);
-      else  // (V, rc) @ (rc, H) in fp32: bf16/fp16 -> fp32 is exact, the sum is fp32
-        gw.addmm_(z.t().to(acc_dt), h.to(acc_dt));
-    }
-  }
+  };
+  // (V, rc) @ (rc, H) in fp32: bf16/fp16 -> fp32 is exact, the sum is fp32.
+  const auto add_grad_weight_16bit = [](at::Tensor& gw, const at::Tensor& z_t, const at::Tensor& h) {
+    gw.addmm_(z_t.to(gw.scalar_type()), h.to(gw.scalar_type()));
+  };
+  const int64_t rows = eagle_fast::loss::chunk_rows(V, kChunkBytes, std::numeric_limits<int64_t>::max());
+  const eagle_fast::loss::ChunkedResult res =
+      eagle_fast::loss::run_chunks(hidden, weight, lab, grad_hidden, grad_weight, rows, row_pass,
+                                   add_grad_weight_16bit);
   // The loss: row losses summed in a fixed order in double (same bits for any thread count).
   double total = 0;
-  AT_DISPATCH_FLOATING_TYPES(acc_dt, "linear_cross_entropy_cpu_sum", [&] {
-    const scalar_t* lp = row_losses.const_data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES(res.row_losses.scalar_type(), "linear_cross_entropy_cpu_sum", [&] {
+    const scalar_t* lp = res.row_losses.const_data_ptr<scalar_t>();
     for (int64_t r = 0; r < n; ++r) total += static_cast<double>(lp[r]);
   });
-  at::Tensor loss = at::full({}, total, hidden.options().dtype(acc_dt));
-  if (grad_weight && dt != acc_dt) gw = gw.to(dt);
-  return {loss, gh, gw};
+  at::Tensor loss = at::full({}, total, hidden.options().dtype(res.row_losses.scalar_type()));
+  return {loss, res.grad_hidden, res.grad_weight};
 }
 
 }  // namespace

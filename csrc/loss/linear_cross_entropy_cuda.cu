@@ -1,22 +1,22 @@
 // CUDA kernel of eagle_fast::linear_cross_entropy (semantics: the pure-torch body in
-// eagle_fast/ops/linear_cross_entropy.py; per-row maths: linear_cross_entropy.h), on the current
-// stream. Same chunked algorithm as the CPU kernel: per chunk of R rows
-//   z = h_c @ W^T (at::mm -> cuBLAS, input dtype) -> row_kernel (one block per row: one online
-//   (max, sum exp) pass, block reduction, loss; with grads a second pass writes softmax - onehot
-//   over z in the input dtype) -> grad_h[c] = z @ W, grad_W += z^T @ h_c (fp32 output of the
-//   bf16/fp16 GEMM, accumulated in fp32).
+// eagle_fast/ops/linear_cross_entropy.py; per-row maths: linear_cross_entropy.h; the chunk loop:
+// linear_cross_entropy_chunks.h), on the current stream. What is CUDA-specific lives here: the
+// device check, chunks of ~32 MiB (<= 65535 rows, one block per row), row_kernel (one online
+// (max, sum exp) pass, block reduction, loss; with grads a second pass writes softmax - onehot over
+// z in the input dtype), grad_W's bf16/fp16 products as cuBLAS GEMMs with an fp32 result, and the
+// loss as a deterministic sum of the row losses (no atomics).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cfloat>
 #include <tuple>
 #include <type_traits>
 
-#include "linear_cross_entropy.h"
-#include "linear_cross_entropy_checks.h"
+#include "loss/linear_cross_entropy.h"
+#include "loss/linear_cross_entropy_checks.h"
+#include "loss/linear_cross_entropy_chunks.h"
 
 namespace eagle_fast::linear_cross_entropy {
 namespace {
@@ -26,9 +26,7 @@ constexpr int kWarps = kThreads / 32;
 
 // 32 MiB of fp32 logits per chunk (256 rows at V = 32000): enough rows for cuBLAS to fill the GPU.
 constexpr int64_t kChunkBytes = int64_t(32) << 20;
-
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+constexpr int64_t kMaxChunkRows = 65535;  // row_kernel's grid: one block per row
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t lowest() {
@@ -102,44 +100,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cuda(const a
                                                                          bool grad_weight) {
   check_inputs(hidden, weight, labels);
   c10::cuda::CUDAGuard guard(hidden.device());
-  const int64_t n = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const int64_t V = weight.size(0);
   const auto dt = hidden.scalar_type();
-  const auto acc_dt = dt == at::kDouble ? at::kDouble : at::kFloat;
-  const bool with_grad = grad_hidden || grad_weight;
-  const at::Tensor lab = labels.to(at::kLong).contiguous();
-  at::Tensor row_losses = at::empty({n}, hidden.options().dtype(acc_dt));
-  at::Tensor gh = grad_hidden ? at::empty({n, H}, hidden.options()) : at::empty({0}, hidden.options());
-  at::Tensor gw = grad_weight ? at::zeros({V, H}, weight.options().dtype(acc_dt)) : at::empty({0}, weight.options());
-  const int64_t R = std::min<int64_t>(std::max<int64_t>(1, kChunkBytes / (4 * std::max<int64_t>(V, 1))), 65535);
-  at::Tensor buf = at::empty({std::min(R, n), V}, hidden.options());
-  const at::Tensor wt = weight.t();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  for (int64_t r0 = 0; r0 < n; r0 += R) {
-    const int64_t rc = std::min(R, n - r0);
-    const at::Tensor h = hidden.narrow(0, r0, rc);
-    at::Tensor z = buf.narrow(0, 0, rc);
-    at::mm_out(z, h, wt);
+  // Labels outside [0, V) are caught by row_kernel's device assert (no host sync here).
+  const auto row_pass = [&](at::Tensor& z, const at::Tensor& labels_c, at::Tensor& losses_c, bool with_grad) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "linear_cross_entropy_cuda", [&] {
       using acc_t = acc_type<scalar_t>;
-      row_kernel<scalar_t><<<static_cast<unsigned>(rc), kThreads, 0, stream>>>(
-          z.mutable_data_ptr<scalar_t>(), V, lab.const_data_ptr<int64_t>() + r0, ignore_index,
-          row_losses.mutable_data_ptr<acc_t>() + r0, with_grad);
+      row_kernel<scalar_t><<<static_cast<unsigned>(z.size(0)), kThreads, 0, stream>>>(
+          z.mutable_data_ptr<scalar_t>(), V, labels_c.const_data_ptr<int64_t>(), ignore_index,
+          losses_c.mutable_data_ptr<acc_t>(), with_grad);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    if (grad_hidden) {
-      at::Tensor gh_c = gh.narrow(0, r0, rc);
-      at::mm_out(gh_c, z, weight);
-    }
-    if (grad_weight) {
-      if (dt == acc_dt)
-        gw.addmm_(z.t(), h);
-      else  // cuBLAS bf16/fp16 GEMM with an fp32 result, summed over chunks in fp32
-        gw.add_(at::mm(z.t(), h, acc_dt));
-    }
-  }
-  at::Tensor loss = row_losses.sum();  // 0-d, acc dtype; deterministic (no atomics)
-  if (grad_weight && dt != acc_dt) gw = gw.to(dt);
-  return {loss, gh, gw};
+  };
+  // cuBLAS bf16/fp16 GEMM with an fp32 result, summed over chunks in fp32.
+  const auto add_grad_weight_16bit = [](at::Tensor& gw, const at::Tensor& z_t, const at::Tensor& h) {
+    gw.add_(at::mm(z_t, h, gw.scalar_type()));
+  };
+  const int64_t rows = eagle_fast::loss::chunk_rows(V, kChunkBytes, kMaxChunkRows);
+  const eagle_fast::loss::ChunkedResult res =
+      eagle_fast::loss::run_chunks(hidden, weight, labels, grad_hidden, grad_weight, rows, row_pass,
+                                   add_grad_weight_16bit);
+  at::Tensor loss = res.row_losses.sum();  // 0-d, acc dtype; deterministic (no atomics)
+  return {loss, res.grad_hidden, res.grad_weight};
 }
 
 }  // namespace

@@ -23,9 +23,9 @@
 #include <optional>
 #include <type_traits>
 
-
 #include "common/page_cache.h"
 #include "preprocess/fused_preprocess.h"
+#include "preprocess/fused_preprocess_checks.h"
 #include "preprocess/fused_preprocess_cpu_rows.h"
 
 namespace eagle_fast::preprocess {
@@ -317,17 +317,11 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opt) {
   return PageCache::instance().empty(sizes, opt);
 }
 
-void check_images(at::TensorList images) {
-  TORCH_CHECK(!images.empty(), "fused_preprocess: no images given");
-  for (size_t i = 0; i < images.size(); ++i) {
-    const at::Tensor& im = images[i];
-    TORCH_CHECK(im.device().is_cpu(), "fused_preprocess: image ", i, " is on ", im.device(), ", expected cpu");
-    TORCH_CHECK(im.scalar_type() == at::kByte, "fused_preprocess: image ", i, " has dtype ", im.scalar_type(),
-                ", expected uint8");
-    TORCH_CHECK(im.dim() == 3 && im.size(2) == 3, "fused_preprocess: image ", i, " has shape ", im.sizes(),
-                ", expected (H, W, 3)");
-    TORCH_CHECK(im.size(0) > 0 && im.size(1) > 0, "fused_preprocess: image ", i, " is empty");
-  }
+// The device check; everything else is shared with CUDA (fused_preprocess_checks.h).
+void check_on_cpu(at::TensorList images) {
+  for (size_t i = 0; i < images.size(); ++i)
+    TORCH_CHECK(images[i].device().is_cpu(), "fused_preprocess: image ", i, " is on ", images[i].device(),
+                ", expected cpu");
 }
 
 template <typename T>
@@ -354,12 +348,8 @@ void run_all(at::TensorList images, int S, bool pad, at::IntArrayRef fill, at::A
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_preprocess_cpu(
     at::TensorList images, int64_t canvas_size, bool pad, at::IntArrayRef fill, at::ArrayRef<double> mean,
     at::ArrayRef<double> std, int64_t clip_size, int64_t p2s_max_patches, int64_t p2s_patch, at::ScalarType dtype) {
-  check_images(images);
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "fused_preprocess: dtype ", dtype,
-              " unsupported (float32, bfloat16)");
-  TORCH_CHECK(fill.size() == 3 && mean.size() == 3 && std.size() == 3, "fused_preprocess: need 3 fill/mean/std");
-  TORCH_CHECK(canvas_size > 0 && clip_size >= 0 && p2s_max_patches >= 0 && p2s_patch > 0,
-              "fused_preprocess: bad sizes");
+  check_arguments(images, canvas_size, fill, mean, std, clip_size, p2s_max_patches, p2s_patch, dtype);
+  check_on_cpu(images);
   const int64_t B = images.size();
   const auto opt = images[0].options().dtype(dtype);
   at::Tensor pv = empty_output({B, 3, canvas_size, canvas_size}, opt);

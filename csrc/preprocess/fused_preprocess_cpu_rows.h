@@ -12,6 +12,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "common/rgb_vec.h"
 #include "preprocess/fused_preprocess.h"
 
@@ -20,13 +21,10 @@
 #endif
 
 
-// Hot loops get AVX-512 and AVX2 clones picked at load time (ifunc), keeping the wheel portable:
-// the integer multiply-accumulate of Pillow's fixed point needs 32-bit lane multiplies (SSE4.1+).
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define EF_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define EF_MULTIVERSION
-#endif
+// Hot loops get AVX-512 and AVX2 clones picked at load time (ifunc, common/cpu_isa.h), keeping the
+// wheel portable: the integer multiply-accumulate of Pillow's fixed point needs 32-bit lane
+// multiplies (SSE4.1+).
+#define EF_MULTIVERSION EF_CLONES_V4
 
 namespace eagle_fast::preprocess {
 namespace {

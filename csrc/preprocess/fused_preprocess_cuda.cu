@@ -17,7 +17,8 @@
 #include <climits>
 #include <cstring>
 
-#include "fused_preprocess.h"
+#include "preprocess/fused_preprocess.h"
+#include "preprocess/fused_preprocess_checks.h"
 
 namespace eagle_fast::preprocess {
 namespace {
@@ -351,27 +352,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_preprocess_cuda
     at::TensorList images, int64_t canvas_size, bool pad, at::IntArrayRef fill, at::ArrayRef<double> mean,
     at::ArrayRef<double> std, int64_t clip_size, int64_t p2s_max_patches, int64_t p2s_patch,
     at::ScalarType dtype) {
-  TORCH_CHECK(!images.empty() && images.size() <= 65535,  // 65535: the batch is grid.y
-              "fused_preprocess: expected 1..65535 images, got ", images.size());
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "fused_preprocess: dtype ", dtype,
-              " unsupported, use float32 or bfloat16");
-  TORCH_CHECK(canvas_size >= 1 && canvas_size <= 16384 && clip_size >= 0 && clip_size <= 16384 &&
-                  p2s_max_patches >= 0 && p2s_max_patches <= (1 << 20) &&
-                  (p2s_max_patches == 0 || (p2s_patch >= 1 && p2s_patch <= 1024)),
-              "fused_preprocess: sizes out of range (canvas ", canvas_size, ", clip ", clip_size,
-              ", max_patches ", p2s_max_patches, ", patch ", p2s_patch, ")");
-  TORCH_CHECK(fill.size() == 3 && mean.size() == 3 && std.size() == 3,
-              "fused_preprocess: fill, mean and std need 3 values (RGB)");
+  check_arguments(images, canvas_size, fill, mean, std, clip_size, p2s_max_patches, p2s_patch, dtype);
+  // CUDA's own: one device, contiguous images, and the launch limits (the batch is grid.y; sizes
+  // and tables index in int).
+  TORCH_CHECK(images.size() <= 65535, "fused_preprocess: ", images.size(), " images, at most 65535 per call on CUDA");
+  TORCH_CHECK(canvas_size <= 16384 && clip_size <= 16384 && p2s_max_patches <= (1 << 20) &&
+                  (p2s_max_patches == 0 || p2s_patch <= 1024),
+              "fused_preprocess: sizes out of range for the CUDA kernel (canvas ", canvas_size, ", clip ", clip_size,
+              ", max_patches ", p2s_max_patches, ", patch ", p2s_patch, "; limits 16384, 16384, 2**20, 1024)");
   const at::Device dev = images[0].device();
   for (size_t i = 0; i < images.size(); ++i) {
     const at::Tensor& im = images[i];
     TORCH_CHECK(im.is_cuda() && im.device() == dev, "fused_preprocess: image ", i, " on ", im.device(),
                 ", expected a CUDA device, the one of image 0 (", dev, ")");
-    TORCH_CHECK(im.scalar_type() == at::kByte, "fused_preprocess: image ", i, " has dtype ", im.scalar_type(),
-                ", expected uint8");
-    TORCH_CHECK(im.dim() == 3 && im.size(2) == 3 && im.size(0) >= 1 && im.size(1) >= 1 &&
-                    im.size(0) <= (1 << 20) && im.size(1) <= (1 << 20),
-                "fused_preprocess: image ", i, " has shape ", im.sizes(), ", expected (H, W, 3), H, W >= 1");
+    TORCH_CHECK(im.size(0) <= (1 << 20) && im.size(1) <= (1 << 20), "fused_preprocess: image ", i, " has shape ",
+                im.sizes(), ", at most 2**20 rows and columns on CUDA");
     TORCH_CHECK(im.is_contiguous(), "fused_preprocess: image ", i, " is not contiguous");
   }
   Launch L;
@@ -381,7 +376,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_preprocess_cuda
   L.p = static_cast<int>(p2s_patch);
   const int S = L.S, c = L.clip_size;
   for (int ch = 0; ch < 3; ++ch) {
-    TORCH_CHECK(fill[ch] >= 0 && fill[ch] <= 255, "fused_preprocess: fill value ", fill[ch], " not in 0..255");
     L.fill.v[ch] = static_cast<uint8_t>(fill[ch]);
     L.nrm.mean[ch] = static_cast<float>(mean[ch]);  // float32, as the reference's mean/std tensors
     L.nrm.std[ch] = static_cast<float>(std[ch]);

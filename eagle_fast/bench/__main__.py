@@ -1,7 +1,8 @@
 """python -m eagle_fast.bench BENCH [options], BENCH one of preprocess, resize_concat, attention, paged_attention,
-linear_cross_entropy, train, chat, all; each subcommand has --help, its flags the fields of its config dataclass.
-`all` runs every benchmark with its defaults and writes OUT/results.csv (every row) beside each benchmark's own CSV
-and PNG."""
+linear_cross_entropy, train, chat, serve, all; each subcommand has --help, its flags the fields of its config
+dataclass. `all` runs every benchmark with its defaults and writes OUT/results.csv (every row) beside each benchmark's
+own CSV and PNG; serve (two servers under load, long on a CPU at its defaults) runs in `all --quick` only, at
+pipeline-check settings."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ BENCHES = {
                              "LM head + causal-LM loss, forward and forward+backward", ()),
     "train": ("train", "TrainBenchConfig", "training steps: eagle_fast against plain transformers", ()),
     "chat": ("chat", "ChatBenchConfig", "multi-turn chat: TTFT with and without KV prefix reuse, decode tokens/s", ()),
+    "serve": ("serve", "ServeBenchConfig", "HTTP load on the server: batch vs sequential scheduler, tokens/s, "
+              "TTFT, inter-token latency, against a compute-bound ideal", ()),
 }
 
 
@@ -62,11 +65,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_all(cfg: AllBenchConfig) -> int:
     """Every benchmark with its defaults (quick: one repeat of the smallest settings, to check the
-    pipeline) -> each one's CSV and PNG, and OUT/results.csv with all rows of this run."""
+    pipeline) -> each one's CSV and PNG, and OUT/results.csv with all rows of this run. The serve
+    benchmark runs with quick only: at its defaults it takes long on a CPU; run it on its own."""
     import os
 
     from eagle_fast.bench import (attention, chat, fused_preprocess, linear_cross_entropy, paged_attention,
-                                  resize_concat, train)
+                                  resize_concat, serve, train)
     from eagle_fast.bench.harness import write_csv
 
     out_dir, threads, quick = cfg.out_dir, cfg.threads, cfg.quick
@@ -90,6 +94,10 @@ def run_all(cfg: AllBenchConfig) -> int:
         dict(presets=("eagle-tiny-x5",), batch_size=2, batches=1) if quick else {})))
     rows += chat.main(chat.ChatBenchConfig(threads=threads, out_dir=out_dir, **q, **(
         dict(presets=("eagle-tiny-x5",), reply_tokens=2) if quick else {})))
+    if quick:
+        rows += serve.main(serve.ServeBenchConfig(
+            model="eagle-tiny-x5", concurrency=(1, 2), max_tokens=4, patterns=("burst",), image_size=64,
+            threads=threads, out_dir=out_dir, prefill_repeats=1, decode_steps=2))
     path = os.path.join(out_dir, "results.csv")
     if os.path.exists(path):
         os.remove(path)  # this run's rows only; the per-benchmark CSVs keep the history

@@ -92,7 +92,7 @@ def build(recipe_name: str, preset: str, batch_size: int, batches: int) -> Setup
     from eagle_fast.model import presets
     from eagle_fast.train.config import recipe
     from eagle_fast.train.loop import param_groups
-    from eagle_fast.train.setup import build_data, build_model, build_tokenizer
+    from eagle_fast.train.builders import build_data, build_model, build_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tcfg = recipe(recipe_name, "sft", output_dir=os.path.join(tmp, "run"))

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from eagle_fast.model.splice import IGNORE_INDEX
+from eagle_fast.constants import IGNORE_INDEX
 
 
 def concat_images(parts: list[dict[str, Any]]) -> dict[str, Any] | None:

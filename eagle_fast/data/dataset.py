@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from eagle_fast.data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageFileError, load_image_file
+from eagle_fast.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageFileError, load_image_file
 from eagle_fast.data.records import BadRecord, open_source
 from eagle_fast.data.tokenize import DataError, tokenize_conversation
 

@@ -43,7 +43,7 @@ import weakref
 from typing import Any
 
 from eagle_fast.data.templates import Template, get_template
-from eagle_fast.model.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from eagle_fast.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 IMAGE_TOKEN = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}

@@ -6,9 +6,11 @@
     answer = chat.send("And its colour?")      # non-streaming: the whole reply
 
 Each turn renders the whole conversation with the template (images as "<image>" placeholders at
-the start of their turn) and generates from it; the KV cache of the conversation so far is kept,
-so a later turn neither re-encodes the images nor re-prefills the earlier turns (edits to
-`history` are detected and invalidate the cache from the edited point). Deltas are cut from the
+the start of their turn) and generates from it on the continuous-batching engine (BatchEngine):
+the conversation so far stays in its prefix cache (block-granular) and its images in its encoder
+cache, so a later turn neither re-encodes the images nor re-prefills the earlier turns (an edit to
+`history` simply stops matching from the edited block on). `scheduler="sequential"` keeps the
+one-request `Engine` with its own per-conversation KV prefix (the comparison path). Deltas are cut from the
 incrementally decoded text only where it is complete: a multi-byte character split across tokens
 is never emitted in halves, and text that may begin a stop string is held back until it is known
 not to.
@@ -20,11 +22,13 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-from eagle_fast.data.images import to_rgb_batch
+from eagle_fast.images import to_rgb_batch
 from eagle_fast.data.templates import get_template
 from eagle_fast.data.tokenize import IMAGE_TOKEN, encode_prompt
 from eagle_fast.data.collate import concat_images
+from eagle_fast.inference.batch_engine import BatchEngine
 from eagle_fast.inference.engine import Engine, GenerationConfig, KVPrefix
+from eagle_fast.inference.scheduler import EngineConfig
 
 
 def prompt_ids(template, turns: list[tuple[str, str]], tokenizer) -> list[int]:
@@ -38,10 +42,15 @@ def prompt_ids(template, turns: list[tuple[str, str]], tokenizer) -> list[int]:
 
 class ChatSession:
     def __init__(self, model, tokenizer, processor, template: str = "vicuna_v1", reuse_prefix: bool = True,
-                 **generation: Any):
+                 scheduler: str = "batch", **generation: Any):
+        if scheduler not in ("batch", "sequential"):
+            raise ValueError(f"scheduler must be 'batch' or 'sequential', got {scheduler!r}")
         self.template = get_template(template)
-        self.engine = Engine(model, tokenizer)
         self.reuse_prefix = reuse_prefix  # keep the conversation's KV cache between turns
+        # without reuse, every turn is computed afresh: the sequential engine with no prefix
+        self.scheduler = scheduler if reuse_prefix else "sequential"
+        self.engine = (BatchEngine(model, tokenizer, EngineConfig(max_num_seqs=1)) if self.scheduler == "batch"
+                       else Engine(model, tokenizer))
         self.tokenizer, self.processor = tokenizer, processor
         stop = tuple(s for s in (self.template.stop,) if s)
         self.defaults = dataclasses.replace(GenerationConfig(stop=stop), **generation)
@@ -76,8 +85,11 @@ class ChatSession:
         tokens: list[int] = []
         emitted = ""
         try:
-            prefix = self._prefix if self.reuse_prefix else None
-            for tok in self.engine.stream(ids, imgs, gen, prefix=prefix):
+            if self.scheduler == "batch":
+                tokens_in = self.engine.stream(ids, imgs, gen)
+            else:
+                tokens_in = self.engine.stream(ids, imgs, gen, prefix=self._prefix if self.reuse_prefix else None)
+            for tok in tokens_in:
                 tokens.append(tok)
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 cut = safe_text_length(text, gen.stop)

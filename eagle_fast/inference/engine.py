@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from eagle_fast.data.collate import concat_images, select_images, to_device
-from eagle_fast.model.splice import IMAGE_TOKEN_INDEX
+from eagle_fast.constants import IMAGE_TOKEN_INDEX
 
 
 def _gen(default, help: str):

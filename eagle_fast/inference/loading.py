@@ -132,7 +132,7 @@ def _load_lora(path: str, base: str | None, dtype, attn_implementation):
     from safetensors import safe_open
 
     from eagle_fast.model import EagleLlamaConfig
-    from eagle_fast.train.lora import NON_LORA, merge_lora
+    from eagle_fast.model.lora import NON_LORA, merge_lora
 
     base_dir = _lora_base(path, base)
     config = EagleLlamaConfig.from_pretrained(path)
@@ -155,7 +155,7 @@ def load_model(path_or_preset: str, *, dtype: str | torch.dtype = "auto", device
     from transformers import AutoTokenizer
 
     from eagle_fast.model import EagleLlamaConfig, EagleLlamaForCausalLM, presets
-    from eagle_fast.train.setup import builtin_tokenizer_dir, keep_legacy_flag
+    from eagle_fast.data.tokenizers import builtin_tokenizer_dir, keep_legacy_flag
     from eagle_fast.vision.processor import EagleImageProcessor
 
     device, dtype = _resolve(device, dtype)

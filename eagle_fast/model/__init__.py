@@ -1,14 +1,31 @@
-"""The Eagle model: config, projector, splice and EagleLlamaForCausalLM, registered with
-transformers' Auto classes on import (model_type "eagle_llama"), so official checkpoints load
-through AutoModelForCausalLM once eagle_fast is imported."""
+"""The Eagle model: config, projector, splice and EagleLlamaForCausalLM (model_type "eagle_llama").
 
-from transformers import AutoConfig, AutoModelForCausalLM
+Importing eagle_fast registers "eagle_llama" with transformers' Auto classes (eagle_fast.model.auto),
+so official checkpoints load through AutoModelForCausalLM. The names below load on first use
+(PEP 562): importing eagle_fast.model.config alone does not build the model's module graph.
+"""
 
-from eagle_fast.model.config import EagleLlamaConfig
-from eagle_fast.model.eagle import EagleLlamaForCausalLM, EagleLlamaModel
-from eagle_fast.model.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from __future__ import annotations
 
-AutoConfig.register("eagle_llama", EagleLlamaConfig, exist_ok=True)
-AutoModelForCausalLM.register(EagleLlamaConfig, EagleLlamaForCausalLM, exist_ok=True)
+import importlib
+from typing import Any
 
-__all__ = ["EagleLlamaConfig", "EagleLlamaForCausalLM", "EagleLlamaModel", "IGNORE_INDEX", "IMAGE_TOKEN_INDEX"]
+_EXPORTS = {
+    "EagleLlamaConfig": "eagle_fast.model.config",
+    "EagleLlamaForCausalLM": "eagle_fast.model.eagle",
+    "EagleLlamaModel": "eagle_fast.model.eagle",
+    "IGNORE_INDEX": "eagle_fast.constants",
+    "IMAGE_TOKEN_INDEX": "eagle_fast.constants",
+    "presets": "eagle_fast.model.presets",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'eagle_fast.model' has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name])
+    value = module if module.__name__.endswith("." + name) else getattr(module, name)
+    globals()[name] = value  # once resolved, an ordinary attribute
+    return value

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM, LlamaModel
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, LlamaModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
@@ -215,3 +215,8 @@ def _num_images(images: dict[str, Any]) -> int:
     for v in images.get("expert_inputs", {}).values():
         return (v["flattened_patches"] if isinstance(v, dict) else v).shape[0]
     return 0
+
+
+# the real class replaces the stand-in registered at `import eagle_fast` (eagle_fast.model.auto)
+AutoConfig.register("eagle_llama", EagleLlamaConfig, exist_ok=True)
+AutoModelForCausalLM.register(EagleLlamaConfig, EagleLlamaForCausalLM, exist_ok=True)

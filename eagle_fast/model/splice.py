@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-IMAGE_TOKEN_INDEX = -200
-IGNORE_INDEX = -100
+from eagle_fast.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: F401  (re-exported)
 
 
 @dataclass

@@ -4,7 +4,8 @@
     app = create_app(config, model=m, tokenizer=t, processor=p)      # or serves one already loaded
 
 Routes: POST /v1/chat/completions (streamed as server-sent events or whole), GET /v1/models,
-GET /health (status and generation counters; never needs the key), GET / (the chat page) and
+GET /health (status and generation counters; never needs the key), GET /metrics (Prometheus
+text: running / waiting requests, tokens/s, cache hit rates, latency histograms), GET / (the chat page) and
 /static/* (its files). With `api_key` set, the /v1 routes need `Authorization: Bearer <key>`; the
 page itself holds no data and loads without it, then asks the user for the key.
 """
@@ -20,7 +21,7 @@ from importlib import resources
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -133,6 +134,10 @@ def create_app(config: ServeConfig, model=None, tokenizer=None, processor=None) 
     async def health():
         return {"status": "ok", "model": name, **generator.stats()}
 
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(generator.metrics(), media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models", dependencies=authorized)
     async def models():
         card = {"id": name, "object": "model", "created": started, "owned_by": "eagle_fast"}
@@ -142,6 +147,7 @@ def create_app(config: ServeConfig, model=None, tokenizer=None, processor=None) 
     async def chat_completions(request: Request):
         req = parse_chat_request(await _read_json(request, config.max_body_bytes), config)
         job = await generator.prepare(req)
+        generator.admit(job)  # a full queue is a 429 before the response starts
         reply = protocol.Reply(model=name)
         if req.stream:
             events = _events(generator, job, request, reply, req.include_usage)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from eagle_fast.data.images import DEFAULT_MAX_PIXELS
+from eagle_fast.images import DEFAULT_MAX_PIXELS
 from eagle_fast.inference.engine import GenerationConfig
 
 
@@ -22,7 +22,15 @@ class ServeConfig:
     api_key: str | None = _opt(None, "require `Authorization: Bearer KEY` on the API (default: "
                                      "$EAGLE_FAST_API_KEY, which keeps the key out of the process list)")
     template: str = _opt("vicuna_v1", "chat template: vicuna_v1, llama3, chatml, plain, hf")
-    parallel: int = _opt(1, "generations running at once; later requests wait in FIFO order")
+    scheduler: str = _opt("batch", "batch: continuous batching (one engine step over every running request); "
+                                   "sequential: one generation per slot, --parallel slots (the comparison path)")
+    parallel: int = _opt(1, "sequential scheduler: generations at once; under batch, an alias of --max_num_seqs")
+    max_num_seqs: int = _opt(16, "batch scheduler: requests generating at once")
+    max_batched_tokens: int = _opt(512, "batch scheduler: rows per engine step (decode rows + prefill chunks)")
+    kv_cache_bytes: int | None = _opt(None, "batch scheduler: KV cache budget in bytes (default 1 GiB, at least "
+                                            "one full context)")
+    encoder_cache_bytes: int = _opt(256 << 20, "batch scheduler: image feature cache in bytes")
+    max_queue: int = _opt(256, "requests waiting for a slot; beyond, HTTP 429")
     dtype: str = _opt("auto", "model dtype (auto: bf16 on CUDA, fp32 on CPU)")
     device: str = _opt("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
     context_length: int | None = _opt(None, "context in tokens (default: the model's max_position_embeddings)")
@@ -49,6 +57,11 @@ class ServeConfig:
             raise ValueError("model is required: a checkpoint directory or a preset name")
         if self.parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {self.parallel}")
+        if self.scheduler not in ("batch", "sequential"):
+            raise ValueError(f"scheduler must be batch or sequential, got {self.scheduler!r}")
+        for name in ("max_num_seqs", "max_batched_tokens", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_tokens < 1 or self.max_images < 0:
             raise ValueError("max_tokens must be >= 1 and max_images >= 0")
         for name in ("max_body_bytes", "max_image_bytes", "max_image_pixels"):

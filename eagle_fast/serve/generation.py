@@ -1,26 +1,39 @@
 """The model behind the server: requests are prepared (images decoded, prompt tokenized, limits
-checked) and then generate in worker threads, `parallel` at a time, the rest waiting in FIFO order.
+checked) and then generate.
 
-Generation advances one token per worker-thread call, so the event loop stays free and, between
-two tokens, notices a client that has gone: its token generator is closed at once (the engine
-stops there) and its slot goes to the next request. Counters (`stats()`) show what is running.
+scheduler "batch" (default): every request is submitted to one BatchEngine whose step loop runs
+in a background thread (continuous batching: each step advances every running request; see
+inference/batch_engine.py). Tokens come back to the event loop through a per-request queue; a
+client that has gone is noticed between two tokens and its request cancelled (freed at the next
+step). A full waiting queue is refused with 429 before the response starts.
+
+scheduler "sequential": generations run in worker threads, `parallel` at a time, the rest waiting
+in FIFO order, one token per worker-thread call (the comparison path).
+
+Counters (`stats()`) show what is running; `metrics()` renders them for Prometheus.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 
-from eagle_fast.data.images import to_rgb_batch
+from eagle_fast.images import to_rgb_batch
 from eagle_fast.data.templates import Template, get_template
 from eagle_fast.inference.chat import prompt_ids, safe_text_length
+from eagle_fast.inference.batch_engine import BatchEngine
 from eagle_fast.inference.engine import Engine, GenerationConfig
-from eagle_fast.model.splice import IMAGE_TOKEN_INDEX
+from eagle_fast.inference.scheduler import EngineConfig, QueueFull
+from eagle_fast.constants import IMAGE_TOKEN_INDEX
 from eagle_fast.serve.config import ServeConfig
 from eagle_fast.serve.errors import APIError
 from eagle_fast.serve.images import load_image_url
@@ -51,12 +64,18 @@ class Job:
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # emitted so far
     finish_reason: str | None = None  # "stop" / "length" once finished; None if cut short
+    seq: Any = None  # the batch engine's request, once admitted
+    events: Any = None  # its asyncio queue of engine events
 
     def step(self, tokenizer, stream: Iterator[int]) -> str | None:
         """Advances one token (in a worker thread): the new text it completes, or None at the end."""
         token = next(stream, None)
         if token is None:
             return None
+        return self.add(tokenizer, token)
+
+    def add(self, tokenizer, token: int) -> str:
+        """Takes one new token: the text it completes (possibly "")."""
         self.tokens.append(token)
         decoded = tokenizer.decode(self.tokens, skip_special_tokens=True)
         cut = safe_text_length(decoded, self.gen.stop)
@@ -87,11 +106,64 @@ class Generator:
         self.image_rows = int(getattr(model.config, "mm_grid", 0)) ** 2
         self._slots = anyio.Semaphore(config.parallel)
         # decoding and preprocessing run outside the slots but not unboundedly many at once
-        self._prepare = anyio.CapacityLimiter(config.parallel + 1)
+        self._prepare = anyio.CapacityLimiter(config.parallel + 1 if config.scheduler == "sequential" else 4)
         self.counts = {"active_generations": 0, "queued": 0, "completed": 0, "cancelled": 0, "failed": 0}
+        self.engine: BatchEngine | None = None
+        if config.scheduler == "batch":
+            seqs = config.max_num_seqs
+            if config.parallel != 1:
+                seqs = config.parallel
+                logging.getLogger("eagle_fast.serve").warning(
+                    "--parallel %d: under the batch scheduler this is --max_num_seqs %d", seqs, seqs)
+            self.engine = BatchEngine(model, tokenizer, EngineConfig(
+                max_num_seqs=seqs, max_batched_tokens=config.max_batched_tokens, kv_cache_bytes=config.kv_cache_bytes,
+                encoder_cache_bytes=config.encoder_cache_bytes, max_queue=config.max_queue), self.context).start()
+        self._scraped = (time.perf_counter(), 0)
 
     def stats(self) -> dict[str, int]:
         return dict(self.counts, parallel=self.config.parallel)
+
+    def metrics(self) -> str:
+        """Prometheus text: requests running / waiting, tokens, tokens/s since the last scrape,
+        cache hit rates, TTFT and inter-token histograms."""
+        lines = []
+
+        def gauge(name: str, help: str, value, kind: str = "gauge") -> None:
+            lines.extend([f"# HELP eagle_fast_{name} {help}", f"# TYPE eagle_fast_{name} {kind}",
+                          f"eagle_fast_{name} {value}"])
+
+        c = self.counts
+        for k, h in (("completed", "requests finished"), ("cancelled", "requests cut short by their client"),
+                     ("failed", "requests that failed")):
+            gauge(f"requests_{k}_total", h, c[k], "counter")
+        if self.engine is None:
+            gauge("num_requests_running", "requests generating", c["active_generations"])
+            gauge("num_requests_waiting", "requests waiting for a slot", c["queued"])
+            return "\n".join(lines) + "\n"
+        st = self.engine.stats()
+        now, tokens = time.perf_counter(), st["generated_tokens"]
+        then, before = self._scraped
+        self._scraped = (now, tokens)
+        gauge("num_requests_running", "requests in the running batch", st["running"])
+        gauge("num_requests_waiting", "requests waiting (queue, experts)", st["waiting"])
+        gauge("generation_tokens_total", "tokens generated", tokens, "counter")
+        gauge("generation_tokens_per_second", "tokens generated per second since the previous scrape",
+              round((tokens - before) / max(now - then, 1e-9), 3))
+        gauge("encoder_cache_hit_rate", "image feature requests served from the encoder cache",
+              round(st["encoder_cache_hit_rate"], 6))
+        gauge("encoder_runs_total", "images run through the experts", st["encoder_runs"], "counter")
+        gauge("prefix_cache_hit_rate", "KV blocks found in the prefix cache / blocks looked up",
+              round(st["prefix_cache_hit_rate"], 6))
+        gauge("kv_cache_usage", "fraction of the KV blocks held by requests",
+              round(1 - st["kv_blocks_free"] / st["kv_blocks"], 6))
+        gauge("num_preemptions_total", "requests preempted for KV space (recomputed)", st["preemptions"], "counter")
+        lines += self.engine.ttft.render("eagle_fast_time_to_first_token_seconds", "time to first token")
+        lines += self.engine.itl.render("eagle_fast_inter_token_latency_seconds", "time between two tokens")
+        return "\n".join(lines) + "\n"
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
 
     def _build(self, req: ChatRequest) -> Job:
         cfg = self.config
@@ -129,10 +201,71 @@ class Generator:
         """Decodes the images and tokenizes the prompt off the event loop; APIError on bad input."""
         return await anyio.to_thread.run_sync(self._build, req, limiter=self._prepare)
 
+    def admit(self, job: Job) -> None:
+        """Batch scheduler: submits the job to the engine now (429 when its queue is full, 400 when
+        it cannot fit); the sequential scheduler queues in `run`."""
+        if self.engine is None:
+            return
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def sink(event) -> None:  # called in the engine's thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                pass
+
+        try:
+            job.seq = self.engine.submit(job.input_ids, job.images, job.gen, sink)
+        except QueueFull as exc:
+            raise APIError(429, f"the server is busy: {exc}", code="queue_full") from None
+        except ValueError as exc:
+            code = "context_length_exceeded" if "context" in str(exc) or "KV" in str(exc) else "invalid_value"
+            raise APIError(400, str(exc), param="messages", code=code) from None
+        job.events = events
+        self.counts["active_generations"] += 1
+
+    async def _run_batch(self, job: Job, is_disconnected) -> AsyncIterator[str]:
+        outcome = "cancelled"
+        try:
+            while not await is_disconnected():
+                try:
+                    kind, value = await asyncio.wait_for(job.events.get(), 0.25)
+                except asyncio.TimeoutError:
+                    continue  # no token yet: check the client again
+                if kind == "token":
+                    delta = job.add(self.tokenizer, value)
+                    if delta:
+                        yield delta
+                    continue
+                if kind == "error":
+                    raise value
+                tail = job.finish(self.tokenizer)
+                outcome = "completed"
+                if tail:
+                    yield tail
+                return
+        except (GeneratorExit, anyio.get_cancelled_exc_class()):
+            raise
+        except BaseException:
+            outcome = "failed"
+            raise
+        finally:
+            if outcome != "completed":
+                self.engine.cancel(job.seq)
+            self.counts[outcome] += 1
+            self.counts["active_generations"] -= 1
+
     async def run(self, job: Job, is_disconnected) -> AsyncIterator[str]:
         """Text deltas of the reply. Waits for a slot; stops (closing the generation and freeing the
         slot) as soon as `await is_disconnected()` is true between two tokens. Close it with
         contextlib.aclosing so that a consumer that stops early frees the slot at once too."""
+        if self.engine is not None:
+            if job.seq is None:
+                self.admit(job)
+            async with contextlib.aclosing(self._run_batch(job, is_disconnected)) as deltas:
+                async for delta in deltas:
+                    yield delta
+            return
         self.counts["queued"] += 1
         try:
             await self._slots.acquire()

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from eagle_fast import atomic
 from eagle_fast.train import manifest
 
 LATEST = "latest"
@@ -60,20 +61,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def begin(output_dir: str, step: int) -> str:
@@ -137,7 +124,7 @@ def commit(output_dir: str, step: int, keep: int) -> str:
         shutil.rmtree(final)
     os.replace(final + ".tmp", final)
     try:
-        _atomic_write_text(os.path.join(output_dir, LATEST), name + "\n")
+        atomic.write_text(os.path.join(output_dir, LATEST), name + "\n")
     except OSError:
         if read_latest(output_dir) != name:
             shutil.rmtree(final, ignore_errors=True)

@@ -29,8 +29,9 @@ from tqdm import tqdm
 
 from eagle_fast.data import EagleCollator, EagleDataset, ModalityLengthSampler
 from eagle_fast.data.collate import to_device
-from eagle_fast.model.splice import IGNORE_INDEX
-from eagle_fast.train import ds, fsdp, materialize
+from eagle_fast.constants import IGNORE_INDEX
+from eagle_fast.train import deepspeed_engine as ds
+from eagle_fast.train import fsdp, materialize
 from eagle_fast.train import signals
 from eagle_fast.train.checkpoint import TRAINER_STATE, choose_resume, estimate_bytes, load_model_weights, rng_state, \
     safe_load, save_collective, set_rng_state, write_model
@@ -38,7 +39,7 @@ from eagle_fast.train.metrics import open_metrics
 from eagle_fast.train.nonfinite import Tracker, finite
 from eagle_fast.train.config import TrainConfig
 from eagle_fast.train.device import resolve_device, setup_device
-from eagle_fast.train.setup import TokenizerFiles, build_data, build_model, build_tokenizer, export_prealigned, \
+from eagle_fast.train.builders import TokenizerFiles, build_data, build_model, build_tokenizer, export_prealigned, \
     freeze_for_stage, projector_state
 
 

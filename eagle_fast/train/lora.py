@@ -28,10 +28,10 @@ import re
 import torch
 from torch import nn
 
+from eagle_fast.model.lora import NON_LORA, load_lora, merge_lora  # noqa: F401  (re-exported)
 from eagle_fast.train.config import TrainConfig
 
 LLM_TARGETS = r".*model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-NON_LORA = "non_lora_trainables.safetensors"
 
 
 def quantize_llm(model: nn.Module, bits: int, compute_dtype: torch.dtype = torch.float32) -> list[str]:
@@ -119,23 +119,3 @@ def save_lora(peft_model, path: str) -> None:
     peft_model.save_pretrained(path)
     save_file(_non_lora_state(peft_model), os.path.join(path, NON_LORA))
     peft_model.get_base_model().config.save_pretrained(path)
-
-
-def load_lora(base_model, path: str, trainable: bool = False):
-    from peft import PeftModel
-    from safetensors.torch import load_file
-
-    model = PeftModel.from_pretrained(base_model, path, is_trainable=trainable)
-    extra = load_file(os.path.join(path, NON_LORA))
-    missing, unexpected = model.get_base_model().load_state_dict(extra, strict=False)
-    if unexpected:
-        raise RuntimeError(f"{path}: {NON_LORA} holds keys the model lacks: {sorted(unexpected)[:5]}")
-    return model
-
-
-def merge_lora(base_model, path: str, out_dir: str | None = None):
-    """base + adapter + non-LoRA trainables -> a plain model (saved in HF format when out_dir)."""
-    merged = load_lora(base_model, path).merge_and_unload()
-    if out_dir:
-        merged.save_pretrained(out_dir, safe_serialization=True)
-    return merged

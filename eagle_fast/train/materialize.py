@@ -29,7 +29,7 @@ from eagle_fast.train.config import TrainConfig
 def zero_stage_of(cfg: TrainConfig) -> int:
     if not cfg.deepspeed:
         return 0
-    from eagle_fast.train import ds
+    from eagle_fast.train import deepspeed_engine as ds
 
     return int(ds.load_config(cfg.deepspeed).get("zero_optimization", {}).get("stage", 0))
 
@@ -55,7 +55,7 @@ def zero3_hold(cfg: TrainConfig, world: int):
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    from eagle_fast.train import ds
+    from eagle_fast.train import deepspeed_engine as ds
 
     deepspeed.init_distributed()  # deepspeed.comm over the process group already up (its world size)
     return HfDeepSpeedConfig(ds.fill_auto(ds.load_config(cfg.deepspeed), cfg, world))

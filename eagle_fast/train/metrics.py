@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+from eagle_fast import atomic
+
 
 def _before(row: dict, step: int, epoch: int, position: int) -> bool:
     """Whether `row` describes training up to a checkpoint at (step, epoch, position). A step row
@@ -29,7 +31,5 @@ def open_metrics(path: str, step: int, epoch: int, position: int):
                         kept.append(line if line.endswith("\n") else line + "\n")
                 except (ValueError, KeyError, TypeError):
                     break  # a torn last line of a killed run
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        atomic.write_lines(path, kept)
     return open(path, "a", encoding="utf-8")

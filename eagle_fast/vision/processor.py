@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from eagle_fast.data.images import DEFAULT_MAX_PIXELS, to_rgb_batch
-from eagle_fast.ops.fused_preprocess import CLIP_MEAN, CLIP_STD, PAD_FILL, fused_preprocess
+from eagle_fast.images import DEFAULT_MAX_PIXELS, to_rgb_batch
+from eagle_fast.ops.fused_preprocess import fused_preprocess
+from eagle_fast.preprocess_plan import CLIP_MEAN, CLIP_STD, PAD_FILL
 
 CONFIG_NAME = "preprocessor_config.json"
 

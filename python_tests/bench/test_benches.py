@@ -142,7 +142,7 @@ def test_bench_all_writes_every_benchmark(tmp_path):
     assert bench_main(["all", "--quick", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    names = ("preprocess", "resize_concat", "attention", "linear_cross_entropy", "train", "chat")
+    names = ("preprocess", "resize_concat", "attention", "linear_cross_entropy", "train", "chat", "serve")
     assert {r["bench"] for r in rows} >= set(names)
     for name in names:
         assert (tmp_path / f"{name}.png").stat().st_size > 0
@@ -160,3 +160,60 @@ def test_paged_attention_bench_runs(tmp_path, capsys):
     assert rows[0].extra["kv_bytes"] == (8 + 45) * 3 * 64 * 2 * 4
     assert "| B2 ctx~40 bs16 Hq9 Hkv3 D64 | gather+sdpa |" in capsys.readouterr().out
     assert (tmp_path / "paged_attention.png").stat().st_size > 0
+
+
+def test_serve_ideal_formula_and_percentiles():
+    import math
+
+    import pytest
+
+    from eagle_fast.bench.serve import ideal_tokens_per_s, percentile
+
+    # c = 4 requests of N = 128 tokens, prefill 0.5 s each, decode step at batch 4 0.02 s:
+    # 4 * 128 tokens in 4 * 0.5 s of prefills + 128 * 0.02 s of steps = 512 / 4.56 s
+    assert ideal_tokens_per_s(4, 128, 0.5, 0.02) == pytest.approx(512 / 4.56)
+    assert ideal_tokens_per_s(1, 10, 1.0, 0.1) == pytest.approx(10 / 2.0)  # one prefill, then 10 steps
+    # ranks interpolated linearly: p50 of 1..4 is 2.5; p99 of {0, 100} is 99
+    assert percentile([4, 1, 3, 2], 50) == 2.5 and percentile([0.0, 100.0], 99) == pytest.approx(99.0)
+    assert math.isnan(percentile([], 50))
+
+
+def test_serve_images_are_distinct():
+    from eagle_fast.bench.serve import synthetic_image
+
+    pixels = [synthetic_image(k, 64).tobytes() for k in range(300)]
+    assert len(set(pixels)) == 300
+    assert synthetic_image(7, 64).tobytes() == pixels[7]
+
+
+def test_serve_bench_runs(tmp_path, capsys):
+    from eagle_fast.bench.serve import ServeBenchConfig, ideal_tokens_per_s, main as serve_main
+
+    rows = serve_main(ServeBenchConfig(model="eagle-tiny-x5", concurrency=(1, 2), max_tokens=4, patterns=("burst",),
+                                       image_size=64, threads=1, prefill_repeats=1, decode_steps=2,
+                                       out_dir=str(tmp_path)))
+    assert [(r.provider, r.extra["concurrency"]) for r in rows] == [
+        ("batch", 1), ("sequential", 1), ("ideal", 1), ("batch", 2), ("sequential", 2), ("ideal", 2)]
+    for r in rows:
+        c, e = r.extra["concurrency"], r.extra
+        assert r.items_per_s > 0 and 0 < e["mean_reply_tokens"] <= 4, r
+        if r.provider == "ideal":
+            assert r.items_per_s == ideal_tokens_per_s(c, e["mean_reply_tokens"], e["prefill_s"], e["step_s"])
+            continue
+        assert e["requests"] == c and e["errors"] == 0 and e["ttft_p50_ms"] > 0 and e["x_of_ideal"] > 0
+        # every request carried an image of its own: the batch engine ran the experts once per request
+        assert e["encoder_runs"] == (c if r.provider == "batch" else None)
+    out = capsys.readouterr().out
+    assert "| eagle-tiny-x5 burst c2 N4 | batch | 2 |" in out and "in-process: prefill" in out
+    with open(tmp_path / "serve.csv") as f:
+        assert len(list(csv.reader(f))) == 1 + len(rows)
+
+
+def test_serve_bench_same_image(tmp_path):
+    from eagle_fast.bench.serve import ServeBenchConfig, main as serve_main
+
+    rows = serve_main(ServeBenchConfig(model="eagle-tiny-x5", concurrency=(3,), max_tokens=2, patterns=("burst",),
+                                       schedulers=("batch",), same_image=True, ideal=False, image_size=64,
+                                       threads=1, out_dir=str(tmp_path)))
+    assert len(rows) == 1 and rows[0].shape == "eagle-tiny-x5 burst c3 N2 same-image"
+    assert rows[0].extra["errors"] == 0 and rows[0].extra["encoder_runs"] == 1  # one image, encoded once

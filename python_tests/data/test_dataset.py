@@ -105,7 +105,7 @@ def test_json_and_jsonl_give_identical_items(tmp_path, folder, llama_tokenizer):
 
 
 def test_exif_orientation_is_applied(folder):
-    from eagle_fast.data.images import load_image_file
+    from eagle_fast.images import load_image_file
 
     assert tuple(load_image_file("rotated.jpg", str(folder)).shape) == (60, 100, 3)  # stored 60 x 100, shown 100 x 60
     assert tuple(load_image_file("hopper.png", str(folder)).shape[2:]) == (3,)  # RGBA -> RGB

@@ -47,9 +47,11 @@ def test_second_turn_reuses_the_prefix_and_matches_a_fresh_prefill(tiny, monkeyp
     model, tok, proc = tiny
     fresh = _conversation(ChatSession(model, tok, proc, reuse_prefix=False))
     counter = _CountEncodes(model, monkeypatch)
-    chat = ChatSession(model, tok, proc)
-    assert _conversation(chat) == fresh
+    assert _conversation(ChatSession(model, tok, proc)) == fresh  # the batch engine's prefix cache
     assert counter.images == 2  # each image encoded once: turns 2 and 3 reused the first
+    chat = ChatSession(model, tok, proc, scheduler="sequential")
+    assert _conversation(chat) == fresh
+    assert counter.images == 4  # the sequential engine's own per-conversation prefix: again once each
     # the cache holds the whole conversation but the last reply's final token (never fed)
     prefix = chat._prefix
     assert prefix.cache.get_seq_length() == Engine(model, tok)._rows(prefix.units)

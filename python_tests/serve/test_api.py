@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from eagle_fast.data.images import to_rgb_batch
+from eagle_fast.images import to_rgb_batch
 from eagle_fast.inference import ChatSession
 from eagle_fast.inference.chat import prompt_ids
 from eagle_fast.serve import ServeConfig

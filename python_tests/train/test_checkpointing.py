@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from eagle_fast.train.config import recipe
-from eagle_fast.train.setup import build_model, build_tokenizer
+from eagle_fast.train.builders import build_model, build_tokenizer
 
 
 def _model(tmp_path, on: bool):

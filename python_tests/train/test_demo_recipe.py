@@ -11,7 +11,7 @@ import torch
 from eagle_fast.model import presets
 from eagle_fast.train.__main__ import main, parse
 from eagle_fast.train.config import DATA_WORDS, recipe
-from eagle_fast.train.setup import build_model, build_tokenizer
+from eagle_fast.train.builders import build_model, build_tokenizer
 
 pytest.importorskip("easy_vqa")
 

@@ -38,7 +38,7 @@ def tiny_llm(tmp_path_factory):
     """A Llama checkpoint (random, tiny) with the built-in Llama SentencePiece tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from eagle_fast.train.setup import builtin_tokenizer_dir
+    from eagle_fast.train.builders import builtin_tokenizer_dir
 
     root = tmp_path_factory.mktemp("llm")
     tok = AutoTokenizer.from_pretrained(builtin_tokenizer_dir(str(root / "assets")))

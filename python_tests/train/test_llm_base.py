@@ -6,7 +6,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from eagle_fast.model import presets
 from eagle_fast.train.config import recipe
-from eagle_fast.train.setup import build_model, build_tokenizer, builtin_tokenizer_dir
+from eagle_fast.train.builders import build_model, build_tokenizer, builtin_tokenizer_dir
 
 
 def test_llm_base_gets_the_presets_vision_side(tmp_path):

@@ -276,7 +276,7 @@ def test_latest_unwritable_takes_the_new_checkpoint_back_out(tmp_path, small_mod
     def full(path, text):
         raise OSError(errno.ENOSPC, "No space left on device", path + ".tmp")
 
-    monkeypatch.setattr(checkpoint, "_atomic_write_text", full)
+    monkeypatch.setattr(checkpoint.atomic, "write_text", full)
     with pytest.raises(SaveError, match=re.escape(f"saving {out}/checkpoint-2 failed: [Errno 28]")):
         save_checkpoint(out, 2, small_model, {"step": 2}, keep=2)
     assert sorted(os.listdir(out)) == ["checkpoint-1", "latest"]

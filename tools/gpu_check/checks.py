@@ -73,7 +73,7 @@ def sft7b(preset: str = "eagle-x5-7b", device: str = "cuda", batch_size: int = 4
     from eagle_fast.data import EagleCollator, EagleDataset
     from eagle_fast.data.builtin import easy_vqa_dataset
     from eagle_fast.model import EagleLlamaForCausalLM, presets
-    from eagle_fast.train.setup import builtin_tokenizer_dir
+    from eagle_fast.train.builders import builtin_tokenizer_dir
     from eagle_fast.vision.processor import EagleImageProcessor
 
     tok = AutoTokenizer.from_pretrained(builtin_tokenizer_dir("assets"))  # Vicuna's 32000-token vocabulary

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from eagle_fast.preprocess_plan import pix2struct_grid, plan_canvas, resample_taps
 from eagle_fast.triton_kernels.utils import cast_out
 
 _PRECISION_BITS = 22  # Pillow's fixed point, as in the reference
@@ -226,7 +227,6 @@ def _aa_resample_v_patches_kernel(tmp_ptr, start_ptr, w_ptr, patches_ptr, mask_p
 @functools.lru_cache(maxsize=256)
 def _taps(in_size: int, out_size: int, bicubic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(start (out,), weights (out, K)) on the CPU: int32 fixed point (bicubic) or float32."""
-    from eagle_fast.ops.fused_preprocess import resample_taps  # lazy: that module imports this one
 
     start, w = resample_taps(in_size, out_size, bicubic=bicubic)
     return start.to(torch.int32), w.to(torch.int32 if bicubic else torch.float32)
@@ -248,7 +248,6 @@ def _pad_k(ws: list[torch.Tensor]) -> torch.Tensor:
 
 def _canvas(images, S, pad, fill, lut, pixel_values):
     """Both Pillow passes for the whole batch -> canvas (B, S, S, 3) uint8; fills pixel_values."""
-    from eagle_fast.ops.fused_preprocess import plan_canvas
 
     device, B = images[0].device, len(images)
     meta, hs, hw, vs, vw = [], [], [], [], []
@@ -282,7 +281,6 @@ def _canvas(images, S, pad, fill, lut, pixel_values):
 
 
 def _pix2struct(canvas, max_patches, patch, dtype):
-    from eagle_fast.ops.fused_preprocess import pix2struct_grid
 
     B, S, device = canvas.shape[0], canvas.shape[1], canvas.device
     rows, cols = pix2struct_grid(S, S, max_patches, patch)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from eagle_fast.vision.experts.base import ExpertSpec, VisionExpert
-from eagle_fast.vision.experts.hf import hf_attention
+from eagle_fast.vision.experts.hf_attention import hf_attention
 
 
 @dataclass

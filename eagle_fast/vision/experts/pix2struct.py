@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from eagle_fast.ops.fused_preprocess import pix2struct_grid
+from eagle_fast.preprocess_plan import pix2struct_grid
 from eagle_fast.vision.experts.base import ExpertSpec, VisionExpert
-from eagle_fast.vision.experts.hf import hf_attention
+from eagle_fast.vision.experts.hf_attention import hf_attention
 
 
 @dataclass

@@ -4,7 +4,6 @@ dataset, and the per-stage trainable set."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from eagle_fast.data import EagleDataset
+from eagle_fast.data.tokenizers import builtin_tokenizer_dir, keep_legacy_flag  # noqa: F401  (re-exported)
 from eagle_fast.model import EagleLlamaConfig, EagleLlamaForCausalLM, presets
 from eagle_fast.train.checkpoint import safe_load
 from eagle_fast.train.config import BUILTIN_DATA, DATA_WORDS, TrainConfig
@@ -19,24 +19,6 @@ from eagle_fast.train.expert_sources import Source, parse_sources, resolve_all
 from eagle_fast.train.pretrained import assemble
 from eagle_fast.vision.experts import EXPERTS
 from eagle_fast.vision.processor import EagleImageProcessor
-
-
-def builtin_tokenizer_dir(root: str) -> str:
-    """A Llama/Vicuna-format SentencePiece tokenizer (the model shipped in mistral-common), as an HF
-    tokenizer folder: the offline default of the tiny recipes (pad = unk, as Vicuna)."""
-    import mistral_common
-
-    folder = os.path.join(root, "tokenizer")
-    if not os.path.exists(os.path.join(folder, "tokenizer_config.json")):
-        os.makedirs(folder, exist_ok=True)
-        shutil.copy(os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1"),
-                    os.path.join(folder, "tokenizer.model"))
-        cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-               "pad_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": True,
-               "model_max_length": 2048, "padding_side": "right"}
-        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-            json.dump(cfg, f)
-    return folder
 
 
 def builtin_data(cfg: TrainConfig):
@@ -101,15 +83,6 @@ class TokenizerFiles:
         if src is not None and not os.path.exists(dst):
             shutil.copyfile(src, dst)
         return out
-
-
-def keep_legacy_flag(tok):
-    """transformers reads a Llama tokenizer's `legacy` flag but leaves it out of what save_pretrained
-    writes, and reloads default to legacy=False: text after a special token ("</s>USER") would then
-    tokenize differently from training. Recording the flag keeps saved tokenizers identical."""
-    if getattr(tok, "legacy", None) is not None:
-        tok.init_kwargs["legacy"] = tok.legacy
-    return tok
 
 
 def build_model(cfg: TrainConfig, tokenizer, meta: bool = False, rank: int = 0,

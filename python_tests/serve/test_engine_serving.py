@@ -1,0 +1,54 @@
+"""The server on the batch engine: /metrics, 429 on a full queue, and the sequential scheduler
+kept as the comparison path giving the same greedy answers."""
+
+import asyncio
+
+import httpx
+
+from eagle_fast.serve import ServeConfig
+
+from .conftest import png_bytes, serving, user_message, wait_idle
+
+BODY = {"messages": [user_message("What is this?", png_bytes())], "temperature": 0, "max_tokens": 6}
+
+
+def test_metrics_in_prometheus_text(tiny):
+    with serving(ServeConfig(model="eagle-tiny-x5"), tiny) as (base, _):
+        for _ in range(2):  # the same image twice: the second is an encoder-cache hit
+            assert httpx.post(f"{base}/v1/chat/completions", json=BODY, timeout=60).status_code == 200
+        wait_idle(base)
+        r = httpx.get(f"{base}/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    values = {line.split()[0]: float(line.split()[1]) for line in r.text.splitlines() if line and line[0] != "#"}
+    assert values["eagle_fast_num_requests_running"] == 0 and values["eagle_fast_num_requests_waiting"] == 0
+    assert values["eagle_fast_requests_completed_total"] == 2
+    assert values["eagle_fast_encoder_runs_total"] == 1
+    assert values["eagle_fast_encoder_cache_hit_rate"] == 0.5  # 1 hit of 2 lookups
+    assert values["eagle_fast_prefix_cache_hit_rate"] > 0  # the second prompt is the first's
+    assert values['eagle_fast_time_to_first_token_seconds_bucket{le="+Inf"}'] == 2
+    assert values["eagle_fast_time_to_first_token_seconds_count"] == 2
+    assert "# TYPE eagle_fast_inter_token_latency_seconds histogram" in r.text
+
+
+def test_full_queue_is_429(tiny):
+    async def burst(base):
+        async with httpx.AsyncClient(timeout=120) as http:
+            body = dict(BODY, max_tokens=30)
+            return await asyncio.gather(*(http.post(f"{base}/v1/chat/completions", json=body) for _ in range(12)))
+
+    with serving(ServeConfig(model="eagle-tiny-x5", max_num_seqs=1, max_queue=2), tiny) as (base, _):
+        codes = [r.status_code for r in asyncio.run(burst(base))]
+        wait_idle(base)
+        refused = [r for r in codes if r == 429]
+        assert refused and set(codes) == {200, 429}
+        r = httpx.post(f"{base}/v1/chat/completions", json=dict(BODY, max_tokens=30), timeout=60)
+        assert r.status_code == 200  # once the queue drains, requests are taken again
+
+
+def test_sequential_scheduler_gives_the_same_answers(tiny):
+    answers = {}
+    for scheduler in ("batch", "sequential"):
+        with serving(ServeConfig(model="eagle-tiny-x5", scheduler=scheduler, parallel=2), tiny) as (base, _):
+            r = httpx.post(f"{base}/v1/chat/completions", json=BODY, timeout=60).json()
+            answers[scheduler] = r["choices"][0]["message"]["content"]
+    assert answers["batch"] == answers["sequential"]
