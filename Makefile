@@ -4,12 +4,14 @@
 # make wheel — build the wheel (carries _C and, with nvcc, _C_cuda; requires the torch it was built
 #              with) and smoke-test it in a fresh venv that installs its dependencies from the index.
 # make demo  — same setup as make test, then train, evaluate and chat with a tiny Eagle (runs/demo/).
+# make lint  — ruff (lint + format check, 120 columns) on the Python, clang-format on csrc/ (checks only;
+#              make format applies both).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.deps-stamp
 
-.PHONY: test test-fallback build wheel bench demo clean
+.PHONY: test test-fallback build wheel bench demo clean lint format
 
 $(STAMP): requirements-dev.txt requirements-assets.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +39,19 @@ demo: build
 
 bench: build
 	$(PY) -m eagle_fast.bench preprocess
+
+PY_SOURCES := eagle_fast python_tests tools
+CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
+
+lint: $(STAMP)
+	$(PY) -m ruff check $(PY_SOURCES)
+	$(PY) -m ruff format --check $(PY_SOURCES)
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix $(PY_SOURCES)
+	$(PY) -m ruff format $(PY_SOURCES)
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 clean:
 	rm -rf build dist wheelhouse .pytest_cache

@@ -16,7 +16,7 @@ _register()
 
 __version__ = "0.1.0"
 _EXPORTS = {
-    "ChatSession": "eagle_fast.inference.chat",
+    "ChatSession": "eagle_fast.inference.session",
     "load_model": "eagle_fast.inference.loading",
     "EagleImageProcessor": "eagle_fast.vision.processor",
 }

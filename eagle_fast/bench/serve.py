@@ -315,7 +315,7 @@ def measure_compute(cfg: ServeBenchConfig) -> dict:
     from eagle_fast.data.tokenize import IMAGE_TOKEN
     from eagle_fast.images import to_rgb_batch
     from eagle_fast.inference import BatchEngine, EngineConfig, GenerationConfig, load_model
-    from eagle_fast.inference.chat import prompt_ids
+    from eagle_fast.inference.session import prompt_ids
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)

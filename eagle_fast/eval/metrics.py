@@ -3,7 +3,7 @@
 Each scorer reimplements the behaviour of the script its docstring names, quirks included, so that
 numbers computed here match the published ones. Per-sample scorers return floats in [0, 1]; average
 them with ``mean_score``. The yes/no and multiple-choice scorers (MME, POPE, ScienceQA/MMBench/SEED
-choice extraction, MMBench circular evaluation) live in ``metrics_mc`` and are re-exported here.
+choice extraction, MMBench circular evaluation) live in ``choice_metrics`` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from eagle_fast.eval.metrics_mc import extract_choice, mmbench_circular, mme_scores, pope_scores
+from eagle_fast.eval.choice_metrics import extract_choice, mmbench_circular, mme_scores, pope_scores
 
 __all__ = [
     "VQA_PROCESSING",

@@ -125,7 +125,7 @@ def generate(cfg: EvalConfig, questions: list[dict], task: Task) -> str:
     from eagle_fast.data.images import load_image_file
     from eagle_fast.data.templates import get_template
     from eagle_fast.inference import load_model
-    from eagle_fast.inference.chat import prompt_ids
+    from eagle_fast.inference.session import prompt_ids
     from eagle_fast.inference.engine import Engine, GenerationConfig
 
     os.makedirs(cfg.out, exist_ok=True)

@@ -29,7 +29,7 @@ import anyio
 
 from eagle_fast.images import to_rgb_batch
 from eagle_fast.data.templates import Template, get_template
-from eagle_fast.inference.chat import prompt_ids, safe_text_length
+from eagle_fast.inference.session import prompt_ids, safe_text_length
 from eagle_fast.inference.batch_engine import BatchEngine
 from eagle_fast.inference.engine import Engine, GenerationConfig
 from eagle_fast.inference.scheduler import EngineConfig, QueueFull

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eagle_fast.inference import ChatSession, Engine, GenerationConfig, load_model
-from eagle_fast.inference.chat import safe_text_length
+from eagle_fast.inference.session import safe_text_length
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from eagle_fast.images import to_rgb_batch
 from eagle_fast.inference import ChatSession
-from eagle_fast.inference.chat import prompt_ids
+from eagle_fast.inference.session import prompt_ids
 from eagle_fast.serve import ServeConfig
 from eagle_fast.serve.errors import APIError
 
