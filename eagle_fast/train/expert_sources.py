@@ -26,6 +26,8 @@ import hashlib
 import os
 from dataclasses import dataclass
 
+from eagle_fast.hashing import file_digest
+
 # the original's encoders: CLIP ViT-L/14-336 (a full CLIPModel repo: its vision tower is taken),
 # the timm ConvNeXt-XXLarge its `convnext_xxlarge.clip_laion2b_soup` call resolves to, SAM ViT-L
 # (the vision encoder of SamModel), EVA-02-L ViTDet trained on Objects365 + COCO (detectron2 .pth)
@@ -93,14 +95,6 @@ def _parse_one(name: str, spec: str) -> Source:
     return Source(name, spec, repo=repo, filename=filename or None, revision=revision or None)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _hub_file(src: Source, filename: str) -> str:
     from huggingface_hub import hf_hub_download
 
@@ -149,8 +143,8 @@ def resolve(src: Source) -> tuple[str, dict[str, str]]:
         files = [src.path] if os.path.isfile(src.path) else sorted(
             os.path.join(src.path, f) for f in os.listdir(src.path)
             if f.endswith((".safetensors", ".bin", ".pth", ".pt")))
-        digest = hashlib.sha256("".join(_sha256(f) for f in files).encode()).hexdigest() if len(files) > 1 else (
-            _sha256(files[0]) if files else "")
+        digest = hashlib.sha256("".join(file_digest(f)[1] for f in files).encode()).hexdigest() if len(files) > 1 else (
+            file_digest(files[0])[1] if files else "")
         return src.path, {"source": src.spec, "path": os.path.abspath(src.path), "sha256": digest}
     path = _resolve_hub(src)
     parts = os.path.normpath(path).split(os.sep)

@@ -11,14 +11,16 @@ large buffers), so a multi-GB checkpoint costs about a disk read.
 
 from __future__ import annotations
 
-import hashlib
+
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+from eagle_fast.hashing import file_digest
+
 MANIFEST = "manifest.json"
 FORMAT = 1
-_CHUNK = 8 << 20
+
 
 
 def _files(folder: str) -> list[str]:
@@ -31,23 +33,10 @@ def _files(folder: str) -> list[str]:
     return sorted(out)
 
 
-def _sha256(path: str, sync: bool = False) -> tuple[int, str]:
-    """(bytes, sha256) of a file; `sync` also forces its data to disk (the rename after the
-    manifest must not publish a checkpoint whose bytes are still only in the page cache)."""
-    h, n = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            n += len(chunk)
-        if sync:
-            os.fsync(f.fileno())
-    return n, h.hexdigest()
-
-
 def _hash_all(folder: str, names: list[str], sync: bool) -> list[tuple[int, str]]:
     workers = max(1, min(8, os.cpu_count() or 1, len(names)))
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda n: _sha256(os.path.join(folder, n), sync), names))
+        return list(pool.map(lambda n: file_digest(os.path.join(folder, n), sync), names))
 
 
 def write(folder: str, step: int) -> dict:

@@ -14,3 +14,11 @@ def cast_out(x, ty: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
         x = bits.to(tl.float32, bitcast=True)
     return x.to(ty)
+
+
+@triton.jit
+def dot_acc(a, b, IEEE: tl.constexpr):
+    """a @ b with fp32 accumulation: IEEE fp32 for fp32 inputs, else in b's dtype (tensor cores)."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a.to(b.dtype), b)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from eagle_fast.triton_kernels.utils import cast_out
+from eagle_fast.triton_kernels.utils import cast_out, dot_acc
 
 _LOG2E = 1.4426950408889634
 
@@ -67,14 +67,6 @@ def _load_tile(ptr, rows, row_stride, offs_d, row_ok, d_ok, UPCAST: tl.constexpr
     if UPCAST:
         x = x.to(tl.float32)
     return x
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """a @ b with fp32 accumulation: IEEE fp32 for fp32 inputs, else in b's dtype (tensor cores)."""
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a.to(b.dtype), b)
 
 
 @triton.jit
@@ -117,7 +109,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU, scale_log2,
         n_ok = n < seq_k
         k = _load_tile(K, k_start + n, sk_r, offs_d, n_ok, d_ok, UPCAST)
         v = _load_tile(V, k_start + n, sv_r, offs_d, n_ok, d_ok, UPCAST)
-        s = _dot(q, tl.trans(k), IEEE)
+        s = dot_acc(q, tl.trans(k), IEEE)
         s = s * scale_log2
         visible = n_ok[None, :]
         if CAUSAL:
@@ -128,7 +120,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU, scale_log2,
         p = tl.math.exp2(s - m_base[:, None])
         alpha = tl.math.exp2(m_i - m_base)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p, v, IEEE)
+        acc = acc * alpha[:, None] + dot_acc(p, v, IEEE)
         m_i = m_new
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -179,14 +171,14 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, scale, scale_log2
             q = _load_tile(Q + h * sq_h, q_start + offs_m, sq_r, offs_d, m_ok, d_ok, UPCAST)
             do = _load_tile(DO + h * sdo_h, q_start + offs_m, sdo_r, offs_d, m_ok, d_ok, UPCAST)
             lse2, delta = _row_stats(LSE, DELTA, h, TOTAL_Q, lse_start, offs_m, m_ok)
-            st = _dot(k, tl.trans(q), IEEE)  # (BLOCK_N, BLOCK_M)
+            st = dot_acc(k, tl.trans(q), IEEE)  # (BLOCK_N, BLOCK_M)
             visible = n_ok[:, None] & m_ok[None, :]
             if CAUSAL:
                 visible = visible & (offs_n[:, None] <= offs_m[None, :] + diag)
             pt = tl.where(visible, tl.math.exp2(st * scale_log2 - lse2[None, :]), 0.0)
-            dv += _dot(pt, do, IEEE)
-            dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
-            dk += _dot(dst, q, IEEE)
+            dv += dot_acc(pt, do, IEEE)
+            dst = pt * (dot_acc(v, tl.trans(do), IEEE) - delta[None, :])
+            dk += dot_acc(dst, q, IEEE)
     kv_mask = n_ok[:, None] & d_ok[None, :]
     tl.store(DK + (k_start + offs_n)[:, None] * sdk_r + offs_d[None, :], cast_out(dk * scale, DK.dtype.element_ty),
              mask=kv_mask)
@@ -227,13 +219,13 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, scale, scale_log2,
         n_ok = n < seq_k
         k = _load_tile(K, k_start + n, sk_r, offs_d, n_ok, d_ok, UPCAST)
         v = _load_tile(V, k_start + n, sv_r, offs_d, n_ok, d_ok, UPCAST)
-        s = _dot(q, tl.trans(k), IEEE)
-        dp = _dot(do, tl.trans(v), IEEE)
+        s = dot_acc(q, tl.trans(k), IEEE)
+        dp = dot_acc(do, tl.trans(v), IEEE)
         visible = m_ok[:, None] & n_ok[None, :]
         if CAUSAL:
             visible = visible & (n[None, :] <= offs_m[:, None] + diag)
         p = tl.where(visible, tl.math.exp2(s * scale_log2 - lse2[:, None]), 0.0)
-        dq += _dot(p * (dp - delta[:, None]), k, IEEE)
+        dq += dot_acc(p * (dp - delta[:, None]), k, IEEE)
     tl.store(DQ + (q_start + offs_m)[:, None] * sdq_r + offs_d[None, :], cast_out(dq * scale, DQ.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
 

@@ -26,17 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from eagle_fast.triton_kernels.utils import cast_out
+from eagle_fast.triton_kernels.utils import cast_out, dot_acc
 
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """a @ b with fp32 accumulation: IEEE fp32 for fp32 inputs, else in b's dtype (tensor cores)."""
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a.to(b.dtype), b)
 
 
 @triton.jit
@@ -85,7 +77,7 @@ def _paged_fwd_kernel(Q, K, V, O, BT, CU, LK, scale_log2,
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = _dot(q, tl.trans(k), IEEE) * scale_log2
+        s = dot_acc(q, tl.trans(k), IEEE) * scale_log2
         visible = n_ok[None, :] & (n[None, :] <= row[:, None] + diag)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -93,7 +85,7 @@ def _paged_fwd_kernel(Q, K, V, O, BT, CU, LK, scale_log2,
         p = tl.math.exp2(s - m_base[:, None])
         alpha = tl.math.exp2(m_i - m_base)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p, v, IEEE)
+        acc = acc * alpha[:, None] + dot_acc(p, v, IEEE)
         m_i = m_new
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # l_i > 0 for every real vector (Lq <= Lk)
     o_ptr = O + (q_start + row).to(tl.int64)[:, None] * so_r + head[:, None] * so_h + offs_d[None, :]
