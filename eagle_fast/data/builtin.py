@@ -8,7 +8,12 @@ for the tiny training recipes and the demo:
   is assembled only from that image's own answers, so it is as true as the dataset.
 - sft.jsonl: one multi-turn record per train image with all of its questions (or, with
   `questions_per_record=n`, its questions in order, n per record: n=1 gives single-turn records).
-- eval.jsonl: one single-turn record per (test image, question) with an extra gold "answer" field.
+- eval.jsonl: one single-turn record per (test image, question) with extra fields: the gold
+  "answer", its "category" (color, shape, yes/no color, yes/no shape), and "conversation_id" (the
+  image) with "turn" (the question's place among that image's questions), so that an evaluation
+  can ask each image's questions as one conversation (eagle_fast.eval, `conversation`).
+- val.jsonl (with `val_images=n`): the same layout for the n highest-id train images, which are
+  then left out of pretrain.jsonl and sft.jsonl: a validation split held out by image.
 
 The PNGs are not copied: `image_folder` is the package's data directory and records use paths like
 "train/images/12.png". Full size: 4000 + 4000 + 9673 records, about 7 MB of JSONL.
@@ -24,7 +29,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 
-_FORMAT = 1  # bump when the records change, so existing files are rebuilt
+_FORMAT = 2  # bump when the records change, so existing files are rebuilt
 _SHAPES = ("circle", "rectangle", "triangle")
 _CAPTION_PROMPT = "Describe the image briefly."
 
@@ -36,6 +41,15 @@ class BuiltinDataset:
     sft: str
     eval: str
     answers: list[str]
+    val: str | None = None  # with val_images > 0
+
+
+def category(question: str, answer: str) -> str:
+    """easy-VQA's four question kinds: 'what' questions answered by a shape or a colour, and
+    yes/no questions naming a shape ("does the image contain a circle?") or a colour."""
+    if answer in ("yes", "no"):
+        return "yes/no shape" if set(re.findall(r"[a-z]+", question.lower())) & set(_SHAPES) else "yes/no color"
+    return "shape" if answer in _SHAPES else "color"
 
 
 def _facts(questions: list[tuple[str, str]], colors: set[str]) -> tuple[set[str], set[str]]:
@@ -109,12 +123,16 @@ def _jsonl(records: Iterable[dict]) -> Iterator[str]:
 
 
 def easy_vqa_dataset(root: str | os.PathLike, max_train_images: int | None = None,
-                     max_eval_images: int | None = None, questions_per_record: int | None = None) -> BuiltinDataset:
+                     max_eval_images: int | None = None, questions_per_record: int | None = None,
+                     val_images: int = 0) -> BuiltinDataset:
     """Write (or reuse) pretrain/sft/eval JSONL for easy-VQA under `root`; the limits keep the
     lowest image ids of each split. `questions_per_record` splits each image's SFT conversation
-    into records of that many questions (ids "easyvqa-train-{image}-{first question}")."""
+    into records of that many questions (ids "easyvqa-train-{image}-{first question}").
+    `val_images` holds the highest-id kept train images out of training, as val.jsonl."""
     if questions_per_record is not None and questions_per_record < 1:
         raise ValueError(f"questions_per_record must be >= 1, got {questions_per_record}")
+    if val_images < 0:
+        raise ValueError(f"val_images must be >= 0, got {val_images}")
     import easy_vqa  # an asset package: imported only when this dataset is asked for
 
     root = os.fspath(root)
@@ -122,14 +140,17 @@ def easy_vqa_dataset(root: str | os.PathLike, max_train_images: int | None = Non
     # <data>/train/images/<id>.png: <data> holds both splits
     folder = os.path.dirname(os.path.dirname(os.path.dirname(next(iter(train_paths.values())))))
     answers = list(easy_vqa.get_answers())
-    out = BuiltinDataset(folder, *(os.path.join(root, f"{n}.jsonl") for n in ("pretrain", "sft", "eval")), answers)
+    out = BuiltinDataset(folder, *(os.path.join(root, f"{n}.jsonl") for n in ("pretrain", "sft", "eval")), answers,
+                         val=os.path.join(root, "val.jsonl") if val_images else None)
 
     params = {"format": _FORMAT, "easy_vqa": version("easy-vqa"), "max_train_images": max_train_images,
-              "max_eval_images": max_eval_images, "questions_per_record": questions_per_record}
+              "max_eval_images": max_eval_images, "questions_per_record": questions_per_record,
+              "val_images": val_images}
     manifest = os.path.join(root, "manifest.json")
     try:
         with open(manifest, encoding="utf-8") as f:
-            reuse = json.load(f) == params and all(os.path.isfile(p) for p in (out.pretrain, out.sft, out.eval))
+            reuse = json.load(f) == params and all(
+                os.path.isfile(p) for p in (out.pretrain, out.sft, out.eval, out.val) if p)
     except (OSError, ValueError):
         reuse = False
     if reuse:
@@ -143,8 +164,12 @@ def easy_vqa_dataset(root: str | os.PathLike, max_train_images: int | None = Non
         pass
     colors = set(answers) - set(_SHAPES) - {"yes", "no"}
     train = _group(*easy_vqa.get_train_questions(), max_train_images)
+    if val_images >= len(train):
+        raise ValueError(f"val_images={val_images} leaves no training image of the {len(train)} kept")
+    # held out by image: no validation image is ever seen in training, in any stage
+    val = {i: train.pop(i) for i in sorted(train)[len(train) - val_images:]}
     test = _group(*easy_vqa.get_test_questions(), max_eval_images)
-    train_rel = _image_paths(folder, "train", train_paths, train)
+    train_rel = _image_paths(folder, "train", train_paths, list(train) + list(val))
     test_rel = _image_paths(folder, "test", test_paths, test)
 
     def human(text: str) -> dict:
@@ -166,9 +191,16 @@ def easy_vqa_dataset(root: str | os.PathLike, max_train_images: int | None = Non
                                      for turn in (human(("<image>\n" if k == 0 else "") + q), gpt(a))]}
 
     _write_atomic(out.sft, _jsonl(rec for i, qa in train.items() for rec in sft_records(i, qa)))
-    _write_atomic(out.eval, _jsonl(
-        {"id": f"easyvqa-test-{i}-{k}", "image": test_rel[i],
-         "conversations": [human("<image>\n" + q), gpt(a)], "answer": a}
-        for i, qa in test.items() for k, (q, a) in enumerate(qa)))
+
+    def eval_records(split: str, grouped: dict[int, list[tuple[str, str]]], rel: dict[int, str]) -> Iterator[dict]:
+        for i, qa in grouped.items():
+            for k, (q, a) in enumerate(qa):
+                yield {"id": f"easyvqa-{split}-{i}-{k}", "image": rel[i],
+                       "conversations": [human("<image>\n" + q), gpt(a)], "answer": a,
+                       "category": category(q, a), "conversation_id": f"easyvqa-{split}-{i}", "turn": k}
+
+    _write_atomic(out.eval, _jsonl(eval_records("test", test, test_rel)))
+    if out.val:
+        _write_atomic(out.val, _jsonl(eval_records("train", val, train_rel)))
     _write_atomic(manifest, _jsonl([params]))
     return out

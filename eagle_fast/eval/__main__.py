@@ -2,6 +2,7 @@
 
     python -m eagle_fast.eval --model PATH --task textvqa --data QUESTIONS.jsonl --image-folder DIR --out results/
     python -m eagle_fast.eval --model PATH --task easy-vqa --out results/        # built-in, offline
+    python -m eagle_fast.eval --model PATH --task easy-vqa --conversation true --out r/  # follow-ups after own answers
     # sharded: run --shard 0..N-1 (any machines, same --out), then merge and score
     python -m eagle_fast.eval --model PATH --task gqa --data Q.jsonl --num-shards 4 --shard 1 --out r/
     python -m eagle_fast.eval --task gqa --data Q.jsonl --num-shards 4 --merge --out r/

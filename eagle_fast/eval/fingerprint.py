@@ -33,9 +33,11 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import zipfile
 from typing import Any
+
+from eagle_fast import atomic
+from eagle_fast.hashing import file_digest
 
 VERSION = 1
 SAMPLE = 4096  # bytes read at each of three places of every safetensors tensor
@@ -54,14 +56,6 @@ class PredictionsMismatch(ValueError):
 
 def meta_path(predictions: str) -> str:
     return predictions + ".meta.json"
-
-
-def _file_sha(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _without_save_time(obj):
@@ -119,7 +113,7 @@ def _model_dir(path: str) -> tuple[dict, dict]:
             with open(full, encoding="utf-8") as f:
                 model[name] = _without_save_time(json.load(f))
         elif _is_tokenizer_file(name):
-            model[name] = _file_sha(full)
+            model[name] = file_digest(full)[1]
     if "adapter_config.json" in model:  # load_model merges the adapter into this base: its weights count
         from eagle_fast.inference.loading import _lora_base
 
@@ -146,8 +140,11 @@ def digest(components: dict) -> str:
 
 def data_components(cfg) -> dict:
     """What the question side contributes (computable without the model, as `--merge` is)."""
-    return {"task": cfg.task, "questions": {"size": os.path.getsize(cfg.data), "sha256": _file_sha(cfg.data)},
-            "limit": cfg.limit, "shards": {"num_shards": cfg.num_shards}}
+    comps = {"task": cfg.task, "questions": {"size": os.path.getsize(cfg.data), "sha256": file_digest(cfg.data)[1]},
+             "limit": cfg.limit, "shards": {"num_shards": cfg.num_shards}}
+    if getattr(cfg, "conversation", False):  # only when set: single-question runs keep their fingerprints
+        comps["conversation"] = True
+    return comps
 
 
 def of_run(cfg, max_new_tokens: int) -> dict:
@@ -182,12 +179,7 @@ def read_meta(predictions: str) -> dict | None:
 
 def write_meta(predictions: str, fp: dict, **info) -> None:
     """Atomically (a temporary file renamed): a kill leaves the old fingerprint or the new, never half."""
-    folder = os.path.dirname(predictions) or "."
-    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False, encoding="utf-8") as f:
-        json.dump({**fp, **info}, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, meta_path(predictions))
+    atomic.write_json(meta_path(predictions), {**fp, **info}, indent=1, sort_keys=True)
 
 
 def _short(v) -> str:

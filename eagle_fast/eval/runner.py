@@ -11,6 +11,11 @@ Question files use the LLaVA eval layout, one JSON object per line: `question_id
 `answers`, `category`, `options`, ...). LLaVA training-style records (`id`, `image`,
 `conversations` with the question first and the gold answer second) are read too.
 
+With `conversation`, questions sharing a `conversation_id` are asked as one conversation in
+`turn` order, each after the model's own earlier answers (not the gold ones): turn 0 of every
+conversation first, then turn 1 with each conversation's first exchange as history, and so on.
+Shards then split conversations, not questions.
+
 Outputs in `out/`: `{task}.predictions.jsonl` (or `{task}.shard{k}of{n}.jsonl` per shard) with its
 `.meta.json`, then `{task}.results.json` (with the predictions' fingerprint) and `{task}.results.md`.
 """
@@ -50,6 +55,9 @@ class EvalConfig:
     max_new_tokens: int | None = _h(None, "answer length (default: the task's)")
     dtype: str = _h("auto", "model dtype (auto: bf16 on CUDA, fp32 on CPU)")
     device: str = _h("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    conversation: bool = _h(False, (
+        "ask the questions sharing a 'conversation_id' as one conversation in 'turn' order, each after the "
+        "model's own earlier answers (follow-up questions); the scores then add first / follow-up accuracy"))
     overwrite: bool = field(default=False, metadata={"help": (
         "replace this task's (this shard's) prediction file, made with another model or settings, instead of "
         "refusing to mix the two")})
@@ -95,13 +103,19 @@ def _shard_path(cfg: EvalConfig, shard: int) -> str:
 
 def _done_ids(path: str) -> set:
     """question_ids already answered (a torn last line from a killed run is dropped and rewritten)."""
-    done, good = set(), 0
+    return set(_done(path))
+
+
+def _done(path: str) -> dict:
+    """question_id -> prediction of the questions already answered (a torn last line is dropped)."""
+    done, good = {}, 0
     if not os.path.exists(path):
         return done
     with open(path, "rb") as f:
         for line in f:
             try:
-                done.add(json.loads(line)["question_id"])
+                rec = json.loads(line)
+                done[rec["question_id"]] = rec.get("prediction", "")
                 good += len(line)
             except (ValueError, KeyError):
                 break
@@ -116,6 +130,33 @@ def _reply(tok, ids: list[int], stop: str) -> str:
     if stop and stop in text:
         ids = tok(text[:text.index(stop)], add_special_tokens=False)["input_ids"]
     return tok.decode(ids, skip_special_tokens=True).strip()
+
+
+def _conversations(questions: list[dict]) -> list[list[dict]]:
+    """Questions grouped by `conversation_id` (first-appearance order), each group in `turn` order."""
+    convs: dict = {}
+    for q in questions:
+        if "conversation_id" not in q or "turn" not in q:
+            raise ValueError(f"question {q['question_id']!r}: --conversation needs 'conversation_id' and 'turn' fields")
+        convs.setdefault(q["conversation_id"], []).append(q)
+    for cid, conv in convs.items():
+        conv.sort(key=lambda q: q["turn"])
+        turns = [q["turn"] for q in conv]
+        if len(set(turns)) != len(turns):
+            raise ValueError(f"conversation {cid!r}: turn {turns} repeated")
+    return list(convs.values())
+
+
+def _waves(cfg: EvalConfig, questions: list[dict], done: dict) -> list[list[tuple[dict, list[dict]]]]:
+    """This shard's unanswered questions with their conversation's earlier questions, in the order
+    they can be asked: one wave for single questions; with `conversation`, a wave per turn index
+    (a turn's prompt needs the answers of the turns before it)."""
+    if not cfg.conversation:
+        return [[(q, []) for i, q in enumerate(questions)
+                 if i % cfg.num_shards == cfg.shard and q["question_id"] not in done]]
+    mine = [c for k, c in enumerate(_conversations(questions)) if k % cfg.num_shards == cfg.shard]
+    depth = max((len(c) for c in mine), default=0)
+    return [[(c[t], c[:t]) for c in mine if len(c) > t and c[t]["question_id"] not in done] for t in range(depth)]
 
 
 def generate(cfg: EvalConfig, questions: list[dict], task: Task) -> str:
@@ -135,35 +176,44 @@ def generate(cfg: EvalConfig, questions: list[dict], task: Task) -> str:
     fingerprint.claim(path, fingerprint.of_run(cfg, max_new_tokens), overwrite=cfg.overwrite,
                       model_path=os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model,
                       data_path=os.path.abspath(cfg.data), shard=cfg.shard)
-    done = _done_ids(path)
-    todo = [q for i, q in enumerate(questions) if i % cfg.num_shards == cfg.shard and q["question_id"] not in done]
-    if not todo:
+    done = _done(path)
+    waves = _waves(cfg, questions, done)
+    if not any(waves):
         return path
     model, tok, proc = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     engine = Engine(model, tok)
     stop = get_template(cfg.template).stop  # a reply ends there, as in chat (chatml: <|im_end|>, not EOS)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=0,
                            stop=(stop,) if stop else ())
-    bar = tqdm(total=len(todo), desc=f"{cfg.task} shard {cfg.shard}/{cfg.num_shards}", unit="q")
+    bar = tqdm(total=sum(map(len, waves)), desc=f"{cfg.task} shard {cfg.shard}/{cfg.num_shards}", unit="q")
     with open(path, "a", encoding="utf-8") as out:
-        for start in range(0, len(todo), cfg.batch_size):
-            batch, prompts, images, failed = todo[start:start + cfg.batch_size], [], [], []
-            for q in batch:
-                try:  # a missing or broken image fails its question, not the run
-                    img = load_image_file(q["image"], cfg.image_folder) if q.get("image") else None
-                except (OSError, ValueError) as e:
-                    failed.append({**q, "prediction": "", "error": f"{type(e).__name__}: {e}"})
-                    continue
-                turn = (IMAGE + "\n" if img is not None else "") + q["text"] + task.prompt_suffix
-                prompts.append((q, prompt_ids(cfg.template, [("user", turn)], tok)))
-                images.append(proc([img], device=model.device) if img is not None else None)
-            answers = engine.generate_batch([p for _, p in prompts], images, gen) if prompts else []
-            lines = failed + [{**q, "prediction": _reply(tok, a, stop)} for (q, _), a in zip(prompts, answers)]
-            for rec in lines:
-                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-            bar.update(len(batch))
+        for todo in waves:
+            for start in range(0, len(todo), cfg.batch_size):
+                batch, prompts, images, failed = todo[start:start + cfg.batch_size], [], [], []
+                for q, before in batch:
+                    # the conversation's image (it is the first turn's) comes with its first question
+                    first = before[0] if before else q
+                    try:  # a missing or broken image fails its question, not the run
+                        img = load_image_file(first["image"], cfg.image_folder) if first.get("image") else None
+                    except (OSError, ValueError) as e:
+                        failed.append({**q, "prediction": "", "error": f"{type(e).__name__}: {e}"})
+                        continue
+                    turns = []
+                    for k, p in enumerate(before + [q]):
+                        text = (IMAGE + "\n" if img is not None and k == 0 else "") + p["text"] + task.prompt_suffix
+                        turns.append(("user", text))
+                        if p is not q:  # the model's own earlier answer, as a user of the chat would see it
+                            turns.append(("assistant", done[p["question_id"]]))
+                    prompts.append((q, prompt_ids(cfg.template, turns, tok)))
+                    images.append(proc([img], device=model.device) if img is not None else None)
+                answers = engine.generate_batch([p for _, p in prompts], images, gen) if prompts else []
+                lines = failed + [{**q, "prediction": _reply(tok, a, stop)} for (q, _), a in zip(prompts, answers)]
+                for rec in lines:
+                    done[rec["question_id"]] = rec["prediction"]
+                    out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+                bar.update(len(batch))
     bar.close()
     return path
 

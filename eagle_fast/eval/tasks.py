@@ -101,8 +101,20 @@ def _exact(recs):
     golds = [M.normalize_answer(_answers(r)[0]) for r in recs]
     hits = [M.normalize_answer(r["prediction"]) == g for r, g in zip(recs, golds)]
     majority = Counter(golds).most_common(1)[0][1] / len(golds)
-    return {"score": 100.0 * sum(hits) / len(hits), "accuracy": sum(hits) / len(hits),
-            "majority_baseline": majority}
+    out = {"score": 100.0 * sum(hits) / len(hits), "accuracy": sum(hits) / len(hits), "majority_baseline": majority}
+    # per question kind and, for conversations, first questions vs follow-ups (asked after turn 0)
+    if any("category" in r for r in recs):
+        out["categories"] = _split(recs, hits, lambda r: r.get("category", "other"))
+    if any("turn" in r for r in recs):
+        out["turns"] = _split(recs, hits, lambda r: "first" if r.get("turn", 0) == 0 else "followup")
+    return out
+
+
+def _split(recs: list[dict], hits: list[bool], key: Callable[[dict], str]) -> dict:
+    groups: dict[str, list[bool]] = {}
+    for r, h in zip(recs, hits):
+        groups.setdefault(key(r), []).append(h)
+    return {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items())}
 
 
 @dataclass(frozen=True)

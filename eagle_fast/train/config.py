@@ -149,9 +149,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 TINY_STAGE = {"pretrain": dict(learning_rate=3e-3, version="plain"), "sft": dict(learning_rate=1e-3),
               "prealign": dict(learning_rate=3e-3)}
 
-# The demo: eagle-demo on the built-in easy-VQA set (single-question SFT records: see BUILTIN_DATA)
+# The demo: eagle-demo on the built-in easy-VQA set (multi-turn SFT records: see BUILTIN_DATA)
 # with a word-level tokenizer built from it, sized to train both stages on a 2-core CPU in minutes.
-DATA_WORDS = "data:words"  # tokenizer_name_or_path: built from the training records (train/setup.py)
+DATA_WORDS = "data:words"  # tokenizer_name_or_path: built from the training records (train/builders.py)
 RECIPES["demo"] = dict(preset="eagle-demo", tokenizer_name_or_path=DATA_WORDS, version="chatml",
                        model_max_length=512, save_steps=0, warmup_ratio=0.05, weight_decay=0.0)
 DEMO_STAGE = {"pretrain": dict(learning_rate=3e-3, version="plain", per_device_train_batch_size=32,
@@ -160,7 +160,9 @@ DEMO_STAGE = {"pretrain": dict(learning_rate=3e-3, version="plain", per_device_t
               "prealign": dict(learning_rate=3e-3, per_device_train_batch_size=32)}
 # recipes that train on the built-in easy-VQA set when data_path is None -> options of its builder
 # (eagle_fast.data.builtin.easy_vqa_dataset)
-BUILTIN_DATA: dict[str, dict[str, Any]] = {"tiny-x4": {}, "tiny-x5": {}, "demo": dict(questions_per_record=1)}
+# demo: one multi-turn record per image (all its questions), the 500 highest-id train images held
+# out as the validation split its recipe is chosen on
+BUILTIN_DATA: dict[str, dict[str, Any]] = {"tiny-x4": {}, "tiny-x5": {}, "demo": dict(val_images=500)}
 
 
 def recipe(name: str, stage: str = "sft", **overrides: Any) -> TrainConfig:

@@ -129,3 +129,46 @@ def test_questions_per_record_splits_each_conversation_in_order(tmp_path):
     assert len(split) == sum(-(-len(r["conversations"]) // 6) for r in whole)  # ceil(questions / 3) each
     with pytest.raises(ValueError, match="questions_per_record"):
         easy_vqa_dataset(tmp_path / "bad", questions_per_record=0)
+
+
+def test_validation_split_is_held_out_by_image(tmp_path):
+    ds = easy_vqa_dataset(tmp_path, max_train_images=12, max_eval_images=2, val_images=4)
+    pretrain, sft, val, evals = (_load(p) for p in (ds.pretrain, ds.sft, ds.val, ds.eval))
+    train_images = {r["image"] for r in pretrain} | {r["image"] for r in sft}
+    val_images = {r["image"] for r in val}
+    # the 4 highest ids of the 12 kept are validation, the other 8 train; no image in both
+    assert val_images == {f"train/images/{i}.png" for i in (8, 9, 10, 11)}
+    assert train_images == {f"train/images/{i}.png" for i in range(8)}
+    assert len(pretrain) == len(sft) == 8  # multi-turn: one SFT record per image
+    from easy_vqa import get_train_questions
+
+    qs, answers, ids = get_train_questions()
+    expected = [(q, a) for q, a, i in zip(qs, answers, ids) if 8 <= i < 12]
+    got = sorted((r["conversations"][0]["value"].removeprefix("<image>\n"), r["answer"], r["image"]) for r in val)
+    assert sorted(q for q, _, _ in got) == sorted(q for q, _ in expected) and len(val) == len(expected)
+    for r in val + evals:  # conversation fields: one conversation per image, turns 0.. in dataset order
+        assert r["conversation_id"] == r["id"].rsplit("-", 1)[0] and r["turn"] == int(r["id"].rsplit("-", 1)[1])
+    with pytest.raises(ValueError, match="val_images=12 leaves no training image"):
+        easy_vqa_dataset(tmp_path / "x", max_train_images=12, val_images=12)
+
+
+@pytest.mark.parametrize("question,answer,kind", [
+    ("what is the red shape?", "triangle", "shape"),  # a 'what' question answered by a shape
+    ("what is the color of the triangle?", "red", "color"),  # names a shape, answered by a colour
+    ("does the image contain a circle?", "no", "yes/no shape"),
+    ("is there not a black shape in the image?", "yes", "yes/no color"),  # 'shape' is not a shape name
+    ("is no rectangle present?", "yes", "yes/no shape"),
+])
+def test_question_category(question, answer, kind):
+    from eagle_fast.data.builtin import category
+
+    assert category(question, answer) == kind
+
+
+def test_eval_records_carry_category_and_turn(built):
+    _, _, _, _, evals = built
+    assert {r["category"] for r in evals} <= {"color", "shape", "yes/no color", "yes/no shape"}
+    first = [r for r in evals if r["conversation_id"] == "easyvqa-test-0"]
+    assert [r["turn"] for r in first] == list(range(len(first)))
+    # test image 0 (written out in the package): "what is the red shape?" -> triangle
+    assert (first[0]["conversations"][0]["value"], first[0]["category"]) == ("<image>\nwhat is the red shape?", "shape")
