@@ -75,7 +75,7 @@ CHAT = ("what shape is in the image?", "what color is the shape?", "is there a t
 
 def dataset(cfg: DemoConfig):
     """The demo's easy-VQA files under out/data (the same records the trainer builds for the recipe)."""
-    from eagle_fast.data.builtin import easy_vqa_dataset
+    from eagle_fast.data.easy_vqa import easy_vqa_dataset
     from eagle_fast.train.config import BUILTIN_DATA
 
     options = BUILTIN_DATA["demo"] if cfg.llm == "tiny" else SMOLLM2_DATA
@@ -188,7 +188,7 @@ def report(split: str, s: dict) -> str:
 
 def chat(cfg: DemoConfig, model_dir: str, data) -> None:
     """Three turns about the first test image, each answer streamed, in one conversation."""
-    from eagle_fast.data.images import load_image_file
+    from eagle_fast.images import load_image_file
     from eagle_fast.inference import ChatSession, load_model
 
     with open(data.eval) as f:

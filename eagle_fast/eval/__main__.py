@@ -37,7 +37,7 @@ def parse(argv: list[str] | None = None):
     if not 0 <= cfg.shard < cfg.num_shards:
         p.error(f"--shard must be in [0, {cfg.num_shards})")
     if cfg.task == "easy-vqa" and cfg.data is None:
-        from eagle_fast.data.builtin import easy_vqa_dataset
+        from eagle_fast.data.easy_vqa import easy_vqa_dataset
 
         ds = easy_vqa_dataset(os.path.join(cfg.out, "easy-vqa-data"))
         cfg.data, cfg.image_folder = ds.eval, given.get("image_folder", ds.image_folder)

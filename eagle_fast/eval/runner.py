@@ -163,7 +163,7 @@ def generate(cfg: EvalConfig, questions: list[dict], task: Task) -> str:
     """Answers this shard's questions not yet in its prediction file; returns the file."""
     from tqdm import tqdm
 
-    from eagle_fast.data.images import load_image_file
+    from eagle_fast.images import load_image_file
     from eagle_fast.data.templates import get_template
     from eagle_fast.inference import load_model
     from eagle_fast.inference.session import prompt_ids

@@ -25,7 +25,7 @@ def builtin_data(cfg: TrainConfig):
     """The built-in easy-VQA set (written under output_dir/assets) that recipes without data_path use."""
     if cfg.recipe not in BUILTIN_DATA:
         raise ValueError(f"recipe {cfg.recipe!r} needs data_path and image_folder")
-    from eagle_fast.data.builtin import easy_vqa_dataset
+    from eagle_fast.data.easy_vqa import easy_vqa_dataset
 
     return easy_vqa_dataset(os.path.join(cfg.output_dir, "assets", "easy_vqa"), **BUILTIN_DATA[cfg.recipe])
 

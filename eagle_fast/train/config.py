@@ -119,50 +119,57 @@ class TrainConfig:
         return dataclasses.replace(self, **kw)
 
 
-def _official(preset: str, version: str) -> dict[str, Any]:
-    return dict(preset=preset, version=version, vision_tower_weights=format_sources(OFFICIAL_SOURCES), model_max_length=2048, bf16=True, tf32=True,
-                gradient_checkpointing=True, deepspeed="zero2", weight_decay=0.0, warmup_ratio=0.03,
-                lr_scheduler_type="cosine", num_train_epochs=1.0, dataloader_num_workers=4, save_steps=24000,
-                save_total_limit=2)  # the original keeps 1: nothing to fall back to past a damaged checkpoint
+@dataclass(frozen=True)
+class Recipe:
+    """A named recipe as plain data: `settings` for every stage, then `stages[stage]` on top;
+    `builtin_data`: options of the built-in easy-VQA builder (eagle_fast.data.easy_vqa) used when
+    data_path is None, or None when the recipe needs data_path."""
+
+    settings: dict[str, Any]
+    stages: dict[str, dict[str, Any]]
+    builtin_data: dict[str, Any] | None = None
 
 
-# stage -> overrides; global batch = per-device x accumulation x 32 GPUs in the reference scripts
-STAGE_DEFAULTS = {
-    "pretrain": dict(learning_rate=1e-3, per_device_train_batch_size=8, image_aspect_ratio="square",
-                     version="plain"),
+DATA_WORDS = "data:words"  # tokenizer_name_or_path: built from the training records (train/builders.py)
+
+# The official scripts' settings; global batch = per-device x accumulation x 32 GPUs there
+_OFFICIAL = dict(vision_tower_weights=format_sources(OFFICIAL_SOURCES), model_max_length=2048, bf16=True, tf32=True,
+                 gradient_checkpointing=True, deepspeed="zero2", weight_decay=0.0, warmup_ratio=0.03,
+                 lr_scheduler_type="cosine", num_train_epochs=1.0, dataloader_num_workers=4, save_steps=24000,
+                 save_total_limit=2)  # the original keeps 1: nothing to fall back to past a damaged checkpoint
+_OFFICIAL_STAGES = {
+    "pretrain": dict(learning_rate=1e-3, per_device_train_batch_size=8, image_aspect_ratio="square", version="plain"),
     "sft": dict(learning_rate=2e-5, per_device_train_batch_size=4, image_aspect_ratio="pad",
                 group_by_modality_length=True),
     "prealign": dict(learning_rate=1e-3, per_device_train_batch_size=8, image_aspect_ratio="pad"),
 }
-RECIPES: dict[str, dict[str, Any]] = {
-    "eagle-x4-7b": _official("eagle-x4-7b", "vicuna_v1"),
-    "eagle-x5-7b": _official("eagle-x5-7b", "vicuna_v1"),
-    "eagle-x4-13b": _official("eagle-x4-13b", "vicuna_v1"),
-    "eagle-x5-13b": _official("eagle-x5-13b", "vicuna_v1"),
-    "eagle-x4-8b-plus": _official("eagle-x4-8b-plus", "llama3"),
-    "eagle-x5-34b": _official("eagle-x5-34b", "chatml"),
-    "tiny-x4": dict(preset="eagle-tiny-x4", version="vicuna_v1", model_max_length=256, save_steps=50,
-                    per_device_train_batch_size=8, warmup_ratio=0.05),
-    "tiny-x5": dict(preset="eagle-tiny-x5", version="vicuna_v1", model_max_length=256, save_steps=50,
-                    per_device_train_batch_size=8, warmup_ratio=0.05),
-}
-TINY_STAGE = {"pretrain": dict(learning_rate=3e-3, version="plain"), "sft": dict(learning_rate=1e-3),
-              "prealign": dict(learning_rate=3e-3)}
-
-# The demo: eagle-demo on the built-in easy-VQA set (multi-turn SFT records: see BUILTIN_DATA)
-# with a word-level tokenizer built from it, sized to train both stages on a 2-core CPU in minutes.
-DATA_WORDS = "data:words"  # tokenizer_name_or_path: built from the training records (train/builders.py)
-RECIPES["demo"] = dict(preset="eagle-demo", tokenizer_name_or_path=DATA_WORDS, version="chatml",
-                       model_max_length=512, save_steps=0, warmup_ratio=0.05, weight_decay=0.0)
+_TINY = dict(version="vicuna_v1", model_max_length=256, save_steps=50, per_device_train_batch_size=8,
+             warmup_ratio=0.05)
+_TINY_STAGES = {"pretrain": dict(learning_rate=3e-3, version="plain"), "sft": dict(learning_rate=1e-3),
+                "prealign": dict(learning_rate=3e-3)}
+# The demo: eagle-demo on the built-in easy-VQA set with a word-level tokenizer built from it, sized
+# to train both stages on a 2-core CPU in minutes; one multi-turn record per image (all its
+# questions), the 500 highest-id train images held out as the validation split its recipe is chosen on
 DEMO_STAGE = {"pretrain": dict(learning_rate=3e-3, version="plain", per_device_train_batch_size=32,
                                num_train_epochs=1.0),
               "sft": dict(learning_rate=2e-3, per_device_train_batch_size=32, num_train_epochs=2.0),
               "prealign": dict(learning_rate=3e-3, per_device_train_batch_size=32)}
-# recipes that train on the built-in easy-VQA set when data_path is None -> options of its builder
-# (eagle_fast.data.builtin.easy_vqa_dataset)
-# demo: one multi-turn record per image (all its questions), the 500 highest-id train images held
-# out as the validation split its recipe is chosen on
-BUILTIN_DATA: dict[str, dict[str, Any]] = {"tiny-x4": {}, "tiny-x5": {}, "demo": dict(val_images=500)}
+
+RECIPES: dict[str, Recipe] = {
+    "eagle-x4-7b": Recipe(dict(_OFFICIAL, preset="eagle-x4-7b", version="vicuna_v1"), _OFFICIAL_STAGES),
+    "eagle-x5-7b": Recipe(dict(_OFFICIAL, preset="eagle-x5-7b", version="vicuna_v1"), _OFFICIAL_STAGES),
+    "eagle-x4-13b": Recipe(dict(_OFFICIAL, preset="eagle-x4-13b", version="vicuna_v1"), _OFFICIAL_STAGES),
+    "eagle-x5-13b": Recipe(dict(_OFFICIAL, preset="eagle-x5-13b", version="vicuna_v1"), _OFFICIAL_STAGES),
+    "eagle-x4-8b-plus": Recipe(dict(_OFFICIAL, preset="eagle-x4-8b-plus", version="llama3"), _OFFICIAL_STAGES),
+    "eagle-x5-34b": Recipe(dict(_OFFICIAL, preset="eagle-x5-34b", version="chatml"), _OFFICIAL_STAGES),
+    "tiny-x4": Recipe(dict(_TINY, preset="eagle-tiny-x4"), _TINY_STAGES, builtin_data={}),
+    "tiny-x5": Recipe(dict(_TINY, preset="eagle-tiny-x5"), _TINY_STAGES, builtin_data={}),
+    "demo": Recipe(dict(preset="eagle-demo", tokenizer_name_or_path=DATA_WORDS, version="chatml", model_max_length=512,
+                        save_steps=0, warmup_ratio=0.05, weight_decay=0.0), DEMO_STAGE,
+                   builtin_data=dict(val_images=500)),
+}
+# recipes that train on the built-in easy-VQA set when data_path is None -> its builder's options
+BUILTIN_DATA: dict[str, dict[str, Any]] = {n: r.builtin_data for n, r in RECIPES.items() if r.builtin_data is not None}
 
 
 def recipe(name: str, stage: str = "sft", **overrides: Any) -> TrainConfig:
@@ -171,18 +178,10 @@ def recipe(name: str, stage: str = "sft", **overrides: Any) -> TrainConfig:
         raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r}: one of {STAGES}")
-    kw: dict[str, Any] = dict(recipe=name, stage=stage, output_dir=f"runs/{name}-{stage}")
-    kw.update(RECIPES[name])
-    if name.startswith("tiny"):
-        kw.update(TINY_STAGE[stage])
-    elif name == "demo":
-        kw.update(DEMO_STAGE[stage])
-    else:
-        kw.update(STAGE_DEFAULTS[stage])
-        kw["version"] = "plain" if stage == "pretrain" else RECIPES[name]["version"]
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown training option(s) {unknown}")
-    kw.update(overrides)
-    return TrainConfig(**kw)
+    r = RECIPES[name]
+    return TrainConfig(**{"recipe": name, "stage": stage, "output_dir": f"runs/{name}-{stage}", **r.settings,
+                          **r.stages[stage], **overrides})

@@ -17,7 +17,7 @@ pytest.importorskip("easy_vqa")
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    from eagle_fast.data.builtin import easy_vqa_dataset
+    from eagle_fast.data.easy_vqa import easy_vqa_dataset
 
     return easy_vqa_dataset(tmp_path_factory.mktemp("easyvqa"), max_train_images=40, max_eval_images=10)
 

@@ -24,10 +24,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
+
+from eagle_fast import atomic
 
 _FORMAT = 2  # bump when the records change, so existing files are rebuilt
 _SHAPES = ("circle", "rectangle", "triangle")
@@ -104,20 +106,6 @@ def _image_paths(folder: str, split: str, paths: dict[int, str], ids: Iterable[i
     return rel
 
 
-def _write_atomic(path: str, lines: Iterator[str]) -> None:
-    # a temp file in the same folder + os.replace: readers see the old file or the whole new one
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _jsonl(records: Iterable[dict]) -> Iterator[str]:
     return (json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
@@ -178,7 +166,7 @@ def easy_vqa_dataset(root: str | os.PathLike, max_train_images: int | None = Non
     def gpt(text: str) -> dict:
         return {"from": "gpt", "value": text}
 
-    _write_atomic(out.pretrain, _jsonl(
+    atomic.write_lines(out.pretrain, _jsonl(
         {"id": f"easyvqa-train-{i}", "image": train_rel[i],
          "conversations": [human("<image>\n" + _CAPTION_PROMPT), gpt(_caption(qa, colors))]}
         for i, qa in train.items()))
@@ -190,7 +178,7 @@ def easy_vqa_dataset(root: str | os.PathLike, max_train_images: int | None = Non
                    "conversations": [turn for k, (q, a) in enumerate(qa[start:start + n])
                                      for turn in (human(("<image>\n" if k == 0 else "") + q), gpt(a))]}
 
-    _write_atomic(out.sft, _jsonl(rec for i, qa in train.items() for rec in sft_records(i, qa)))
+    atomic.write_lines(out.sft, _jsonl(rec for i, qa in train.items() for rec in sft_records(i, qa)))
 
     def eval_records(split: str, grouped: dict[int, list[tuple[str, str]]], rel: dict[int, str]) -> Iterator[dict]:
         for i, qa in grouped.items():
@@ -199,8 +187,8 @@ def easy_vqa_dataset(root: str | os.PathLike, max_train_images: int | None = Non
                        "conversations": [human("<image>\n" + q), gpt(a)], "answer": a,
                        "category": category(q, a), "conversation_id": f"easyvqa-{split}-{i}", "turn": k}
 
-    _write_atomic(out.eval, _jsonl(eval_records("test", test, test_rel)))
+    atomic.write_lines(out.eval, _jsonl(eval_records("test", test, test_rel)))
     if out.val:
-        _write_atomic(out.val, _jsonl(eval_records("train", val, train_rel)))
-    _write_atomic(manifest, _jsonl([params]))
+        atomic.write_lines(out.val, _jsonl(eval_records("train", val, train_rel)))
+    atomic.write_lines(manifest, _jsonl([params]))
     return out

@@ -6,7 +6,7 @@ import os
 import pytest
 from PIL import Image
 
-from eagle_fast.data.builtin import easy_vqa_dataset
+from eagle_fast.data.easy_vqa import easy_vqa_dataset
 from eagle_fast.data.records import RecordSource
 
 pytest.importorskip("easy_vqa")
@@ -160,7 +160,7 @@ def test_validation_split_is_held_out_by_image(tmp_path):
     ("is no rectangle present?", "yes", "yes/no shape"),
 ])
 def test_question_category(question, answer, kind):
-    from eagle_fast.data.builtin import category
+    from eagle_fast.data.easy_vqa import category
 
     assert category(question, answer) == kind
 
