@@ -47,6 +47,9 @@ class EvalConfig:
     image_folder: str = _h(".", "folder the questions' image paths are relative to")
     template: str = _h("vicuna_v1", "chat template the model was trained with")
     batch_size: int = _h(8, "questions generated at once")
+    scheduler: str = _h("batch", (
+        "batch: the continuous-batching engine (BatchEngine: paged KV, encoder cache, no padding); sequential: "
+        "the static left-padded batches of Engine.generate_batch"))
     num_shards: int = _h(1, "split the questions over this many runs (any machines, same --out)")
     shard: int = _h(0, "which shard this run answers, 0 .. num_shards - 1")
     limit: int | None = _h(None, "evaluate the first N questions only")
@@ -167,7 +170,9 @@ def generate(cfg: EvalConfig, questions: list[dict], task: Task) -> str:
     from eagle_fast.data.templates import get_template
     from eagle_fast.inference import load_model
     from eagle_fast.inference.session import prompt_ids
+    from eagle_fast.inference.batch_engine import BatchEngine
     from eagle_fast.inference.engine import Engine, GenerationConfig
+    from eagle_fast.inference.scheduler import EngineConfig
 
     os.makedirs(cfg.out, exist_ok=True)
     path = _shard_path(cfg, cfg.shard)
@@ -181,7 +186,10 @@ def generate(cfg: EvalConfig, questions: list[dict], task: Task) -> str:
     if not any(waves):
         return path
     model, tok, proc = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    engine = Engine(model, tok)
+    if cfg.scheduler not in ("batch", "sequential"):
+        raise ValueError(f"--scheduler {cfg.scheduler!r}: batch or sequential")
+    engine = (BatchEngine(model, tok, EngineConfig(max_num_seqs=cfg.batch_size)) if cfg.scheduler == "batch"
+              else Engine(model, tok))
     stop = get_template(cfg.template).stop  # a reply ends there, as in chat (chatml: <|im_end|>, not EOS)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=0,
                            stop=(stop,) if stop else ())

@@ -45,7 +45,7 @@ def questions(tmp_path_factory):
 def _fake_engine(monkeypatch):
     """Engine.generate_batch replaced: answers 'reply<k>' (k counts calls per prompt) and records
     each prompt's text, so the test sees exactly what history every question was asked with."""
-    from eagle_fast.inference.engine import Engine
+    from eagle_fast.inference.batch_engine import BatchEngine
 
     seen = []
 
@@ -57,7 +57,7 @@ def _fake_engine(monkeypatch):
             out.append(self.tokenizer(f"reply{len(seen)}", add_special_tokens=False)["input_ids"])
         return out
 
-    monkeypatch.setattr(Engine, "generate_batch", fake)
+    monkeypatch.setattr(BatchEngine, "generate_batch", fake)
     return seen
 
 

@@ -166,7 +166,7 @@ def test_cli_builtin_easy_vqa(tmp_path, ckpt):
 def test_answers_end_at_the_template_stop(tmp_path, ckpt, questions, monkeypatch):
     """A reply ends at the template's stop string (chatml's <|im_end|> is not the EOS): whatever the
     model would generate after it never reaches the prediction."""
-    from eagle_fast.inference.engine import Engine
+    from eagle_fast.inference.batch_engine import BatchEngine
 
     seen = {}
 
@@ -174,7 +174,7 @@ def test_answers_end_at_the_template_stop(tmp_path, ckpt, questions, monkeypatch
         seen["stop"] = gen.stop
         return [self.tokenizer("yes<|im_end|> no no", add_special_tokens=False)["input_ids"] for _ in prompts]
 
-    monkeypatch.setattr(Engine, "generate_batch", fake_batch)
+    monkeypatch.setattr(BatchEngine, "generate_batch", fake_batch)
     run(_cfg(tmp_path, ckpt, questions, template="chatml"))
     assert seen["stop"] == ("<|im_end|>",)
     preds = _preds(tmp_path / "out" / "easy-vqa.predictions.jsonl")
@@ -319,3 +319,12 @@ def test_a_preset_is_fingerprinted_by_name_and_config(tmp_path, questions):
     assert differences(a["components"], b["components"]).startswith("model (config: ")
     with pytest.raises(FileNotFoundError, match="neither a model directory nor a preset"):
         fp(str(tmp_path / "nowhere"))
+
+
+def test_both_schedulers_give_the_same_greedy_predictions(tmp_path, ckpt, questions):
+    """The continuous-batching engine (default) and the static left-padded batches answer alike."""
+    run(_cfg(tmp_path / "a", ckpt, questions))
+    run(_cfg(tmp_path / "b", ckpt, questions, scheduler="sequential"))
+    a = {p["question_id"]: p["prediction"] for p in _preds(tmp_path / "a" / "out" / "easy-vqa.predictions.jsonl")}
+    b = {p["question_id"]: p["prediction"] for p in _preds(tmp_path / "b" / "out" / "easy-vqa.predictions.jsonl")}
+    assert len(a) == 7 and a == b
