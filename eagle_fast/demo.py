@@ -54,7 +54,7 @@ class DemoConfig:
             self.out = "runs/demo" if self.llm == "tiny" else "runs/demo-smollm2"
 
 
-# Stage 2 of the tiny demo, chosen on the validation split (README, "Demo"): first a pass on the
+# Stage 2 of the tiny demo, chosen on the validation split (docs/demo.md): first a pass on the
 # shape questions alone (each training image's shape questions as one conversation), then on one
 # multi-turn record per training image (all ~9.6 of its questions), in steps of 32 records. Trained
 # from scratch on the whole mix, the experts learn colour and not shape (shape questions at chance).
