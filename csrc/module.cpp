@@ -39,18 +39,30 @@ namespace {
 // as C++ function versions, go through the same GCC dispatcher (same priority order, same CPU
 // feature tests) as the kernels' target_clones, so the answer is the resolver's, not a re-derivation.
 #if defined(EF_CPU_CLONES) && !defined(EF_CUDA_MODULE)
-__attribute__((target(EF_ISA_V4))) const char* clone_v4() { return EF_ISA_V4; }
-__attribute__((target(EF_ISA_AVX2))) const char* clone_v4() { return EF_ISA_AVX2; }
-__attribute__((target("default"))) const char* clone_v4() { return "default"; }
-__attribute__((target(EF_ISA_V3))) const char* clone_v3() { return EF_ISA_V3; }
-__attribute__((target("default"))) const char* clone_v3() { return "default"; }
+__attribute__((target(EF_ISA_V4))) const char* clone_v4() {
+  return EF_ISA_V4;
+}
+__attribute__((target(EF_ISA_AVX2))) const char* clone_v4() {
+  return EF_ISA_AVX2;
+}
+__attribute__((target("default"))) const char* clone_v4() {
+  return "default";
+}
+__attribute__((target(EF_ISA_V3))) const char* clone_v3() {
+  return EF_ISA_V3;
+}
+__attribute__((target("default"))) const char* clone_v3() {
+  return "default";
+}
 #endif
 
 std::string cxx_standard(long v) {
   return v >= 202302L ? "C++23" : v >= 202002L ? "C++20" : v >= 201703L ? "C++17" : "C++14";
 }
 
-py::object str_or_none(const char* s) { return s[0] ? py::object(py::str(s)) : py::object(py::none()); }
+py::object str_or_none(const char* s) {
+  return s[0] ? py::object(py::str(s)) : py::object(py::none());
+}
 
 #if !defined(EF_CUDA_MODULE)
 // The CPU kernels' instruction-set paths: per op with clones, the targets and the clone taken.

@@ -48,6 +48,7 @@ class Ignored:
     """A flag accepted for compatibility that changes nothing here. `allowed`: the values that mean
     the same as our behaviour (lower-case); any other value is refused, since accepting it would
     silently do something else than asked. None: every value is harmless."""
+
     reason: str
     allowed: tuple[str, ...] | None = None
 
@@ -64,6 +65,7 @@ def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
 def _none_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         return None if text.lower() in ("none", "null") else convert(text)
+
     parse.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its errors
     return parse
 
@@ -89,8 +91,14 @@ class ConfigParser(argparse.ArgumentParser):
     """An ArgumentParser that never abbreviates, suggests close matches for unknown flags, takes
     declared `Ignored` flags with a notice, and adds dataclass fields as flags (`add_config`)."""
 
-    def __init__(self, prog: str | None = None, description: str | None = None, *,
-                 ignored: dict[str, Ignored] | None = None, **kw: Any):
+    def __init__(
+        self,
+        prog: str | None = None,
+        description: str | None = None,
+        *,
+        ignored: dict[str, Ignored] | None = None,
+        **kw: Any,
+    ):
         kw.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         kw["allow_abbrev"] = False
         super().__init__(prog=prog, description=description, **kw)
@@ -99,8 +107,15 @@ class ConfigParser(argparse.ArgumentParser):
 
     # ------------------------------------------------------------------ building
 
-    def add_config(self, cls: type, *, include: Iterable[str] | None = None, exclude: Iterable[str] = (),
-                   choices: dict[str, Sequence[Any]] | None = None, group: str | None = None) -> None:
+    def add_config(
+        self,
+        cls: type,
+        *,
+        include: Iterable[str] | None = None,
+        exclude: Iterable[str] = (),
+        choices: dict[str, Sequence[Any]] | None = None,
+        group: str | None = None,
+    ) -> None:
         """Every field of dataclass `cls` (or only `include`, minus `exclude`) as a flag; `choices`
         restricts fields by name (e.g. names only known at run time)."""
         hints = typing.get_type_hints(cls)
@@ -132,8 +147,11 @@ class ConfigParser(argparse.ArgumentParser):
             kw["choices"] = list(found) + ([None] if optional else [])
             if "metavar" not in kw:
                 kw["metavar"] = "{" + ",".join(str(c) for c in found) + "}"
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        )
         help_text = f.metadata.get("help", "")
         if default is dataclasses.MISSING:
             kw["required"] = True
@@ -144,16 +162,18 @@ class ConfigParser(argparse.ArgumentParser):
         target.add_argument(*names, **kw)
         if hint is bool:
             negs = ["--no_" + f.name, "--no-" + f.name.replace("_", "-")]
-            target.add_argument(*negs, dest=f.name, action="store_const", const=False, default=argparse.SUPPRESS,
-                                help=argparse.SUPPRESS)
+            target.add_argument(
+                *negs, dest=f.name, action="store_const", const=False, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+            )
 
     # ------------------------------------------------------------------ parsing
 
     def parse_given(self, argv: Sequence[str] | None = None) -> dict[str, Any]:
         """The flags given on the command line only, as {field: value} (tuples for sequences)."""
         ns = self.parse_args(argv)
-        return {k: (tuple(v) if k in self._all_sequence_dests() and isinstance(v, list) else v)
-                for k, v in vars(ns).items()}
+        return {
+            k: (tuple(v) if k in self._all_sequence_dests() and isinstance(v, list) else v) for k, v in vars(ns).items()
+        }
 
     def convert(self, dest: str, text: str) -> Any:
         """One field's value from text, as its flag would read it (for `--set KEY=VALUE` and the
@@ -170,8 +190,9 @@ class ConfigParser(argparse.ArgumentParser):
                         value = convert(text)
                 except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
                     raise ValueError(f"{dest}={text!r}: {e}") from None
-                if a.choices is not None and not all(v in a.choices for v in
-                                                     (value if isinstance(value, tuple) else (value,))):
+                if a.choices is not None and not all(
+                    v in a.choices for v in (value if isinstance(value, tuple) else (value,))
+                ):
                     raise ValueError(f"{dest}={text!r}: one of {[c for c in a.choices if c is not None]}")
                 return value
         raise ValueError(f"{dest!r} is not an option of {self.prog}")
@@ -200,8 +221,7 @@ class ConfigParser(argparse.ArgumentParser):
                 value, i = rest[i + 1], i + 1
             i += 1
             if rule.allowed is not None and value.lower() not in rule.allowed:
-                self.error(f"--{name} {value}: not supported here ({rule.reason}); "
-                           f"accepted: {', '.join(rule.allowed)}")
+                self.error(f"--{name} {value}: not supported here ({rule.reason}); accepted: {', '.join(rule.allowed)}")
             print(f"{self.prog}: ignoring --{name}{' ' + value if value else ''}: {rule.reason}", file=sys.stderr)
         return kept
 
@@ -220,9 +240,13 @@ class ConfigParser(argparse.ArgumentParser):
         return set().union(*(getattr(p, "_sequence_dests", set()) for p in self._parsers()))
 
     def _unknown_message(self, rest: list[str]) -> str:
-        primary = {s: a.option_strings[-1] if a.option_strings[0] in ("-h",) else a.option_strings[0]
-                   for p in self._parsers() for a in p._actions for s in a.option_strings
-                   if a.help is not argparse.SUPPRESS}  # every spelling -> the one shown
+        primary = {
+            s: a.option_strings[-1] if a.option_strings[0] in ("-h",) else a.option_strings[0]
+            for p in self._parsers()
+            for a in p._actions
+            for s in a.option_strings
+            if a.help is not argparse.SUPPRESS
+        }  # every spelling -> the one shown
         options = sorted(primary)
         parts, after_flag = [], False
         for tok in rest:
@@ -234,8 +258,13 @@ class ConfigParser(argparse.ArgumentParser):
             after_flag = "=" not in tok
             flag = tok.partition("=")[0]
             # a flag cut short (what abbreviation would have guessed) first, then near-misspellings
-            close = list(dict.fromkeys(primary[o] for o in [o for o in options if o.startswith(flag)]
-                                       + difflib.get_close_matches(flag, options, n=3, cutoff=0.75)))[:3]
+            close = list(
+                dict.fromkeys(
+                    primary[o]
+                    for o in [o for o in options if o.startswith(flag)]
+                    + difflib.get_close_matches(flag, options, n=3, cutoff=0.75)
+                )
+            )[:3]
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
             parts.append(f"unknown flag {flag}{hint}")
         return "; ".join(parts)

@@ -40,13 +40,19 @@ from eagle_fast.demo_stages import Stage, file_digest, run_stage
 @dataclass
 class DemoConfig:
     out: str | None = field(default=None, metadata={"help": "output folder (default: runs/demo, runs/demo-smollm2)"})
-    llm: Literal["tiny", "smollm2"] = field(default="tiny", metadata={
-        "help": "tiny: the recipe's own small Llama; smollm2: SmolLM2-135M-Instruct (projector + LoRA)"})
+    llm: Literal["tiny", "smollm2"] = field(
+        default="tiny",
+        metadata={"help": "tiny: the recipe's own small Llama; smollm2: SmolLM2-135M-Instruct (projector + LoRA)"},
+    )
     seed: int = field(default=0, metadata={"help": "training seed (model init, data order)"})
     # SMOLLM2_STEPS when None for smollm2: a 135M-parameter LLM on 2 CPU cores runs ~30x slower per step
     max_steps: int | None = field(default=None, metadata={"help": "cap each training stage (a shortened run)"})
-    eval_limit: int | None = field(default=None, metadata={
-        "help": "evaluate the first N questions of each split only (default: all; smollm2: 1000 test questions)"})
+    eval_limit: int | None = field(
+        default=None,
+        metadata={
+            "help": "evaluate the first N questions of each split only (default: all; smollm2: 1000 test questions)"
+        },
+    )
     save_steps: int = field(default=200, metadata={"help": "checkpoint every N steps (an interrupted stage resumes)"})
 
     def __post_init__(self) -> None:
@@ -90,12 +96,19 @@ def shape_conversations(data, path: str) -> str:
             for line in f:
                 rec = json.loads(line)
                 conv = rec["conversations"]
-                pairs = [(conv[k]["value"].removeprefix("<image>\n"), conv[k + 1]["value"])
-                         for k in range(0, len(conv), 2)]
+                pairs = [
+                    (conv[k]["value"].removeprefix("<image>\n"), conv[k + 1]["value"]) for k in range(0, len(conv), 2)
+                ]
                 keep = [(q, a) for q, a in pairs if a in SHAPES]
                 if keep:
-                    turns = [t for k, (q, a) in enumerate(keep) for t in (
-                        {"from": "human", "value": ("<image>\n" if k == 0 else "") + q}, {"from": "gpt", "value": a})]
+                    turns = [
+                        t
+                        for k, (q, a) in enumerate(keep)
+                        for t in (
+                            {"from": "human", "value": ("<image>\n" if k == 0 else "") + q},
+                            {"from": "gpt", "value": a},
+                        )
+                    ]
                     out.write(json.dumps({"id": rec["id"], "image": rec["image"], "conversations": turns}) + "\n")
         os.replace(path + ".tmp", path)
     return path
@@ -115,34 +128,99 @@ def stages(cfg: DemoConfig, data) -> list[Stage]:
     digest = file_digest([data.pretrain, data.sft])
     s1, s2 = _steps(cfg, "pretrain", None), _steps(cfg, "sft", SFT_STEPS)
     a1 = common + ["--stage", "pretrain", "--output_dir", pre]
-    a2 = common + ["--stage", "sft", "--output_dir", sft,
-                   "--pretrain_mm_mlp_adapter", os.path.join(pre, "mm_projector.bin")]
+    a2 = common + [
+        "--stage",
+        "sft",
+        "--output_dir",
+        sft,
+        "--pretrain_mm_mlp_adapter",
+        os.path.join(pre, "mm_projector.bin"),
+    ]
     if cfg.llm == "smollm2":
         from eagle_fast.demo_smollm2 import llm_dir
 
-        llm = ["--model_name_or_path", llm_dir(os.path.join(cfg.out, "smollm2-hf")), "--tokenizer_name_or_path",
-               "none", "--version", "chatml", "--image_folder", data.image_folder]
+        llm = [
+            "--model_name_or_path",
+            llm_dir(os.path.join(cfg.out, "smollm2-hf")),
+            "--tokenizer_name_or_path",
+            "none",
+            "--version",
+            "chatml",
+            "--image_folder",
+            data.image_folder,
+        ]
         a1 += llm + ["--data_path", data.pretrain]
         a2 += llm + ["--data_path", data.sft, "--lora_enable", "true"]
     a1 += ["--max_steps", str(s1)] if s1 is not None else []
     a2 += ["--max_steps", str(s2)] if s2 is not None else []
     one = Stage("stage 1", pre, a1, "mm_projector.bin", "pretrain", s1, cfg.seed, digest)
     if cfg.llm == "smollm2":
-        return [one, Stage("stage 2", sft, a2, os.path.join("final", "config.json"), "sft", s2, cfg.seed, digest,
-                           parent=one.manifest())]
+        return [
+            one,
+            Stage(
+                "stage 2",
+                sft,
+                a2,
+                os.path.join("final", "config.json"),
+                "sft",
+                s2,
+                cfg.seed,
+                digest,
+                parent=one.manifest(),
+            ),
+        ]
     # the recipe's built-in data; the shape pass keeps stage 1's word-level tokenizer
     shapes = os.path.join(cfg.out, "sft-shapes")
     data_shapes = shape_conversations(data, os.path.join(cfg.out, "data", "sft-shapes.jsonl"))
     s_shape = _steps(cfg, "sft", SHAPE_PASS_STEPS)
-    a_shape = common + ["--stage", "sft", "--output_dir", shapes, "--pretrain_mm_mlp_adapter",
-                        os.path.join(pre, "mm_projector.bin"), "--tokenizer_name_or_path", os.path.join(pre, "final"),
-                        "--data_path", data_shapes, "--image_folder", data.image_folder, "--max_steps", str(s_shape)]
-    shape_pass = Stage("stage 2, shape pass", shapes, a_shape, os.path.join("final", "config.json"), "sft", s_shape,
-                       cfg.seed, file_digest([data_shapes]), parent=one.manifest())
-    a2 = common + ["--stage", "sft", "--output_dir", sft, "--model_name_or_path", os.path.join(shapes, "final"),
-                   "--max_steps", str(s2)]
-    two = Stage("stage 2", sft, a2, os.path.join("final", "config.json"), "sft", s2, cfg.seed, digest,
-                parent=shape_pass.manifest())
+    a_shape = common + [
+        "--stage",
+        "sft",
+        "--output_dir",
+        shapes,
+        "--pretrain_mm_mlp_adapter",
+        os.path.join(pre, "mm_projector.bin"),
+        "--tokenizer_name_or_path",
+        os.path.join(pre, "final"),
+        "--data_path",
+        data_shapes,
+        "--image_folder",
+        data.image_folder,
+        "--max_steps",
+        str(s_shape),
+    ]
+    shape_pass = Stage(
+        "stage 2, shape pass",
+        shapes,
+        a_shape,
+        os.path.join("final", "config.json"),
+        "sft",
+        s_shape,
+        cfg.seed,
+        file_digest([data_shapes]),
+        parent=one.manifest(),
+    )
+    a2 = common + [
+        "--stage",
+        "sft",
+        "--output_dir",
+        sft,
+        "--model_name_or_path",
+        os.path.join(shapes, "final"),
+        "--max_steps",
+        str(s2),
+    ]
+    two = Stage(
+        "stage 2",
+        sft,
+        a2,
+        os.path.join("final", "config.json"),
+        "sft",
+        s2,
+        cfg.seed,
+        digest,
+        parent=shape_pass.manifest(),
+    )
     return [one, shape_pass, two]
 
 
@@ -162,10 +240,28 @@ def template(cfg: DemoConfig) -> str:
 
 def evaluate(cfg: DemoConfig, model: str, split: str, questions: str, image_folder: str) -> dict:
     out = os.path.join(cfg.out, f"eval-{split}")
-    cmd = [sys.executable, "-m", "eagle_fast.eval", "--model", model, "--task", "easy-vqa", "--out", out,
-           "--data", questions, "--image_folder", image_folder, "--template", template(cfg), "--batch_size", "64",
-           "--conversation", str(cfg.llm == "tiny").lower(),
-           "--overwrite"]  # predictions of an earlier demo model in this folder are replaced, not mixed in
+    cmd = [
+        sys.executable,
+        "-m",
+        "eagle_fast.eval",
+        "--model",
+        model,
+        "--task",
+        "easy-vqa",
+        "--out",
+        out,
+        "--data",
+        questions,
+        "--image_folder",
+        image_folder,
+        "--template",
+        template(cfg),
+        "--batch_size",
+        "64",
+        "--conversation",
+        str(cfg.llm == "tiny").lower(),
+        "--overwrite",
+    ]  # predictions of an earlier demo model in this folder are replaced, not mixed in
     limit = cfg.eval_limit if cfg.eval_limit is not None or cfg.llm != "smollm2" else SMOLLM2_EVAL
     if limit is not None:
         cmd += ["--limit", str(limit)]
@@ -177,8 +273,10 @@ def evaluate(cfg: DemoConfig, model: str, split: str, questions: str, image_fold
 
 
 def report(split: str, s: dict) -> str:
-    line = f"{split}: {100 * s['accuracy']:.1f}% of {s['n']} questions (majority-answer baseline " \
-           f"{100 * s['majority_baseline']:.1f}%)"
+    line = (
+        f"{split}: {100 * s['accuracy']:.1f}% of {s['n']} questions (majority-answer baseline "
+        f"{100 * s['majority_baseline']:.1f}%)"
+    )
     for k, v in s.get("turns", {}).items():
         line += f"\n  {'first questions' if k == 'first' else 'follow-ups'}: {100 * v['accuracy']:.1f}% of {v['n']}"
     for k, v in s.get("categories", {}).items():
@@ -224,8 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     if "validation" in summary:
         print(report("easy-VQA validation", summary["validation"]))
     print(report("easy-VQA test", summary["test"]) + f"\n-> {cfg.out}/eval.json")
-    print(f"time: training {t_train / 60:.1f} min, evaluation {t_eval / 60:.1f} min, total "
-          f"{(time.time() - t0) / 60:.1f} min")
+    print(
+        f"time: training {t_train / 60:.1f} min, evaluation {t_eval / 60:.1f} min, total "
+        f"{(time.time() - t0) / 60:.1f} min"
+    )
     print(f"chat in the browser:  python -m eagle_fast.serve --model {model_dir} --template {template(cfg)}")
     return 0
 

@@ -55,9 +55,17 @@ class Stage:
 
         settings = dataclasses.asdict(recipe("demo", self.recipe_stage))
         settings.pop("output_dir")  # where it goes is not what it is
-        return {"stage": self.name, "command": self.args, "recipe": settings, "steps": self.steps,
-                "seed": self.seed, "data": self.data, "version": __version__,
-                "parent": digest(self.parent) if self.parent is not None else None, **self.extra}
+        return {
+            "stage": self.name,
+            "command": self.args,
+            "recipe": settings,
+            "steps": self.steps,
+            "seed": self.seed,
+            "data": self.data,
+            "version": __version__,
+            "parent": digest(self.parent) if self.parent is not None else None,
+            **self.extra,
+        }
 
 
 def _read(path: str) -> dict | None:
@@ -87,8 +95,10 @@ def run_stage(stage: Stage, python: list[str]) -> bool:
         return False
     if os.path.exists(stage.folder) and have != want:
         # checkpoints of another recipe, seed or data must neither be reused nor resumed
-        print(f"{stage.name}: {stage.folder} was made otherwise ({_differences(have, want)}): training it again",
-              flush=True)
+        print(
+            f"{stage.name}: {stage.folder} was made otherwise ({_differences(have, want)}): training it again",
+            flush=True,
+        )
         shutil.rmtree(stage.folder)
     os.makedirs(stage.folder, exist_ok=True)
     tmp = path + ".tmp"

@@ -27,7 +27,9 @@ _CHANNELS = (1, 3, 4)
 
 def _from_array(arr: torch.Tensor, index: int, channels_first: bool) -> torch.Tensor:
     if arr.dtype != torch.uint8:
-        raise ValueError(f"image {index}: dtype {str(arr.dtype).removeprefix('torch.')} unsupported, expected uint8 pixels (0..255)")
+        raise ValueError(
+            f"image {index}: dtype {str(arr.dtype).removeprefix('torch.')} unsupported, expected uint8 pixels (0..255)"
+        )
     if arr.dim() == 2:
         arr = arr[:, :, None]
     elif arr.dim() == 3:
@@ -68,8 +70,9 @@ def to_rgb_uint8(image: Any, index: int = 0, max_pixels: int = DEFAULT_MAX_PIXEL
     elif isinstance(image, torch.Tensor):
         out = _from_array(image.detach(), index, channels_first=True)
     else:
-        raise ValueError(f"image {index}: unsupported type {type(image).__name__} "
-                         f"(PIL image, numpy array, torch tensor, file path)")
+        raise ValueError(
+            f"image {index}: unsupported type {type(image).__name__} (PIL image, numpy array, torch tensor, file path)"
+        )
     _check_size(out.shape[0], out.shape[1], index, max_pixels)
     return out.contiguous()
 
@@ -113,8 +116,9 @@ def resolve_image_path(name: str, image_folder: str) -> str:
     return path
 
 
-def load_image_file(name: str, image_folder: str, max_bytes: int = DEFAULT_MAX_BYTES,
-                    max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def load_image_file(
+    name: str, image_folder: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> torch.Tensor:
     """Decode an image file to uint8 RGB (H, W, 3): EXIF orientation applied, palette / RGBA /
     grayscale converted as PIL's convert("RGB"), size limits enforced, truncated files refused."""
     path = resolve_image_path(name, image_folder)

@@ -90,8 +90,11 @@ def _cuda_status() -> tuple[bool, str]:
 
 
 def _module_info(name: str, loaded: bool, why: str) -> dict[str, Any]:
-    info: dict[str, Any] = {"loaded": loaded, "status": why,
-                            "present": importlib.util.find_spec(f"eagle_fast.{name}") is not None}
+    info: dict[str, Any] = {
+        "loaded": loaded,
+        "status": why,
+        "present": importlib.util.find_spec(f"eagle_fast.{name}") is not None,
+    }
     if loaded:
         info["build"] = importlib.import_module(f"eagle_fast.{name}").build_info()
     return info
@@ -109,9 +112,13 @@ def build_info() -> dict[str, Any]:
         triton_version = triton.__version__
     cuda_ok = torch.cuda.is_available()
     out: dict[str, Any] = {
-        "eagle_fast": eagle_fast.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda, "triton": triton_version, "cuda_device": torch.cuda.get_device_name(0)
-        if cuda_ok else None, "EAGLE_FAST_DISABLE_COMPILED": os.environ.get("EAGLE_FAST_DISABLE_COMPILED"),
+        "eagle_fast": eagle_fast.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "cuda_device": torch.cuda.get_device_name(0) if cuda_ok else None,
+        "EAGLE_FAST_DISABLE_COMPILED": os.environ.get("EAGLE_FAST_DISABLE_COMPILED"),
         "_C": _module_info("_C", *_compiled_status()),
     }
     if torch.version.cuda:
@@ -136,21 +143,21 @@ def _registered_at(op: str, key: str) -> str | None:
         for line in lines:
             if line.startswith(f"{k}: registered at "):
                 where = line.split(" registered at ", 1)[1].split(" :: ", 1)[0]
-                return where[where.index("csrc/"):] if "csrc/" in where else "Python"
+                return where[where.index("csrc/") :] if "csrc/" in where else "Python"
     return None
 
 
 def _cpu_state(op: str, compiled: bool, why: str) -> tuple[str, str]:
     if op == "attention":
-        return "torch", ("aten's CPU flash kernel (no compiled kernel for this op); sdpa for fp64, head dim > 256 "
-                         "or an attn_mask")
+        return "torch", (
+            "aten's CPU flash kernel (no compiled kernel for this op); sdpa for fp64, head dim > 256 or an attn_mask"
+        )
     if compiled:
         return "cpu-kernel", why
     return "reference", why + (" (the op's chunk loop in torch ops)" if op == "linear_cross_entropy" else "")
 
 
-def _cuda_state(op: str, compiled: bool, why: str, cuda_kernels: bool, cuda_why: str, triton: bool
-                ) -> tuple[str, str]:
+def _cuda_state(op: str, compiled: bool, why: str, cuda_kernels: bool, cuda_why: str, triton: bool) -> tuple[str, str]:
     if not torch.version.cuda:
         return "none", "CPU-only torch build"
     if op == "attention":
@@ -178,8 +185,11 @@ def op_states() -> list[OpState]:
     states = []
     for op in OPS:
         states.append(OpState(op, "cpu", *_cpu_state(op, compiled, why), _registered_at(op, "CPU")))
-        states.append(OpState(op, "cuda", *_cuda_state(op, compiled, why, cuda_kernels, cuda_why, triton),
-                              _registered_at(op, "CUDA")))
+        states.append(
+            OpState(
+                op, "cuda", *_cuda_state(op, compiled, why, cuda_kernels, cuda_why, triton), _registered_at(op, "CUDA")
+            )
+        )
     return states
 
 
@@ -188,12 +198,16 @@ def _format_build(name: str, m: dict[str, Any]) -> list[str]:
         built = " (the library is built)" if m["present"] else ""
         return [f"eagle_fast.{name}: not loaded: {m['status']}{built}"]
     b = m["build"]
-    lines = [f"eagle_fast.{name}: loaded",
-             f"  built against torch {b['torch_version']} (CUDA {b['torch_cuda_version'] or 'none'}), "
-             f"{b['compiler']}, {b['cxx_standard']}, {b['build_type'] or 'no build type'}"]
+    lines = [
+        f"eagle_fast.{name}: loaded",
+        f"  built against torch {b['torch_version']} (CUDA {b['torch_cuda_version'] or 'none'}), "
+        f"{b['compiler']}, {b['cxx_standard']}, {b['build_type'] or 'no build type'}",
+    ]
     if "cuda_archs" in b:
-        lines.append(f"  CUDA: {', '.join(b['cuda_archs'])}; nvcc {b['nvcc_version']}, runtime headers "
-                     f"{b['cuda_runtime_version']}, host {b['cuda_host_compiler']}, {b['cuda_cxx_standard']}")
+        lines.append(
+            f"  CUDA: {', '.join(b['cuda_archs'])}; nvcc {b['nvcc_version']}, runtime headers "
+            f"{b['cuda_runtime_version']}, host {b['cuda_host_compiler']}, {b['cuda_cxx_standard']}"
+        )
     if "cpu_isa" in b:
         lines.append(f"  OpenMP: {b['openmp'] or 'no'}; CPU clones: {b['cpu_isa']['dispatch']}")
         for op, c in b["cpu_isa"]["ops"].items():
@@ -204,10 +218,13 @@ def _format_build(name: str, m: dict[str, Any]) -> list[str]:
 def show() -> str:
     """The report as text."""
     info = build_info()
-    lines = [f"eagle_fast {info['eagle_fast']}: python {info['python']}, torch {info['torch']} "
-             f"(CUDA {info['torch_cuda'] or 'none'}), triton {info['triton'] or 'not installed'}",
-             f"CUDA device: {info['cuda_device'] or 'none visible (the cuda rows say what CUDA tensors would run)'}",
-             f"EAGLE_FAST_DISABLE_COMPILED: {info['EAGLE_FAST_DISABLE_COMPILED'] or 'unset'}", ""]
+    lines = [
+        f"eagle_fast {info['eagle_fast']}: python {info['python']}, torch {info['torch']} "
+        f"(CUDA {info['torch_cuda'] or 'none'}), triton {info['triton'] or 'not installed'}",
+        f"CUDA device: {info['cuda_device'] or 'none visible (the cuda rows say what CUDA tensors would run)'}",
+        f"EAGLE_FAST_DISABLE_COMPILED: {info['EAGLE_FAST_DISABLE_COMPILED'] or 'unset'}",
+        "",
+    ]
     lines += _format_build("_C", info["_C"])
     if "_C_cuda" in info:
         lines += _format_build("_C_cuda", info["_C_cuda"])

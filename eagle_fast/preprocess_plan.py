@@ -29,8 +29,14 @@ def plan_canvas(h: int, w: int, size: int, pad: bool) -> dict[str, int]:
         new_long = int(size * long / short)  # transformers get_resize_output_image_size
         resized_h, resized_w = (new_long, size) if w <= h else (size, new_long)
     return dict(
-        src_h=src_h, src_w=src_w, img_top=top, img_left=left, resized_h=resized_h,
-        resized_w=resized_w, crop_top=(resized_h - size) // 2, crop_left=(resized_w - size) // 2,
+        src_h=src_h,
+        src_w=src_w,
+        img_top=top,
+        img_left=left,
+        resized_h=resized_h,
+        resized_w=resized_w,
+        crop_top=(resized_h - size) // 2,
+        crop_left=(resized_w - size) // 2,
     )
 
 

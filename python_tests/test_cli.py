@@ -31,24 +31,49 @@ def _parser(**kw) -> ConfigParser:
 
 
 def test_fields_become_flags_with_types_and_only_given_ones_are_returned():
-    got = _parser().parse_given(["--model", "m", "--max-new-tokens", "5", "--greedy", "--stop_words", "a", "b",
-                                 "--images", "x.png", "--images", "y.png", "--seed", "none"])
-    assert got == {"model": "m", "max_new_tokens": 5, "greedy": True, "stop_words": ("a", "b"),
-                   "images": ("x.png", "y.png"), "seed": None}
+    got = _parser().parse_given(
+        [
+            "--model",
+            "m",
+            "--max-new-tokens",
+            "5",
+            "--greedy",
+            "--stop_words",
+            "a",
+            "b",
+            "--images",
+            "x.png",
+            "--images",
+            "y.png",
+            "--seed",
+            "none",
+        ]
+    )
+    assert got == {
+        "model": "m",
+        "max_new_tokens": 5,
+        "greedy": True,
+        "stop_words": ("a", "b"),
+        "images": ("x.png", "y.png"),
+        "seed": None,
+    }
     assert Opts(**got).temperature == 0.2  # not given: the dataclass default, never a parser copy of it
     assert _parser().parse_given(["--model", "m", "--greedy", "false"])["greedy"] is False
     assert _parser().parse_given(["--model", "m", "--no-greedy"])["greedy"] is False
     assert _parser().parse_given(["--model", "m", "--dtype", "bfloat16"])["dtype"] == "bfloat16"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model", "m", "--temp", "0"], "unknown flag --temp (did you mean --temperature?)"),
-    (["--model", "m", "--max_new_token=3"], "did you mean --max_new_tokens"),
-    (["--model", "m", "--nothing-like-it", "1"], "unknown flag --nothing-like-it"),
-    (["--model", "m", "--dtype", "float64"], "invalid choice"),
-    (["--model", "m", "--greedy", "maybe"], "expected true or false"),
-    (["--temperature", "0"], "required: --model"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "m", "--temp", "0"], "unknown flag --temp (did you mean --temperature?)"),
+        (["--model", "m", "--max_new_token=3"], "did you mean --max_new_tokens"),
+        (["--model", "m", "--nothing-like-it", "1"], "unknown flag --nothing-like-it"),
+        (["--model", "m", "--dtype", "float64"], "invalid choice"),
+        (["--model", "m", "--greedy", "maybe"], "expected true or false"),
+        (["--temperature", "0"], "required: --model"),
+    ],
+)
 def test_abbreviations_unknown_flags_and_bad_values_are_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         _parser().parse_given(argv)
@@ -60,8 +85,9 @@ def test_abbreviations_unknown_flags_and_bad_values_are_errors(argv, message, ca
 
 
 def test_ignored_flags_are_accepted_with_one_notice_each_and_harmful_values_refused(capsys):
-    p = _parser(ignored={"report_to": Ignored("metrics go to a file"),
-                         "mm_use_im_start_end": Ignored("not used", ("false",))})
+    p = _parser(
+        ignored={"report_to": Ignored("metrics go to a file"), "mm_use_im_start_end": Ignored("not used", ("false",))}
+    )
     got = p.parse_given(["--model", "m", "--report_to", "wandb", "--mm-use-im-start-end=False", "--seed", "3"])
     assert got == {"model": "m", "seed": 3}
     err = capsys.readouterr().err
@@ -113,9 +139,13 @@ def test_every_tool_has_help_and_refuses_unknown_flags(module, capsys):
     assert e.value.code == 0
     known, near_miss = TOOLS[module]
     assert known.replace("-", "_") in capsys.readouterr().out.replace("-", "_")
-    argv = (["train", near_miss] if module.startswith("eagle_fast.bench")
-            else ["--model", "m", "--task", "gqa", near_miss, "1"] if module.startswith("eagle_fast.eval")
-            else ["--model", "m", near_miss, "1"])
+    argv = (
+        ["train", near_miss]
+        if module.startswith("eagle_fast.bench")
+        else ["--model", "m", "--task", "gqa", near_miss, "1"]
+        if module.startswith("eagle_fast.eval")
+        else ["--model", "m", near_miss, "1"]
+    )
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2

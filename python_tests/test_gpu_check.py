@@ -30,9 +30,23 @@ def gpu_check(monkeypatch):
 def test_cpu_mode_says_no_cuda_runs_two_cpu_steps_and_exits_zero(tmp_path):
     out = tmp_path / "result.json"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, os.path.join(DRIVER, "run.py"), "--work", str(tmp_path / "work"),
-                           "--out", str(out), "--wheels", str(tmp_path / "no-wheels")],
-                          capture_output=True, text=True, env=env, timeout=240, cwd=str(tmp_path))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(DRIVER, "run.py"),
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+            "--wheels",
+            str(tmp_path / "no-wheels"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        cwd=str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no CUDA device" in proc.stdout
     assert "absent (make gpu-wheels)" in proc.stdout
@@ -46,8 +60,13 @@ def test_cpu_mode_says_no_cuda_runs_two_cpu_steps_and_exits_zero(tmp_path):
 
 def test_require_gpu_turns_no_gpu_into_a_failure(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, os.path.join(DRIVER, "run.py"), "--no-cpu-smoke", "--require-gpu",
-                           "--work", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(DRIVER, "run.py"), "--no-cpu-smoke", "--require-gpu", "--work", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "no CUDA device" in proc.stdout
 
 

@@ -34,8 +34,13 @@ def _cpu_flags() -> set[str]:
 
 
 def _run_info(*args: str, **env: str) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "eagle_fast.info", *args], env=dict(os.environ, **env),
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "eagle_fast.info", *args],
+        env=dict(os.environ, **env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     return res
 

@@ -15,7 +15,9 @@
 namespace eagle_fast::paged_attention {
 
 // How many keys query row i of a sequence with Lq rows and Lk keys sees (bottom-right causal).
-EF_HD int64_t visible_keys(int64_t i, int64_t Lq, int64_t Lk) { return i + Lk - Lq + 1; }
+EF_HD int64_t visible_keys(int64_t i, int64_t Lq, int64_t Lk) {
+  return i + Lk - Lq + 1;
+}
 
 // Element offset of (logical key j, kv head h) in a cache with strides (s_block, s_slot, s_head),
 // given the sequence's row of the block table.
@@ -32,11 +34,11 @@ inline void check_shapes(const at::Tensor& q, const at::Tensor& k_cache, const a
   TORCH_CHECK(q.dim() == 3, op, ": q must be (Tq, Hq, D), got shape ", q.sizes());
   TORCH_CHECK(k_cache.dim() == 4, op, ": k_cache must be (num_blocks, block_size, Hkv, D), got shape ",
               k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache ", v_cache.sizes(), " and k_cache ",
-              k_cache.sizes(), " differ in shape");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache ", v_cache.sizes(), " and k_cache ", k_cache.sizes(),
+              " differ in shape");
   const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
-              ": q has dtype ", dt, " (float32, float64, bfloat16, float16 supported)");
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op, ": q has dtype ", dt,
+              " (float32, float64, bfloat16, float16 supported)");
   TORCH_CHECK(k_cache.scalar_type() == dt && v_cache.scalar_type() == dt, op, ": k_cache / v_cache have dtype ",
               k_cache.scalar_type(), " / ", v_cache.scalar_type(), ", q has ", dt);
   TORCH_CHECK(k_cache.size(1) >= 1, op, ": block_size must be >= 1");
@@ -44,11 +46,11 @@ inline void check_shapes(const at::Tensor& q, const at::Tensor& k_cache, const a
               ") differ");
   TORCH_CHECK(k_cache.size(2) > 0 && q.size(1) % k_cache.size(2) == 0, op, ": q's ", q.size(1),
               " heads are not a multiple of k_cache's ", k_cache.size(2), " kv heads");
-  TORCH_CHECK(seqlens_k.dim() == 1 && seqlens_k.scalar_type() == at::kInt, op,
-              ": seqlens_k must be (B,) int32, got ", seqlens_k.scalar_type(), " ", seqlens_k.sizes());
+  TORCH_CHECK(seqlens_k.dim() == 1 && seqlens_k.scalar_type() == at::kInt, op, ": seqlens_k must be (B,) int32, got ",
+              seqlens_k.scalar_type(), " ", seqlens_k.sizes());
   const int64_t B = seqlens_k.size(0);
-  TORCH_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) == B + 1 && cu_seqlens_q.scalar_type() == at::kInt,
-              op, ": cu_seqlens_q must be (B + 1,) = (", B + 1, ",) int32, got ", cu_seqlens_q.scalar_type(), " ",
+  TORCH_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) == B + 1 && cu_seqlens_q.scalar_type() == at::kInt, op,
+              ": cu_seqlens_q must be (B + 1,) = (", B + 1, ",) int32, got ", cu_seqlens_q.scalar_type(), " ",
               cu_seqlens_q.sizes());
   TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == B && block_table.scalar_type() == at::kInt, op,
               ": block_table must be (B = ", B, ", max_blocks_per_seq) int32, got ", block_table.scalar_type(), " ",

@@ -51,9 +51,9 @@ struct Args {
   T* out;
   const int32_t *table, *cu, *lk;
   int64_t table_stride, G, D, block_size, Hq;
-  int64_t sq0, sq1, sq2;     // q (Tq, Hq, D)
-  int64_t sk0, sk1, sk2;     // k_cache (block, slot, head); last dim contiguous
-  int64_t sv0, sv1, sv2;     // v_cache
+  int64_t sq0, sq1, sq2;  // q (Tq, Hq, D)
+  int64_t sk0, sk1, sk2;  // k_cache (block, slot, head); last dim contiguous
+  int64_t sv0, sv1, sv2;  // v_cache
   double scale;
 };
 
@@ -71,7 +71,14 @@ struct Scratch {
   std::vector<acc_t> q, acc, m, l, kbuf, vbuf, s;
   std::vector<const acc_t*> kp, vp;
   Scratch(int64_t M, int64_t D)
-      : q(M * D), acc(M * D), m(M), l(M), kbuf(kKeyChunk * D), vbuf(kKeyChunk * D), s(kKeyChunk), kp(kKeyChunk),
+      : q(M * D),
+        acc(M * D),
+        m(M),
+        l(M),
+        kbuf(kKeyChunk * D),
+        vbuf(kKeyChunk * D),
+        s(kKeyChunk),
+        kp(kKeyChunk),
         vp(kKeyChunk) {}
 };
 
@@ -169,10 +176,18 @@ __attribute__((always_inline)) inline void run_items(const Args<T>& a, const Ite
   for (int64_t i = 0; i < n; ++i) run_item<T>(a, items[i], w);
 }
 
-EF_ATTN_CLONES void run_items_isa(const Args<float>& a, const Item* it, int64_t n) { run_items(a, it, n); }
-EF_ATTN_CLONES void run_items_isa(const Args<double>& a, const Item* it, int64_t n) { run_items(a, it, n); }
-EF_ATTN_CLONES void run_items_isa(const Args<c10::BFloat16>& a, const Item* it, int64_t n) { run_items(a, it, n); }
-EF_ATTN_CLONES void run_items_isa(const Args<c10::Half>& a, const Item* it, int64_t n) { run_items(a, it, n); }
+EF_ATTN_CLONES void run_items_isa(const Args<float>& a, const Item* it, int64_t n) {
+  run_items(a, it, n);
+}
+EF_ATTN_CLONES void run_items_isa(const Args<double>& a, const Item* it, int64_t n) {
+  run_items(a, it, n);
+}
+EF_ATTN_CLONES void run_items_isa(const Args<c10::BFloat16>& a, const Item* it, int64_t n) {
+  run_items(a, it, n);
+}
+EF_ATTN_CLONES void run_items_isa(const Args<c10::Half>& a, const Item* it, int64_t n) {
+  run_items(a, it, n);
+}
 
 // Checks the metadata's values (a bad block id would read outside the cache) and lists the items.
 std::vector<Item> plan(const at::Tensor& cu_t, const at::Tensor& lk_t, const at::Tensor& table_t, int64_t Tq,
@@ -182,8 +197,8 @@ std::vector<Item> plan(const at::Tensor& cu_t, const at::Tensor& lk_t, const at:
   const int32_t* lk = lk_t.const_data_ptr<int32_t>();
   const int32_t* table = table_t.const_data_ptr<int32_t>();
   const int64_t B = lk_t.size(0), width = table_t.size(1);
-  TORCH_CHECK(cu[0] == 0 && cu[B] == Tq, op, ": cu_seqlens_q must rise from 0 to the ", Tq, " rows of q, got ",
-              cu[0], " .. ", cu[B]);
+  TORCH_CHECK(cu[0] == 0 && cu[B] == Tq, op, ": cu_seqlens_q must rise from 0 to the ", Tq, " rows of q, got ", cu[0],
+              " .. ", cu[B]);
   std::vector<Item> items;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t Lq = cu[b + 1] - cu[b], Lk = lk[b];
@@ -214,20 +229,34 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache_in
   const at::Tensor v_cache = v_cache_in.stride(3) == 1 ? v_cache_in : v_cache_in.contiguous();
   const at::Tensor table = block_table.contiguous(), cu = cu_seqlens_q.contiguous(), lk = seqlens_k.contiguous();
   const int64_t Hq = q.size(1), Hkv = k_cache.size(2), D = q.size(2);
-  const std::vector<Item> items =
-      plan(cu, lk, table, q.size(0), Hkv, k_cache.size(0), k_cache.size(1), max_seqlen_q);
+  const std::vector<Item> items = plan(cu, lk, table, q.size(0), Hkv, k_cache.size(0), k_cache.size(1), max_seqlen_q);
   at::Tensor out = at::empty(q.sizes(), q.options());
   if (items.empty() || D == 0) return out.zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention_cpu", [&] {
-    const Args<scalar_t> a{q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(),
-                           v_cache.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                           table.const_data_ptr<int32_t>(), cu.const_data_ptr<int32_t>(),
-                           lk.const_data_ptr<int32_t>(), table.size(1), Hq / Hkv, D, k_cache.size(1), Hq,
-                           q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1),
-                           k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), scale};
-    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-      run_items_isa(a, items.data() + begin, end - begin);
-    });
+    const Args<scalar_t> a{q.const_data_ptr<scalar_t>(),
+                           k_cache.const_data_ptr<scalar_t>(),
+                           v_cache.const_data_ptr<scalar_t>(),
+                           out.mutable_data_ptr<scalar_t>(),
+                           table.const_data_ptr<int32_t>(),
+                           cu.const_data_ptr<int32_t>(),
+                           lk.const_data_ptr<int32_t>(),
+                           table.size(1),
+                           Hq / Hkv,
+                           D,
+                           k_cache.size(1),
+                           Hq,
+                           q.stride(0),
+                           q.stride(1),
+                           q.stride(2),
+                           k_cache.stride(0),
+                           k_cache.stride(1),
+                           k_cache.stride(2),
+                           v_cache.stride(0),
+                           v_cache.stride(1),
+                           v_cache.stride(2),
+                           scale};
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1,
+                     [&](int64_t begin, int64_t end) { run_items_isa(a, items.data() + begin, end - begin); });
   });
   return out;
 }

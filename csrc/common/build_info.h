@@ -6,10 +6,10 @@
 namespace eagle_fast {
 
 struct CudaBuildInfo {
-  const char* arch_list;    // nvcc's __CUDA_ARCH_LIST__, e.g. "800,900" ("" before CUDA 11.5)
-  int cudart_version;       // CUDART_VERSION of the toolkit headers, e.g. 13000
+  const char* arch_list;  // nvcc's __CUDA_ARCH_LIST__, e.g. "800,900" ("" before CUDA 11.5)
+  int cudart_version;     // CUDART_VERSION of the toolkit headers, e.g. 13000
   int nvcc_major, nvcc_minor, nvcc_build;
-  long cplusplus;           // __cplusplus of the CUDA TUs' host compilation
+  long cplusplus;  // __cplusplus of the CUDA TUs' host compilation
   const char* host_compiler;
 };
 

@@ -23,8 +23,13 @@ CudaBuildInfo cuda_build_info() {
 #else
   const char* host = "unknown";
 #endif
-  return {archs, CUDART_VERSION, __CUDACC_VER_MAJOR__, __CUDACC_VER_MINOR__, __CUDACC_VER_BUILD__,
-          static_cast<long>(__cplusplus), host};
+  return {archs,
+          CUDART_VERSION,
+          __CUDACC_VER_MAJOR__,
+          __CUDACC_VER_MINOR__,
+          __CUDACC_VER_BUILD__,
+          static_cast<long>(__cplusplus),
+          host};
 }
 
 }  // namespace eagle_fast

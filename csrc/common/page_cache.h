@@ -53,7 +53,10 @@ class PageCache {
 
   void release(void* p, size_t nbytes) {
     const size_t size = round_up(nbytes);
-    if (std::getenv("EF_NOCACHE")) { std::free(p); return; }
+    if (std::getenv("EF_NOCACHE")) {
+      std::free(p);
+      return;
+    }
     std::lock_guard<std::mutex> lock(mu_);
     // Oldest blocks go first when the bound is reached; a block larger than the bound is freed.
     while (!free_.empty() && cached_bytes_ + size > kMaxCachedBytes) {

@@ -55,10 +55,16 @@ EF_HD float exp_acc(float x) {
   return x < -87.5f ? 0.0f : (x > 88.0f ? INFINITY : y);
 }
 
-EF_HD double exp_acc(double x) { return ::exp(x); }
+EF_HD double exp_acc(double x) {
+  return ::exp(x);
+}
 
-EF_HD float log_acc(float x) { return ::logf(x); }
-EF_HD double log_acc(double x) { return ::log(x); }
+EF_HD float log_acc(float x) {
+  return ::logf(x);
+}
+EF_HD double log_acc(double x) {
+  return ::log(x);
+}
 
 // Online (max, sum of exp) of a stream of values: after add(x) for every x of a set,
 // s = sum exp(x - m) with m their max. Start from m = lowest finite value (not -inf, so that a

@@ -36,8 +36,8 @@ struct ChunkedResult {
 //   add_grad_weight_16bit(at::Tensor& gw, const at::Tensor& z_t, const at::Tensor& h):
 //     gw (V, H) fp32 += z_t (V, rc) @ h (rc, H) for bf16/fp16 operands, summed in fp32.
 template <typename RowPass, typename AddGradWeight16>
-ChunkedResult run_chunks(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
-                         bool grad_hidden, bool grad_weight, int64_t rows_per_chunk, RowPass&& row_pass,
+ChunkedResult run_chunks(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels, bool grad_hidden,
+                         bool grad_weight, int64_t rows_per_chunk, RowPass&& row_pass,
                          AddGradWeight16&& add_grad_weight_16bit) {
   const int64_t n = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const auto dt = hidden.scalar_type();

@@ -66,12 +66,18 @@ __attribute__((always_inline)) inline acc_type<T> row_pass(T* z, int64_t V, int6
 // AVX2, 4.5 with SSE2.
 #define EF_ROW_CLONES EF_CLONES_V3
 
-EF_ROW_CLONES float row_pass_isa(float* z, int64_t V, int64_t label, bool g) { return row_pass(z, V, label, g); }
-EF_ROW_CLONES double row_pass_isa(double* z, int64_t V, int64_t label, bool g) { return row_pass(z, V, label, g); }
+EF_ROW_CLONES float row_pass_isa(float* z, int64_t V, int64_t label, bool g) {
+  return row_pass(z, V, label, g);
+}
+EF_ROW_CLONES double row_pass_isa(double* z, int64_t V, int64_t label, bool g) {
+  return row_pass(z, V, label, g);
+}
 EF_ROW_CLONES float row_pass_isa(c10::BFloat16* z, int64_t V, int64_t label, bool g) {
   return row_pass(z, V, label, g);
 }
-EF_ROW_CLONES float row_pass_isa(c10::Half* z, int64_t V, int64_t label, bool g) { return row_pass(z, V, label, g); }
+EF_ROW_CLONES float row_pass_isa(c10::Half* z, int64_t V, int64_t label, bool g) {
+  return row_pass(z, V, label, g);
+}
 
 void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels) {
   constexpr const char* op = "linear_cross_entropy";
@@ -83,16 +89,15 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cpu(const at::Tensor& hidden,
                                                                         const at::Tensor& weight,
-                                                                        const at::Tensor& labels,
-                                                                        int64_t ignore_index, bool grad_hidden,
-                                                                        bool grad_weight) {
+                                                                        const at::Tensor& labels, int64_t ignore_index,
+                                                                        bool grad_hidden, bool grad_weight) {
   check_inputs(hidden, weight, labels);
   const int64_t n = hidden.size(0), V = weight.size(0);
   const at::Tensor lab = labels.to(at::kLong).contiguous();
   const int64_t* y = lab.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < n; ++r)
-    TORCH_CHECK(y[r] == ignore_index || (y[r] >= 0 && y[r] < V), "linear_cross_entropy: label ", y[r],
-                " of row ", r, " is outside [0, ", V, ") and not ignore_index ", ignore_index);
+    TORCH_CHECK(y[r] == ignore_index || (y[r] >= 0 && y[r] < V), "linear_cross_entropy: label ", y[r], " of row ", r,
+                " is outside [0, ", V, ") and not ignore_index ", ignore_index);
   const auto dt = hidden.scalar_type();
   const auto row_pass = [&](at::Tensor& z, const at::Tensor& labels_c, at::Tensor& losses_c, bool with_grad) {
     const int64_t rc = z.size(0);
@@ -119,9 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cpu(const at
     gw.addmm_(z_t.to(gw.scalar_type()), h.to(gw.scalar_type()));
   };
   const int64_t rows = eagle_fast::loss::chunk_rows(V, kChunkBytes, std::numeric_limits<int64_t>::max());
-  const eagle_fast::loss::ChunkedResult res =
-      eagle_fast::loss::run_chunks(hidden, weight, lab, grad_hidden, grad_weight, rows, row_pass,
-                                   add_grad_weight_16bit);
+  const eagle_fast::loss::ChunkedResult res = eagle_fast::loss::run_chunks(
+      hidden, weight, lab, grad_hidden, grad_weight, rows, row_pass, add_grad_weight_16bit);
   // The loss: row losses summed in a fixed order in double (same bits for any thread count).
   double total = 0;
   AT_DISPATCH_FLOATING_TYPES(res.row_losses.scalar_type(), "linear_cross_entropy_cpu_sum", [&] {

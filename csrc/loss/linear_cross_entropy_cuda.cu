@@ -60,8 +60,8 @@ __device__ void block_merge(acc_t& m, acc_t& s) {
 // Row blockIdx.x of the chunk z (rows, V), labels of the chunk's rows, row losses out.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-row_kernel(scalar_t* __restrict__ z, int64_t V, const int64_t* __restrict__ labels, int64_t ignore_index,
-           acc_type<scalar_t>* __restrict__ losses, bool with_grad) {
+    row_kernel(scalar_t* __restrict__ z, int64_t V, const int64_t* __restrict__ labels, int64_t ignore_index,
+               acc_type<scalar_t>* __restrict__ losses, bool with_grad) {
   using acc_t = acc_type<scalar_t>;
   scalar_t* row = z + static_cast<int64_t>(blockIdx.x) * V;
   const int64_t y = labels[blockIdx.x];
@@ -88,16 +88,15 @@ row_kernel(scalar_t* __restrict__ z, int64_t V, const int64_t* __restrict__ labe
 void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels) {
   constexpr const char* op = "linear_cross_entropy";
   TORCH_CHECK(hidden.is_cuda() && weight.device() == hidden.device() && labels.device() == hidden.device(), op,
-              ": expected tensors on one CUDA device, got hidden on ", hidden.device(), ", weight on ",
-              weight.device(), ", labels on ", labels.device());
+              ": expected tensors on one CUDA device, got hidden on ", hidden.device(), ", weight on ", weight.device(),
+              ", labels on ", labels.device());
   eagle_fast::loss::check_shapes_and_dtypes(hidden, weight, labels);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cuda(const at::Tensor& hidden,
                                                                          const at::Tensor& weight,
-                                                                         const at::Tensor& labels,
-                                                                         int64_t ignore_index, bool grad_hidden,
-                                                                         bool grad_weight) {
+                                                                         const at::Tensor& labels, int64_t ignore_index,
+                                                                         bool grad_hidden, bool grad_weight) {
   check_inputs(hidden, weight, labels);
   c10::cuda::CUDAGuard guard(hidden.device());
   const int64_t V = weight.size(0);
@@ -118,9 +117,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cuda(const a
     gw.add_(at::mm(z_t, h, gw.scalar_type()));
   };
   const int64_t rows = eagle_fast::loss::chunk_rows(V, kChunkBytes, kMaxChunkRows);
-  const eagle_fast::loss::ChunkedResult res =
-      eagle_fast::loss::run_chunks(hidden, weight, labels, grad_hidden, grad_weight, rows, row_pass,
-                                   add_grad_weight_16bit);
+  const eagle_fast::loss::ChunkedResult res = eagle_fast::loss::run_chunks(
+      hidden, weight, labels, grad_hidden, grad_weight, rows, row_pass, add_grad_weight_16bit);
   at::Tensor loss = res.row_losses.sum();  // 0-d, acc dtype; deterministic (no atomics)
   return {loss, res.grad_hidden, res.grad_weight};
 }

@@ -51,8 +51,8 @@ EF_HD float align_corners_scale(int in_size, int out_size) {
 // CLIP processor's shortest-edge resize + centre crop; "square" = the processor alone).
 // Source coordinates refer to the virtual padded image (pad mode) or the image itself.
 struct CanvasPlan {
-  int src_h, src_w;        // size of the (virtually padded) source
-  int img_top, img_left;   // where the real image sits inside that source (pad mode)
+  int src_h, src_w;          // size of the (virtually padded) source
+  int img_top, img_left;     // where the real image sits inside that source (pad mode)
   int resized_h, resized_w;  // size after the shortest-edge resize (before the crop)
   int crop_top, crop_left;   // centre crop offsets into the resized image
 };
@@ -81,8 +81,8 @@ inline CanvasPlan plan_canvas(int h, int w, int size, bool pad) {
 
 // Pix2Struct processor grid: rows x cols patches with rows*cols <= max_patches, aspect kept.
 inline void pix2struct_grid(int h, int w, int max_patches, int patch, int& rows, int& cols) {
-  const double scale = std::sqrt(static_cast<double>(max_patches) * (static_cast<double>(patch) / h) *
-                                 (static_cast<double>(patch) / w));
+  const double scale =
+      std::sqrt(static_cast<double>(max_patches) * (static_cast<double>(patch) / h) * (static_cast<double>(patch) / w));
   rows = std::max(std::min(static_cast<int>(scale * h / patch), max_patches), 1);
   cols = std::max(std::min(static_cast<int>(scale * w / patch), max_patches), 1);
 }

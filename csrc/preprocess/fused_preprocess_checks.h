@@ -21,9 +21,9 @@ inline void check_image(const at::Tensor& im, size_t i) {
 // Everything but the devices: at least one image, each one valid, an output dtype the kernels
 // write, RGB fill (bytes) / mean / std, and sizes the op's schema allows (a skipped output has size
 // 0; the Pix2Struct patch side only matters when patches are asked for).
-inline void check_arguments(at::TensorList images, int64_t canvas_size, at::IntArrayRef fill,
-                            at::ArrayRef<double> mean, at::ArrayRef<double> std, int64_t clip_size,
-                            int64_t p2s_max_patches, int64_t p2s_patch, at::ScalarType dtype) {
+inline void check_arguments(at::TensorList images, int64_t canvas_size, at::IntArrayRef fill, at::ArrayRef<double> mean,
+                            at::ArrayRef<double> std, int64_t clip_size, int64_t p2s_max_patches, int64_t p2s_patch,
+                            at::ScalarType dtype) {
   constexpr const char* op = "fused_preprocess";
   TORCH_CHECK(!images.empty(), op, ": no images given");
   for (size_t i = 0; i < images.size(); ++i) check_image(images[i], i);
@@ -34,7 +34,8 @@ inline void check_arguments(at::TensorList images, int64_t canvas_size, at::IntA
   for (const int64_t v : fill) TORCH_CHECK(v >= 0 && v <= 255, op, ": fill value ", v, " not in 0..255");
   TORCH_CHECK(canvas_size >= 1 && clip_size >= 0 && p2s_max_patches >= 0 && (p2s_max_patches == 0 || p2s_patch >= 1),
               op, ": bad sizes (canvas ", canvas_size, ", clip ", clip_size, ", max_patches ", p2s_max_patches,
-              ", patch ", p2s_patch, "): need canvas >= 1, clip >= 0, max_patches >= 0, and patch >= 1 when "
+              ", patch ", p2s_patch,
+              "): need canvas >= 1, clip >= 0, max_patches >= 0, and patch >= 1 when "
               "max_patches > 0");
 }
 

@@ -130,7 +130,8 @@ std::vector<uint8_t> build_canvas(const at::Tensor& image, int S, bool pad, at::
   const int64_t nblocks = (y1 - y0 + kRows - 1) / kRows;
   at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> scratch(kRows * src.fill_row.size());
-    for (int r = 0; r < kRows; ++r) std::memcpy(&scratch[r * src.fill_row.size()], src.fill_row.data(), src.fill_row.size());
+    for (int r = 0; r < kRows; ++r)
+      std::memcpy(&scratch[r * src.fill_row.size()], src.fill_row.data(), src.fill_row.size());
     std::vector<int32_t> blk(windowed ? 0 : block.size()), planes(windowed ? 3 * pw : 0, 0);
     for (int64_t bi = begin; bi < end; ++bi) {
       const uint8_t* in[kRows];
@@ -197,9 +198,8 @@ std::vector<uint8_t> build_canvas(const at::Tensor& image, int S, bool pad, at::
       }
       if (do_v) {
         const int yy = p.crop_top + oy;
-        pil_row_vertical(temp.get() + (tv.start[yy] - y0) * row3, row3,
-                         &tv.w[static_cast<size_t>(yy) * tv.ksize], tv.count[yy], row3, acc.data(), crow, &sum,
-                         &sumsq);
+        pil_row_vertical(temp.get() + (tv.start[yy] - y0) * row3, row3, &tv.w[static_cast<size_t>(yy) * tv.ksize],
+                         tv.count[yy], row3, acc.data(), crow, &sum, &sumsq);
       } else {
         std::memcpy(crow, temp.get() + (p.crop_top + oy - y0) * row3, row3);
         row_moments(crow, row3, &sum, &sumsq);
@@ -265,7 +265,7 @@ void pix2struct_patches(const uint8_t* canvas, const std::vector<uint8_t>& fill_
   const Taps<float> tv = aa_bilinear_taps(S, OH), th = aa_bilinear_taps(S, OW);
   const int kmax = *std::max_element(th.count.begin(), th.count.end());
   const std::vector<WindowTaps<float>> win = window_taps(th, 0, OW, kmax);
-  const int64_t pw = S + 2 * kWin + th.ksize;  // plane width with zero slack for window reads
+  const int64_t pw = S + 2 * kWin + th.ksize;            // plane width with zero slack for window reads
   const int64_t row_vals = static_cast<int64_t>(p) * 3;  // one patch's share of an output row
   const int64_t nvals = static_cast<int64_t>(cols) * D;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
@@ -326,8 +326,8 @@ void check_on_cpu(at::TensorList images) {
 
 template <typename T>
 void run_all(at::TensorList images, int S, bool pad, at::IntArrayRef fill, at::ArrayRef<double> mean,
-             at::ArrayRef<double> std, int c_size, int P, int p, at::Tensor& pv, at::Tensor& clip,
-             at::Tensor& patches, at::Tensor& mask) {
+             at::ArrayRef<double> std, int c_size, int P, int p, at::Tensor& pv, at::Tensor& clip, at::Tensor& patches,
+             at::Tensor& mask) {
   const float meanf[3] = {static_cast<float>(mean[0]), static_cast<float>(mean[1]), static_cast<float>(mean[2])};
   const float stdf[3] = {static_cast<float>(std[0]), static_cast<float>(std[1]), static_cast<float>(std[2])};
   std::optional<ClipPlan> clip_plan;  // tables shared by every image of the batch
@@ -337,11 +337,12 @@ void run_all(at::TensorList images, int S, bool pad, at::IntArrayRef fill, at::A
   for (size_t b = 0; b < images.size(); ++b) {
     const at::Tensor im = images[b].contiguous();
     Moments moments;
-    const std::vector<uint8_t> fill_rows = build_canvas<T>(im, S, pad, fill, meanf, stdf, canvas.get(),
-                                                           pv[b].data_ptr<T>(), P > 0 ? &moments : nullptr,
-                                                           clip_plan ? &*clip_plan : nullptr);
+    const std::vector<uint8_t> fill_rows =
+        build_canvas<T>(im, S, pad, fill, meanf, stdf, canvas.get(), pv[b].data_ptr<T>(), P > 0 ? &moments : nullptr,
+                        clip_plan ? &*clip_plan : nullptr);
     if (clip_plan) clip_vertical<T>(*clip_plan, S, clip[b].data_ptr<T>());
-    if (P > 0) pix2struct_patches<T>(canvas.get(), fill_rows, S, P, p, moments, patches[b].data_ptr<T>(), mask[b].data_ptr<T>());
+    if (P > 0)
+      pix2struct_patches<T>(canvas.get(), fill_rows, S, P, p, moments, patches[b].data_ptr<T>(), mask[b].data_ptr<T>());
   }
 }
 
@@ -354,16 +355,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_preprocess_cpu(
   const auto opt = images[0].options().dtype(dtype);
   at::Tensor pv = empty_output({B, 3, canvas_size, canvas_size}, opt);
   at::Tensor clip = clip_size > 0 ? empty_output({B, 3, clip_size, clip_size}, opt) : at::empty({0}, opt);
-  at::Tensor patches = p2s_max_patches > 0
-                           ? empty_output({B, p2s_max_patches, 2 + p2s_patch * p2s_patch * 3}, opt)
-                           : at::empty({0}, opt);
+  at::Tensor patches = p2s_max_patches > 0 ? empty_output({B, p2s_max_patches, 2 + p2s_patch * p2s_patch * 3}, opt)
+                                           : at::empty({0}, opt);
   at::Tensor mask = p2s_max_patches > 0 ? at::empty({B, p2s_max_patches}, opt) : at::empty({0}, opt);
   if (dtype == at::kFloat) {
-    run_all<float>(images, canvas_size, pad, fill, mean, std, clip_size, p2s_max_patches, p2s_patch, pv, clip,
-                   patches, mask);
+    run_all<float>(images, canvas_size, pad, fill, mean, std, clip_size, p2s_max_patches, p2s_patch, pv, clip, patches,
+                   mask);
   } else {
-    run_all<at::BFloat16>(images, canvas_size, pad, fill, mean, std, clip_size, p2s_max_patches, p2s_patch, pv,
-                          clip, patches, mask);
+    run_all<at::BFloat16>(images, canvas_size, pad, fill, mean, std, clip_size, p2s_max_patches, p2s_patch, pv, clip,
+                          patches, mask);
   }
   return {pv, clip, patches, mask};
 }

@@ -20,7 +20,6 @@
 #include <immintrin.h>
 #endif
 
-
 // Hot loops get AVX-512 and AVX2 clones picked at load time (ifunc, common/cpu_isa.h), keeping the
 // wheel portable: the integer multiply-accumulate of Pillow's fixed point needs 32-bit lane
 // multiplies (SSE4.1+).
@@ -116,12 +115,16 @@ void stream_copy(void* dst, const void* src, size_t n) {
   }
 }
 #else
-void stream_copy(void* dst, const void* src, size_t n) { std::memcpy(dst, src, n); }
+void stream_copy(void* dst, const void* src, size_t n) {
+  std::memcpy(dst, src, n);
+}
 #endif
 
 // float -> output element. bf16 rounds to nearest-even with plain integer maths (no NaNs occur
 // here), which vectorizes where c10::BFloat16's converting constructor does not.
-inline void store(float v, float* dst) { *dst = v; }
+inline void store(float v, float* dst) {
+  *dst = v;
+}
 inline void store(float v, at::BFloat16* dst) {
   uint32_t bits;
   std::memcpy(&bits, &v, 4);
@@ -132,7 +135,9 @@ inline void store(float v, at::BFloat16* dst) {
 EF_MULTIVERSION void store_row(const float* __restrict src, int64_t n, at::BFloat16* __restrict dst) {
   for (int64_t i = 0; i < n; ++i) store(src[i], dst + i);
 }
-inline void store_row(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void store_row(const float* src, int64_t n, float* dst) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
 
 // CLIP rescale + normalize of one canvas row into three float planes, with the numpy processor's
 // exact arithmetic (u * (1/255) in double, cast to float, then (x - mean) / std in float).
@@ -218,9 +223,9 @@ constexpr int kWin = 16;
 
 template <typename W>
 struct WindowTaps {
-  int ox0 = 0, n = 0;  // first output (relative to `first`) and valid lanes (<= kWin)
-  int base = 0;        // first input pixel of the 2 * kWin window
-  bool vec = false;    // false: a read falls outside the window, the scalar path handles it
+  int ox0 = 0, n = 0;        // first output (relative to `first`) and valid lanes (<= kWin)
+  int base = 0;              // first input pixel of the 2 * kWin window
+  bool vec = false;          // false: a read falls outside the window, the scalar path handles it
   std::vector<int32_t> idx;  // (kmax, kWin), relative to base
   std::vector<W> w;          // (kmax, kWin), 0 past each output's own tap count
 };
@@ -262,8 +267,9 @@ bool all_windowed(const std::vector<WindowTaps<W>>& win) {
 // Horizontal Pillow pass of one source row when every window of 16 outputs reads within 32 input
 // pixels (upscaling, mild downscaling): int32 planes, one permute + multiply-add per tap over 16
 // lanes, Pillow's clip8 on the vector. `planes` is (3, pw) with zeros past src_w.
-EF_MULTIVERSION void pil_row_horizontal_window(const uint8_t* src, int src_w, const std::vector<WindowTaps<int32_t>>& win,
-                                               int kmax, int32_t* planes, int64_t pw, uint8_t* out) {
+EF_MULTIVERSION void pil_row_horizontal_window(const uint8_t* src, int src_w,
+                                               const std::vector<WindowTaps<int32_t>>& win, int kmax, int32_t* planes,
+                                               int64_t pw, uint8_t* out) {
   // (GCC vectorizes this stride-3 widening loop well; its generic u8 -> i32 vector conversion not.)
   for (int x = 0; x < src_w; ++x)
     for (int ch = 0; ch < 3; ++ch) planes[ch * pw + x] = src[x * 3 + ch];

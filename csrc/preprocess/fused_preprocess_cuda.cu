@@ -24,11 +24,15 @@ namespace eagle_fast::preprocess {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxVpassBlocks = 1024;             // grid-stride cap: ~one wave on an H100
+constexpr int kMaxVpassBlocks = 1024;                  // grid-stride cap: ~one wave on an H100
 constexpr int64_t kP2sTmpBudget = int64_t(128) << 20;  // bytes of pix2struct temp per chunk
 
-struct Rgb8 { uint8_t v[3]; };
-struct Norm { float mean[3], std[3]; };
+struct Rgb8 {
+  uint8_t v[3];
+};
+struct Norm {
+  float mean[3], std[3];
+};
 
 unsigned int blocks_for(int64_t n) {
   const int64_t b = (n + kThreads - 1) / kThreads;
@@ -43,9 +47,8 @@ unsigned int blocks_for(int64_t n) {
 // (top, left) inside a fill-coloured square (pad mode; top = left = 0 otherwise).
 // tab = [start (S) | count (S) | weights (S * k)], start in source columns.  tmp: (ny, S, 3).
 __global__ void __launch_bounds__(kThreads)
-canvas_hpass_kernel(const uint8_t* __restrict__ img, int h, int w, int top, int left, Rgb8 fill,
-                    const int32_t* __restrict__ tab, int k, int S, int y0, int ny,
-                    uint8_t* __restrict__ tmp) {
+    canvas_hpass_kernel(const uint8_t* __restrict__ img, int h, int w, int top, int left, Rgb8 fill,
+                        const int32_t* __restrict__ tab, int k, int S, int y0, int ny, uint8_t* __restrict__ tmp) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= static_cast<int64_t>(ny) * S) return;
   const int x = static_cast<int>(i % S);
@@ -71,9 +74,9 @@ canvas_hpass_kernel(const uint8_t* __restrict__ img, int h, int w, int top, int 
 // given, this image's 256-bin histogram of the canvas bytes (pix2struct statistics).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-canvas_vpass_kernel(const uint8_t* __restrict__ tmp, const int32_t* __restrict__ tab, int k, int S,
-                    int y0, Norm nrm, uint8_t* __restrict__ canvas, T* __restrict__ pv,
-                    unsigned long long* __restrict__ hist) {
+    canvas_vpass_kernel(const uint8_t* __restrict__ tmp, const int32_t* __restrict__ tab, int k, int S, int y0,
+                        Norm nrm, uint8_t* __restrict__ canvas, T* __restrict__ pv,
+                        unsigned long long* __restrict__ hist) {
   __shared__ unsigned int bins[256];
   if (hist != nullptr) {  // uniform over the grid: the barriers below are safe
     for (int j = threadIdx.x; j < 256; j += blockDim.x) bins[j] = 0;
@@ -113,8 +116,8 @@ canvas_vpass_kernel(const uint8_t* __restrict__ tmp, const int32_t* __restrict__
 // (square in, square out), computed on the host with linear_align_corners.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-clip_kernel(const uint8_t* __restrict__ canvas, int S, const int32_t* __restrict__ tab, int c,
-            Norm nrm, T* __restrict__ out) {
+    clip_kernel(const uint8_t* __restrict__ canvas, int S, const int32_t* __restrict__ tab, int c, Norm nrm,
+                T* __restrict__ out) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int64_t area = static_cast<int64_t>(c) * c;
   if (i >= area) return;
@@ -155,7 +158,7 @@ __device__ double block_sum_256(double v, double* red) {
 // One block of 256 per image: hist (B, 256) counts of the n = 3*S*S canvas bytes ->
 // stats (B, 2) = (mean, max(population std, 1/sqrt(n))), in double (the counts are exact).
 __global__ void __launch_bounds__(256)
-p2s_stats_kernel(const unsigned long long* __restrict__ hist, int64_t n, double* __restrict__ stats) {
+    p2s_stats_kernel(const unsigned long long* __restrict__ hist, int64_t n, double* __restrict__ stats) {
   __shared__ double red[256];
   const int b = blockIdx.x, j = threadIdx.x;
   const double cnt = static_cast<double>(hist[b * 256 + j]);
@@ -171,8 +174,8 @@ p2s_stats_kernel(const unsigned long long* __restrict__ hist, int64_t n, double*
 // Antialiased bilinear, horizontal pass, images b0 + blockIdx.y: canvas (B, S, S, 3) uint8 ->
 // tmp (chunk, S, Wo, 3) float. tab = [start (Wo) | count (Wo) | weights as float bits (Wo * k)].
 __global__ void __launch_bounds__(kThreads)
-p2s_hpass_kernel(const uint8_t* __restrict__ canvas, int S, const int32_t* __restrict__ tab, int k,
-                 int Wo, int b0, float* __restrict__ tmp) {
+    p2s_hpass_kernel(const uint8_t* __restrict__ canvas, int S, const int32_t* __restrict__ tab, int k, int Wo, int b0,
+                     float* __restrict__ tmp) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int64_t area = static_cast<int64_t>(S) * Wo;
   if (i >= area) return;
@@ -197,9 +200,8 @@ p2s_hpass_kernel(const uint8_t* __restrict__ canvas, int S, const int32_t* __res
 // 2 + ((y%p)*p + x%p)*3 + ch. tab = [start (Ho) | count (Ho) | weights bits (Ho * k)].
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-p2s_vpass_kernel(const float* __restrict__ tmp, int S, const int32_t* __restrict__ tab, int k,
-                 int Ho, int Wo, int b0, const double* __restrict__ stats, int p, int cols, int P,
-                 T* __restrict__ patches) {
+    p2s_vpass_kernel(const float* __restrict__ tmp, int S, const int32_t* __restrict__ tab, int k, int Ho, int Wo,
+                     int b0, const double* __restrict__ stats, int p, int cols, int P, T* __restrict__ patches) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= static_cast<int64_t>(Ho) * Wo) return;
   const int y = static_cast<int>(i / Wo), x = static_cast<int>(i % Wo);
@@ -225,7 +227,7 @@ p2s_vpass_kernel(const float* __restrict__ tmp, int S, const int32_t* __restrict
 // Row/col ids (1-based) of the real patches and the attention mask; patches (B, P, D), mask (B, P).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-p2s_meta_kernel(int P, int n_real, int cols, int64_t D, T* __restrict__ patches, T* __restrict__ mask) {
+    p2s_meta_kernel(int P, int n_real, int cols, int64_t D, T* __restrict__ patches, T* __restrict__ mask) {
   const int k = blockIdx.x * blockDim.x + threadIdx.x;
   if (k >= P) return;
   const int64_t r = static_cast<int64_t>(blockIdx.y) * P + k;
@@ -283,8 +285,8 @@ struct Launch {
 };
 
 template <typename T>
-void launch_all(at::TensorList images, const Launch& L, at::Tensor& pv, at::Tensor& clip,
-                at::Tensor& patches, at::Tensor& mask) {
+void launch_all(at::TensorList images, const Launch& L, at::Tensor& pv, at::Tensor& clip, at::Tensor& patches,
+                at::Tensor& mask) {
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int S = L.S, clip_size = L.clip_size, P = L.P, p = L.p, rows = L.rows, cols = L.cols;
   const int32_t* tab = L.tab;
@@ -306,8 +308,8 @@ void launch_all(at::TensorList images, const Launch& L, at::Tensor& pv, at::Tens
   for (int b = 0; b < B; ++b) {
     const ImageJob& j = L.jobs[b];
     canvas_hpass_kernel<<<blocks_for(static_cast<int64_t>(j.ny) * S), kThreads, 0, stream>>>(
-        images[b].data_ptr<uint8_t>(), j.h, j.w, j.plan.img_top, j.plan.img_left, fill, tab + j.h_off,
-        j.kh, S, j.y0, j.ny, tmp.data_ptr<uint8_t>());
+        images[b].data_ptr<uint8_t>(), j.h, j.w, j.plan.img_top, j.plan.img_left, fill, tab + j.h_off, j.kh, S, j.y0,
+        j.ny, tmp.data_ptr<uint8_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     canvas_vpass_kernel<T><<<vblocks, kThreads, 0, stream>>>(
         tmp.data_ptr<uint8_t>(), tab + j.v_off, j.kv, S, j.y0, nrm, canvas.data_ptr<uint8_t>() + b * plane * 3,
@@ -316,8 +318,8 @@ void launch_all(at::TensorList images, const Launch& L, at::Tensor& pv, at::Tens
   }
   if (clip_size > 0) {
     const dim3 grid(blocks_for(static_cast<int64_t>(clip_size) * clip_size), B);
-    clip_kernel<T><<<grid, kThreads, 0, stream>>>(canvas.data_ptr<uint8_t>(), S, tab + L.clip_off, clip_size,
-                                                   nrm, clip.data_ptr<T>());
+    clip_kernel<T><<<grid, kThreads, 0, stream>>>(canvas.data_ptr<uint8_t>(), S, tab + L.clip_off, clip_size, nrm,
+                                                  clip.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (P == 0) return;
@@ -350,8 +352,7 @@ void launch_all(at::TensorList images, const Launch& L, at::Tensor& pv, at::Tens
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_preprocess_cuda(
     at::TensorList images, int64_t canvas_size, bool pad, at::IntArrayRef fill, at::ArrayRef<double> mean,
-    at::ArrayRef<double> std, int64_t clip_size, int64_t p2s_max_patches, int64_t p2s_patch,
-    at::ScalarType dtype) {
+    at::ArrayRef<double> std, int64_t clip_size, int64_t p2s_max_patches, int64_t p2s_patch, at::ScalarType dtype) {
   check_arguments(images, canvas_size, fill, mean, std, clip_size, p2s_max_patches, p2s_patch, dtype);
   // CUDA's own: one device, contiguous images, and the launch limits (the batch is grid.y; sizes
   // and tables index in int).
@@ -420,8 +421,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_preprocess_cuda
   }
   if (L.P > 0) {
     pix2struct_grid(S, S, L.P, L.p, L.rows, L.cols);
-    TORCH_CHECK(static_cast<int64_t>(L.rows) * L.cols <= L.P, "fused_preprocess: pix2struct grid ", L.rows,
-                "x", L.cols, " exceeds ", L.P, " patches");
+    TORCH_CHECK(static_cast<int64_t>(L.rows) * L.cols <= L.P, "fused_preprocess: pix2struct grid ", L.rows, "x", L.cols,
+                " exceeds ", L.P, " patches");
     const auto th = aa_bilinear_taps(S, L.cols * L.p), tv = aa_bilinear_taps(S, L.rows * L.p);
     L.p2s_kh = th.ksize;
     L.p2s_kv = tv.ksize;

@@ -34,14 +34,13 @@ using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // One feature as the kernels see it.
 struct Feature {
-  int64_t C, n, u, cu;        // channels, unshuffled side, unshuffle factor, C*u*u
-  int64_t sb, sc, sy, sx;     // element strides of the (B, C, H, W) input
-  int64_t off;                // first output channel of this feature
+  int64_t C, n, u, cu;                             // channels, unshuffled side, unshuffle factor, C*u*u
+  int64_t sb, sc, sy, sx;                          // element strides of the (B, C, H, W) input
+  int64_t off;                                     // first output channel of this feature
   bool channel_inner() const { return sc <= sx; }  // loop order only; both are exact
 };
 
-std::vector<Feature> check_features(at::TensorList features, int64_t grid, at::IntArrayRef unshuffle,
-                                    const char* op) {
+std::vector<Feature> check_features(at::TensorList features, int64_t grid, at::IntArrayRef unshuffle, const char* op) {
   TORCH_CHECK(!features.empty(), op, ": no features given");
   TORCH_CHECK(grid >= 1, op, ": grid must be >= 1, got ", grid);
   TORCH_CHECK(unshuffle.size() == features.size(), op, ": ", unshuffle.size(), " unshuffle factors for ",
@@ -57,8 +56,8 @@ std::vector<Feature> check_features(at::TensorList features, int64_t grid, at::I
     TORCH_CHECK(x.device().is_cpu(), op, ": feature ", i, " is on ", x.device(), ", expected cpu");
     TORCH_CHECK(x.scalar_type() == dtype, op, ": feature ", i, " has dtype ", x.scalar_type(), ", feature 0 has ",
                 dtype);
-    TORCH_CHECK(x.size(0) == features[0].size(0), op, ": feature ", i, " has batch ", x.size(0),
-                ", feature 0 has ", features[0].size(0));
+    TORCH_CHECK(x.size(0) == features[0].size(0), op, ": feature ", i, " has batch ", x.size(0), ", feature 0 has ",
+                features[0].size(0));
     TORCH_CHECK(x.size(2) == x.size(3), op, ": feature ", i, " map ", x.sizes(), " is not square");
     const int64_t u = unshuffle[i];
     TORCH_CHECK(u >= 1 && x.size(2) % u == 0, op, ": feature ", i, ": unshuffle ", u, " does not divide its ",
@@ -70,7 +69,9 @@ std::vector<Feature> check_features(at::TensorList features, int64_t grid, at::I
   return out;
 }
 
-int64_t total_channels(const std::vector<Feature>& fs) { return fs.back().off + fs.back().cu; }
+int64_t total_channels(const std::vector<Feature>& fs) {
+  return fs.back().off + fs.back().cu;
+}
 
 // Base offset of every unshuffled channel c' (sample (0, 0) of the unshuffled map).
 std::vector<int64_t> channel_bases(const Feature& f) {
@@ -124,8 +125,7 @@ void forward_row(const T* x, const Feature& f, const std::vector<int64_t>& base,
         const T* b = r0 + x1;
         const T* c = r1 + x0;
         const T* d = r1 + x1;
-        for (int64_t k = c_beg; k < cu; ++k)
-          o[k] = static_cast<T>(bilinear<acc_t>(a[k], b[k], c[k], d[k], ty, tx));
+        for (int64_t k = c_beg; k < cu; ++k) o[k] = static_cast<T>(bilinear<acc_t>(a[k], b[k], c[k], d[k], ty, tx));
       } else {
         for (int64_t k = c_beg; k < cu; ++k) {
           const int64_t bk = base[k];
@@ -199,9 +199,8 @@ at::Tensor resize_concat_cpu(at::TensorList features, int64_t grid, at::IntArray
   const std::vector<Feature> fs = check_features(features, grid, unshuffle, "resize_concat");
   at::Tensor out = at::empty({features[0].size(0), grid * grid, total_channels(fs)}, features[0].options(),
                              at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "resize_concat_cpu", [&] {
-    forward_all<scalar_t>(features, fs, static_cast<int>(grid), out);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "resize_concat_cpu",
+                                  [&] { forward_all<scalar_t>(features, fs, static_cast<int>(grid), out); });
   return out;
 }
 
@@ -219,7 +218,7 @@ void backward_feature(const T* g, int64_t ld, const Feature& f, int64_t B, int G
   using acc_t = acc_type<T>;
   const std::vector<int64_t> base = channel_bases(f);
   const int64_t cu = f.cu, n = f.n, ys = f.u * f.sy, xs = f.u * f.sx, GG = static_cast<int64_t>(G) * G;
-  if (n == G) {  // identity: a plain copy
+  if (n == G) {                            // identity: a plain copy
     if (f.channel_inner() || n > kMaxG) {  // parallel over (b, y) rows, channels inner
       at::parallel_for(0, B * n, 1, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
@@ -300,8 +299,8 @@ std::vector<at::Tensor> resize_concat_backward_cpu(const at::Tensor& grad, at::T
   const std::vector<Feature> fs = check_features(features, grid, unshuffle, "resize_concat_backward");
   const int64_t B = features[0].size(0), ld = total_channels(fs);
   TORCH_CHECK(grad.dim() == 3 && grad.size(0) == B && grad.size(1) == grid * grid && grad.size(2) == ld,
-              "resize_concat_backward: grad has shape ", grad.sizes(), ", expected (", B, ", ", grid * grid, ", ",
-              ld, ")");
+              "resize_concat_backward: grad has shape ", grad.sizes(), ", expected (", B, ", ", grid * grid, ", ", ld,
+              ")");
   TORCH_CHECK(grad.scalar_type() == features[0].scalar_type(), "resize_concat_backward: grad has dtype ",
               grad.scalar_type(), ", features have ", features[0].scalar_type());
   TORCH_CHECK(grad.device().is_cpu(), "resize_concat_backward: grad is on ", grad.device(), ", expected cpu");

@@ -60,8 +60,8 @@ Launch launch_for(int64_t channels, int64_t cells, int64_t batch) {
 // contiguous; this feature's slice starts at channel off.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-forward_kernel(const scalar_t* __restrict__ x, Strides4 xs, int u, int n, int Cu, int G, int B, bool identity,
-               scalar_t* __restrict__ out, int64_t ctot, int64_t off) {
+    forward_kernel(const scalar_t* __restrict__ x, Strides4 xs, int u, int n, int Cu, int G, int B, bool identity,
+                   scalar_t* __restrict__ out, int64_t ctot, int64_t off) {
   using acc_t = acc_type<scalar_t>;
   const int cu = blockIdx.x * blockDim.x + threadIdx.x;
   if (cu >= Cu) return;
@@ -94,9 +94,9 @@ forward_kernel(const scalar_t* __restrict__ x, Strides4 xs, int u, int n, int Cu
 // and its bilinear weight along one axis.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-backward_kernel(const scalar_t* __restrict__ grad, Strides4 gs, int64_t off, int u, int n, int Cu, int G, int B,
-                bool identity, const int32_t* __restrict__ rowptr, const int32_t* __restrict__ gidx,
-                const acc_type<scalar_t>* __restrict__ wt, scalar_t* __restrict__ gin, Strides4 is) {
+    backward_kernel(const scalar_t* __restrict__ grad, Strides4 gs, int64_t off, int u, int n, int Cu, int G, int B,
+                    bool identity, const int32_t* __restrict__ rowptr, const int32_t* __restrict__ gidx,
+                    const acc_type<scalar_t>* __restrict__ wt, scalar_t* __restrict__ gin, Strides4 is) {
   using acc_t = acc_type<scalar_t>;
   const int cu = blockIdx.x * blockDim.x + threadIdx.x;
   if (cu >= Cu) return;
@@ -115,7 +115,8 @@ backward_kernel(const scalar_t* __restrict__ grad, Strides4 gs, int64_t off, int
         for (int ey = rowptr[yu]; ey < ye; ++ey) {
           const scalar_t* grow = gb + static_cast<int64_t>(gidx[ey]) * G * gs.y;
           acc_t inner = acc_t(0);
-          for (int ex = xb; ex < xe; ++ex) inner += wt[ex] * static_cast<acc_t>(grow[static_cast<int64_t>(gidx[ex]) * gs.y]);
+          for (int ex = xb; ex < xe; ++ex)
+            inner += wt[ex] * static_cast<acc_t>(grow[static_cast<int64_t>(gidx[ex]) * gs.y]);
           total += wt[ey] * inner;
         }
         v = static_cast<scalar_t>(total);
@@ -145,16 +146,15 @@ std::vector<FeatureGeom> check_features(at::TensorList features, int64_t grid, a
   geom.reserve(features.size());
   for (size_t i = 0; i < features.size(); ++i) {
     const at::Tensor& f = features[i];
-    TORCH_CHECK(f.is_cuda() && f.device() == f0.device(), op, ": feature ", i, " on ", f.device(),
-                ", feature 0 on ", f0.device());
+    TORCH_CHECK(f.is_cuda() && f.device() == f0.device(), op, ": feature ", i, " on ", f.device(), ", feature 0 on ",
+                f0.device());
     TORCH_CHECK(f.scalar_type() == f0.scalar_type(), op, ": feature ", i, " has dtype ", f.scalar_type(),
                 ", feature 0 has ", f0.scalar_type());
     TORCH_CHECK(f.scalar_type() == at::kFloat || f.scalar_type() == at::kDouble || f.scalar_type() == at::kHalf ||
                     f.scalar_type() == at::kBFloat16,
                 op, ": feature ", i, " has unsupported dtype ", f.scalar_type());
     TORCH_CHECK(f.dim() == 4, op, ": feature ", i, " is ", f.dim(), "-D, expected (B, C, H, W)");
-    TORCH_CHECK(f.size(0) == f0.size(0), op, ": feature ", i, " has batch ", f.size(0), ", feature 0 has ",
-                f0.size(0));
+    TORCH_CHECK(f.size(0) == f0.size(0), op, ": feature ", i, " has batch ", f.size(0), ", feature 0 has ", f0.size(0));
     TORCH_CHECK(f.size(2) == f.size(3), op, ": feature ", i, " map ", f.sizes(), " is not square");
     const int64_t u = unshuffle[i];
     TORCH_CHECK(u >= 1 && f.size(2) >= u && f.size(2) % u == 0, op, ": feature ", i, ": unshuffle ", u,
@@ -164,8 +164,8 @@ std::vector<FeatureGeom> check_features(at::TensorList features, int64_t grid, a
     g.u = static_cast<int>(u);
     g.n = f.size(2) / u;
     g.Cu = g.C * u * u;
-    TORCH_CHECK(g.Cu <= INT_MAX && g.n * g.n <= INT_MAX / 2 && f.size(0) <= INT_MAX, op, ": feature ", i,
-                " of shape ", f.sizes(), " is too large");
+    TORCH_CHECK(g.Cu <= INT_MAX && g.n * g.n <= INT_MAX / 2 && f.size(0) <= INT_MAX, op, ": feature ", i, " of shape ",
+                f.sizes(), " is too large");
     g.identity = g.n == grid;
     geom.push_back(g);
   }
@@ -269,11 +269,11 @@ std::vector<at::Tensor> resize_concat_backward_cuda(const at::Tensor& grad, at::
   for (const auto& g : geom) ctot += g.Cu;
   TORCH_CHECK(grad.is_cuda() && grad.device() == f0.device(), "resize_concat_backward: grad on ", grad.device(),
               ", features on ", f0.device());
-  TORCH_CHECK(grad.scalar_type() == f0.scalar_type(), "resize_concat_backward: grad has dtype ",
-              grad.scalar_type(), ", features have ", f0.scalar_type());
+  TORCH_CHECK(grad.scalar_type() == f0.scalar_type(), "resize_concat_backward: grad has dtype ", grad.scalar_type(),
+              ", features have ", f0.scalar_type());
   TORCH_CHECK(grad.dim() == 3 && grad.size(0) == B && grad.size(1) == grid * grid && grad.size(2) == ctot,
-              "resize_concat_backward: grad of shape ", grad.sizes(), ", expected (", B, ", ", grid * grid, ", ",
-              ctot, ")");
+              "resize_concat_backward: grad of shape ", grad.sizes(), ", expected (", B, ", ", grid * grid, ", ", ctot,
+              ")");
   c10::cuda::CUDAGuard guard(f0.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int G = static_cast<int>(grid);

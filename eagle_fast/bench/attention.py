@@ -36,13 +36,17 @@ def _batch_by_seq(text: str) -> tuple[int, int]:
 
 @dataclass
 class AttentionBenchConfig:
-    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu",
-                        metadata={"help": "cpu or cuda (default: cuda when available)"})
+    device: str = field(
+        default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu",
+        metadata={"help": "cpu or cuda (default: cuda when available)"},
+    )
     dtype: str = field(default="bfloat16", metadata={"choices": ("bfloat16", "float16", "float32")})
     head_dims: tuple[int, ...] = (64, 128)
     causal: tuple[bool, ...] = field(default=(False, True), metadata={"help": "causal settings to sweep"})
-    shapes: tuple[tuple[int, int], ...] | None = field(default=None, metadata={
-        "parse": _batch_by_seq, "help": "BATCHxSEQUENCE points, e.g. 8x2048 (default: the device's sweep)"})
+    shapes: tuple[tuple[int, int], ...] | None = field(
+        default=None,
+        metadata={"parse": _batch_by_seq, "help": "BATCHxSEQUENCE points, e.g. 8x2048 (default: the device's sweep)"},
+    )
     width: int | None = field(default=None, metadata={"help": "model width H * D (default: 2048 on CUDA, 256 on CPU)"})
     repeats: int = 7
     threads: int = 2
@@ -61,8 +65,9 @@ def _providers(device: str) -> dict:
     provs = {
         "eagle_fast": lambda q, k, v, c: attention(q, k, v, causal=c),
         # SDPA in its own (B, H, S, D) layout; the transposes are views
-        "sdpa": lambda q, k, v, c: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                                  v.transpose(1, 2), is_causal=c),
+        "sdpa": lambda q, k, v, c: F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=c
+        ),
     }
     if device == "cpu":
         provs["math reference"] = lambda q, k, v, c: _attention_reference(q, k, v, c, q.shape[-1] ** -0.5)
@@ -107,8 +112,7 @@ def run(cfg: AttentionBenchConfig) -> list[Row]:
         heads = width // d
         for batch, seq in shapes:
             g = torch.Generator(cfg.device).manual_seed(0)
-            q, k, v = (torch.randn(batch, seq, heads, d, device=cfg.device, dtype=dtype, generator=g)
-                       for _ in range(3))
+            q, k, v = (torch.randn(batch, seq, heads, d, device=cfg.device, dtype=dtype, generator=g) for _ in range(3))
             for causal in cfg.causal:
                 fns = {}
                 for name, fn in _providers(cfg.device).items():
@@ -116,9 +120,19 @@ def run(cfg: AttentionBenchConfig) -> list[Row]:
                         fns[(name, mode)] = step
                 for (name, mode), ms in time_interleaved_ms(fns, repeats=cfg.repeats, cuda=cuda).items():
                     tflops = flops(batch, seq, heads, d, causal, mode) / ms / 1e9
-                    rows.append(Row("attention", name, cfg.device, cfg.dtype, cfg.threads,
-                                    f"B{batch} S{seq} H{heads} D{d}{' causal' if causal else ''}", ms, tflops,
-                                    {"mode": mode}))
+                    rows.append(
+                        Row(
+                            "attention",
+                            name,
+                            cfg.device,
+                            cfg.dtype,
+                            cfg.threads,
+                            f"B{batch} S{seq} H{heads} D{d}{' causal' if causal else ''}",
+                            ms,
+                            tflops,
+                            {"mode": mode},
+                        )
+                    )
                 del fns
     return rows
 
@@ -128,14 +142,22 @@ def report(rows: list[Row]) -> str:
     lines = ["| shape | mode | provider | ms | TFLOP/s | vs sdpa |", "|---|---|---|---|---|---|"]
     for r in rows:
         ratio = sdpa[(r.shape, r.extra["mode"])] / r.median_ms
-        lines.append(f"| {r.shape} | {r.extra['mode']} | {r.provider} | {r.median_ms:.3f} | {r.items_per_s:.3f} | "
-                     f"{ratio:.2f}x |")
+        lines.append(
+            f"| {r.shape} | {r.extra['mode']} | {r.provider} | {r.median_ms:.3f} | {r.items_per_s:.3f} | {ratio:.2f}x |"
+        )
     return "\n".join(lines)
 
 
 def main(cfg: AttentionBenchConfig) -> list[Row]:
     rows = run(cfg)
-    publish(rows, report(rows), cfg.out_dir, "attention", f"attention {cfg.dtype}",
-            machine_note=f", threads={cfg.threads}", ylabel="TFLOP/s (higher is better)",
-            label=lambda r: f"{r.provider} {r.extra['mode']}\n{r.shape}")
+    publish(
+        rows,
+        report(rows),
+        cfg.out_dir,
+        "attention",
+        f"attention {cfg.dtype}",
+        machine_note=f", threads={cfg.threads}",
+        ylabel="TFLOP/s (higher is better)",
+        label=lambda r: f"{r.provider} {r.extra['mode']}\n{r.shape}",
+    )
     return rows

@@ -40,8 +40,9 @@ def _first_token_ms(stream) -> tuple[float, float, int]:
 def _session(model, tok, proc, cfg: ChatBenchConfig, reuse: bool):
     from eagle_fast.inference import ChatSession
 
-    return ChatSession(model, tok, proc, reuse_prefix=reuse, max_new_tokens=cfg.reply_tokens, temperature=0,
-                       stop_ids=(), stop=())
+    return ChatSession(
+        model, tok, proc, reuse_prefix=reuse, max_new_tokens=cfg.reply_tokens, temperature=0, stop_ids=(), stop=()
+    )
 
 
 def run_preset(preset: str, cfg: ChatBenchConfig) -> list[Row]:
@@ -65,32 +66,55 @@ def run_preset(preset: str, cfg: ChatBenchConfig) -> list[Row]:
             if rep:
                 (reuse if use else fresh).append(ms)
     rows_seen = len(chats[True]._prompt())
-    grid2 = model.config.mm_grid ** 2
+    grid2 = model.config.mm_grid**2
     shape = f"{preset} prompt~{rows_seen - 1 + grid2} rows"
-    med = {k: statistics.median(v) for k, v in
-           (("turn 1", turn1), ("turn 2 reuse", reuse), ("turn 2 re-encode", fresh))}
+    med = {
+        k: statistics.median(v) for k, v in (("turn 1", turn1), ("turn 2 reuse", reuse), ("turn 2 re-encode", fresh))
+    }
     rows = [Row("chat", k, "cpu", "float32", cfg.threads, shape, ms, 1e3 / ms) for k, ms in med.items()]
-    rows.append(Row("chat", "decode", "cpu", "float32", cfg.threads, shape, 1e3 / statistics.median(decode_tps),
-                    statistics.median(decode_tps)))
+    rows.append(
+        Row(
+            "chat",
+            "decode",
+            "cpu",
+            "float32",
+            cfg.threads,
+            shape,
+            1e3 / statistics.median(decode_tps),
+            statistics.median(decode_tps),
+        )
+    )
     return rows
 
 
 def report(rows: list[Row]) -> str:
-    lines = ["| preset | TTFT turn 1 (ms) | TTFT turn 2, re-encode (ms) | TTFT turn 2, prefix reuse (ms) | "
-             "reuse speed-up | decode tokens/s |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| preset | TTFT turn 1 (ms) | TTFT turn 2, re-encode (ms) | TTFT turn 2, prefix reuse (ms) | "
+        "reuse speed-up | decode tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
     for shape in dict.fromkeys(r.shape for r in rows):
         by = {r.provider: r for r in rows if r.shape == shape}
-        lines.append(f"| {shape} | {by['turn 1'].median_ms:.1f} | {by['turn 2 re-encode'].median_ms:.1f} | "
-                     f"{by['turn 2 reuse'].median_ms:.1f} | "
-                     f"{by['turn 2 re-encode'].median_ms / by['turn 2 reuse'].median_ms:.1f}x | "
-                     f"{by['decode'].items_per_s:.1f} |")
+        lines.append(
+            f"| {shape} | {by['turn 1'].median_ms:.1f} | {by['turn 2 re-encode'].median_ms:.1f} | "
+            f"{by['turn 2 reuse'].median_ms:.1f} | "
+            f"{by['turn 2 re-encode'].median_ms / by['turn 2 reuse'].median_ms:.1f}x | "
+            f"{by['decode'].items_per_s:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def main(cfg: ChatBenchConfig) -> list[Row]:
     torch.set_num_threads(cfg.threads)
     rows = [r for p in cfg.presets for r in run_preset(p, cfg)]
-    publish(rows, report(rows), cfg.out_dir, "chat", "chat latency (1 / ms; decode: tokens/s)",
-            machine_note=f", threads={cfg.threads}", ylabel="1 / ms, tokens/s (higher is better)",
-            label=lambda r: f"{r.shape.split()[0]}\n{r.provider}")
+    publish(
+        rows,
+        report(rows),
+        cfg.out_dir,
+        "chat",
+        "chat latency (1 / ms; decode: tokens/s)",
+        machine_note=f", threads={cfg.threads}",
+        ylabel="1 / ms, tokens/s (higher is better)",
+        label=lambda r: f"{r.shape.split()[0]}\n{r.provider}",
+    )
     return rows

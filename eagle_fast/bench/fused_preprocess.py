@@ -84,8 +84,19 @@ def run(cfg: PreprocessBenchConfig) -> list[Row]:
     rows: list[Row] = []
 
     def add(provider, ms, dtype, threads, device="cpu", items=n, **extra):
-        rows.append(Row("preprocess", provider, device, str(dtype).removeprefix("torch."), threads, shape, ms,
-                        items / ms * 1e3, extra))
+        rows.append(
+            Row(
+                "preprocess",
+                provider,
+                device,
+                str(dtype).removeprefix("torch."),
+                threads,
+                shape,
+                ms,
+                items / ms * 1e3,
+                extra,
+            )
+        )
 
     pil_run, tv_run = _hf_pipeline(fast=False), _hf_pipeline(fast=True)
     for threads in cfg.threads:
@@ -97,14 +108,19 @@ def run(cfg: PreprocessBenchConfig) -> list[Row]:
         }
         for dtype in (torch.float32, torch.bfloat16):
             fns[("(c) eagle_fast reference", dtype)] = functools.partial(
-                lambda d: [fused_preprocess([t], dtype=d, backend="reference") for t in tensors], dtype)
+                lambda d: [fused_preprocess([t], dtype=d, backend="reference") for t in tensors], dtype
+            )
             fns[("(d) eagle_fast C++", dtype)] = functools.partial(
-                lambda d: [fused_preprocess([t], dtype=d) for t in tensors], dtype)
-        for (provider, dtype), ms in time_interleaved_ms(fns, repeats=cfg.repeats, min_sample_ms=cfg.min_sample_ms).items():
+                lambda d: [fused_preprocess([t], dtype=d) for t in tensors], dtype
+            )
+        for (provider, dtype), ms in time_interleaved_ms(
+            fns, repeats=cfg.repeats, min_sample_ms=cfg.min_sample_ms
+        ).items():
             add(provider, ms, dtype, threads)
             if provider.startswith("(d)"):
-                rows[-1].extra.update(out_gbps=round(n * _out_bytes(dtype) / ms / 1e6, 2),
-                                      memcpy_gbps=round(copy_gbps, 2))
+                rows[-1].extra.update(
+                    out_gbps=round(n * _out_bytes(dtype) / ms / 1e6, 2), memcpy_gbps=round(copy_gbps, 2)
+                )
 
     if torch.cuda.is_available():
         torch.set_num_threads(max(cfg.threads))
@@ -113,24 +129,39 @@ def run(cfg: PreprocessBenchConfig) -> list[Row]:
         for dtype in (torch.float32, torch.bfloat16):
             for provider, backend in (("(e) eagle_fast CUDA", "auto"), ("(f) eagle_fast Triton", "triton")):
                 fns[(provider, dtype)] = functools.partial(
-                    lambda d, be: fused_preprocess(batch, dtype=d, backend=be), dtype, backend)
+                    lambda d, be: fused_preprocess(batch, dtype=d, backend=be), dtype, backend
+                )
         gpu_copy = memcpy_gbps(1, device="cuda")
-        for (provider, dtype), ms in time_interleaved_ms(fns, repeats=cfg.repeats, cuda=True, min_sample_ms=cfg.min_sample_ms).items():
-            add(provider, ms, dtype, max(cfg.threads), device="cuda", items=cfg.gpu_batch,
-                out_gbps=round(cfg.gpu_batch * _out_bytes(dtype) / ms / 1e6, 1), memcpy_gbps=round(gpu_copy, 1))
+        for (provider, dtype), ms in time_interleaved_ms(
+            fns, repeats=cfg.repeats, cuda=True, min_sample_ms=cfg.min_sample_ms
+        ).items():
+            add(
+                provider,
+                ms,
+                dtype,
+                max(cfg.threads),
+                device="cuda",
+                items=cfg.gpu_batch,
+                out_gbps=round(cfg.gpu_batch * _out_bytes(dtype) / ms / 1e6, 1),
+                memcpy_gbps=round(gpu_copy, 1),
+            )
     return rows
 
 
 def report(rows: list[Row]) -> str:
     base = {(r.provider[:3], r.threads): r.items_per_s for r in rows if r.dtype == "float32"}
-    lines = ["| provider | device | dtype | threads | images/s | vs (a) | vs (b) | out GB/s (memcpy GB/s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| provider | device | dtype | threads | images/s | vs (a) | vs (b) | out GB/s (memcpy GB/s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         a, b = base.get(("(a)", r.threads)), base.get(("(b)", r.threads))
         va = f"{r.items_per_s / a:.1f}x" if a else "-"
         vb = f"{r.items_per_s / b:.1f}x" if b else "-"
         bw = f"{r.extra['out_gbps']} ({r.extra['memcpy_gbps']})" if "out_gbps" in r.extra else "-"
-        lines.append(f"| {r.provider} | {r.device} | {r.dtype} | {r.threads} | {r.items_per_s:.1f} | {va} | {vb} | {bw} |")
+        lines.append(
+            f"| {r.provider} | {r.device} | {r.dtype} | {r.threads} | {r.items_per_s:.1f} | {va} | {vb} | {bw} |"
+        )
     return "\n".join(lines)
 
 

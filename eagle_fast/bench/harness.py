@@ -56,15 +56,21 @@ def machine() -> dict[str, str]:
 
 def _git_sha() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
-def time_ms(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 1, cuda: bool = False,
-            min_sample_ms: float = 0.0) -> float:
+def time_ms(
+    fn: Callable[[], object], *, repeats: int = 7, warmup: int = 1, cuda: bool = False, min_sample_ms: float = 0.0
+) -> float:
     """Median wall time of one call of `fn` in milliseconds (synchronizing CUDA around each sample
     when asked). A sample runs `fn` back to back until it lasts at least `min_sample_ms` and counts
     the mean per call, so that a fast fn is not timed on one call alone, right after another
@@ -97,8 +103,14 @@ def time_ms(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 1, cuda
     return statistics.median(times)
 
 
-def time_interleaved_ms(fns: dict[str, Callable[[], object]], *, repeats: int = 7, warmup: int = 1,
-                        cuda: bool = False, min_sample_ms: float = 0.0) -> dict[str, float]:
+def time_interleaved_ms(
+    fns: dict[str, Callable[[], object]],
+    *,
+    repeats: int = 7,
+    warmup: int = 1,
+    cuda: bool = False,
+    min_sample_ms: float = 0.0,
+) -> dict[str, float]:
     """Median ms per call of each fn, timed in rounds (every fn once per round) so that drift in
     the machine's speed hits all providers alike instead of whichever ran during a slow spell. Each
     timed sample follows `warmup` untimed calls of the same fn and lasts at least `min_sample_ms`
@@ -134,8 +146,13 @@ def write_csv(rows: list[Row], path: str) -> None:
             w.writerow([d[k] for k in keys] + [repr(d["extra"])] + list(info.values()))
 
 
-def bar_plot(rows: list[Row], path: str, title: str, ylabel: str = "items / s (higher is better)",
-             label: Callable[[Row], str] | None = None) -> None:
+def bar_plot(
+    rows: list[Row],
+    path: str,
+    title: str,
+    ylabel: str = "items / s (higher is better)",
+    label: Callable[[Row], str] | None = None,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,8 +171,9 @@ def bar_plot(rows: list[Row], path: str, title: str, ylabel: str = "items / s (h
     plt.close(fig)
 
 
-def publish(rows: list[Row], table: str, out_dir: str, name: str, title: str, machine_note: str = "",
-            **plot_kw) -> None:
+def publish(
+    rows: list[Row], table: str, out_dir: str, name: str, title: str, machine_note: str = "", **plot_kw
+) -> None:
     """Prints the machine line and the table, appends the rows to out_dir/name.csv and plots
     out_dir/name.png (title gets the CPU or GPU model appended)."""
     info = machine()

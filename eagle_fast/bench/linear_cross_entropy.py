@@ -38,29 +38,40 @@ NAMED_ONLY = {"small": (4096, 64, 256, 0.25)}  # run only when named (bench all 
 class LinearCrossEntropyBenchConfig:
     repeats: int = field(default=5, metadata={"help": "timed rounds, median reported"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
-    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu",
-                        metadata={"help": "cpu or cuda (default: cuda when available)"})
-    dtype: str | None = field(default=None, metadata={
-        "choices": ("float32", "bfloat16", "float16"),
-        "help": "dtype of hidden and weight for the op and both baselines (default: bfloat16 on CUDA, float32 on CPU)"})
+    device: str = field(
+        default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu",
+        metadata={"help": "cpu or cuda (default: cuda when available)"},
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "choices": ("float32", "bfloat16", "float16"),
+            "help": "dtype of hidden and weight for the op and both baselines (default: bfloat16 on CUDA, float32 on CPU)",
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.dtype is None:
             self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
-    shapes: tuple[str, ...] | None = field(default=None, metadata={
-        "help": "names of SHAPES (and CUDA_SHAPES, or 'small'); default: every one for the device"})
+
+    shapes: tuple[str, ...] | None = field(
+        default=None,
+        metadata={"help": "names of SHAPES (and CUDA_SHAPES, or 'small'); default: every one for the device"},
+    )
     out_dir: str = field(default="bench_results", metadata={"help": "where linear_cross_entropy.csv and .png go"})
 
 
 PROVIDERS = ("eager reference", "eager learned rows", "eagle_fast")
-BASELINES = {"eager reference": "eager F.linear over all rows + F.cross_entropy",
-             "eager learned rows": "eager F.linear over learned rows + F.cross_entropy"}
+BASELINES = {
+    "eager reference": "eager F.linear over all rows + F.cross_entropy",
+    "eager learned rows": "eager F.linear over learned rows + F.cross_entropy",
+}
 
 
 def make_problem(V: int, H: int, N: int, learned: float, dtype: torch.dtype, device: str):
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(N, H, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
-    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(device=device, dtype=dtype).requires_grad_(True)
+    weight = (torch.randn(V, H, generator=g) / H**0.5).to(device=device, dtype=dtype).requires_grad_(True)
     labels = torch.randint(0, V, (N,), generator=g)
     labels[torch.rand(N, generator=g) >= learned] = -100
     return hidden, weight, labels.to(device)
@@ -121,37 +132,66 @@ def run(cfg: LinearCrossEntropyBenchConfig) -> list[Row]:
         times = time_interleaved_ms(fns, repeats=cfg.repeats, cuda=cfg.device == "cuda")
         chunk_rows = max(1, _CHUNK_BYTES.get(cfg.device, 16 << 20) // (4 * V))
         for (provider, step), ms in times.items():
-            extra = {"step": step, "learned_rows": n, "ref_logits_bytes": N * V * 4, "learned_logits_bytes": n * V * 4,
-                     "chunk_bytes": min(chunk_rows, n) * V * 4, "baseline": BASELINES.get(provider, "")}
+            extra = {
+                "step": step,
+                "learned_rows": n,
+                "ref_logits_bytes": N * V * 4,
+                "learned_logits_bytes": n * V * 4,
+                "chunk_bytes": min(chunk_rows, n) * V * 4,
+                "baseline": BASELINES.get(provider, ""),
+            }
             if provider == "eagle_fast":
                 for base in BASELINES:
                     extra[f"x_vs_{base.replace(' ', '_')}"] = round(times[(base, step)] / ms, 3)
-            rows.append(Row("linear_cross_entropy", f"{provider} {step}", cfg.device, cfg.dtype, cfg.threads,
-                            f"{name} V{V} H{H} N{N}", ms, N / ms * 1e3, extra))
+            rows.append(
+                Row(
+                    "linear_cross_entropy",
+                    f"{provider} {step}",
+                    cfg.device,
+                    cfg.dtype,
+                    cfg.threads,
+                    f"{name} V{V} H{H} N{N}",
+                    ms,
+                    N / ms * 1e3,
+                    extra,
+                )
+            )
     return rows
 
 
 def report(rows: list[Row]) -> str:
-    base = {(r.shape, r.extra["step"], r.provider.rsplit(" ", 1)[0]): r.median_ms for r in rows
-            if r.extra["baseline"]}
-    lines = ["| shape | dtype | learned rows | step | eager all rows ms | eager learned rows ms | eagle_fast ms | "
-             "vs eager all rows | vs eager learned rows | fp32 logits all / learned / op chunk (MB) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(r.shape, r.extra["step"], r.provider.rsplit(" ", 1)[0]): r.median_ms for r in rows if r.extra["baseline"]}
+    lines = [
+        "| shape | dtype | learned rows | step | eager all rows ms | eager learned rows ms | eagle_fast ms | "
+        "vs eager all rows | vs eager learned rows | fp32 logits all / learned / op chunk (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r.extra["baseline"]:
             continue
         step = r.extra["step"]
         e_all, e_learned = base[(r.shape, step, "eager reference")], base[(r.shape, step, "eager learned rows")]
-        mem = (f"{r.extra['ref_logits_bytes'] / 1e6:.0f} / {r.extra['learned_logits_bytes'] / 1e6:.1f} / "
-               f"{r.extra['chunk_bytes'] / 1e6:.1f}")
-        lines.append(f"| {r.shape} | {r.dtype} | {r.extra['learned_rows']} | {step} | {e_all:.2f} | {e_learned:.2f} | "
-                     f"{r.median_ms:.2f} | {e_all / r.median_ms:.2f}x | {e_learned / r.median_ms:.2f}x | {mem} |")
+        mem = (
+            f"{r.extra['ref_logits_bytes'] / 1e6:.0f} / {r.extra['learned_logits_bytes'] / 1e6:.1f} / "
+            f"{r.extra['chunk_bytes'] / 1e6:.1f}"
+        )
+        lines.append(
+            f"| {r.shape} | {r.dtype} | {r.extra['learned_rows']} | {step} | {e_all:.2f} | {e_learned:.2f} | "
+            f"{r.median_ms:.2f} | {e_all / r.median_ms:.2f}x | {e_learned / r.median_ms:.2f}x | {mem} |"
+        )
     return "\n".join(lines)
 
 
 def main(cfg: LinearCrossEntropyBenchConfig) -> list[Row]:
     rows = run(cfg)
-    publish(rows, report(rows), cfg.out_dir, "linear_cross_entropy", f"linear_cross_entropy ({cfg.dtype})",
-            machine_note=f", threads={cfg.threads}", ylabel="positions / s (higher is better)",
-            label=lambda r: f"{r.shape.split(' V')[0]} {r.dtype}\n{r.provider}")
+    publish(
+        rows,
+        report(rows),
+        cfg.out_dir,
+        "linear_cross_entropy",
+        f"linear_cross_entropy ({cfg.dtype})",
+        machine_note=f", threads={cfg.threads}",
+        ylabel="positions / s (higher is better)",
+        label=lambda r: f"{r.shape.split(' V')[0]} {r.dtype}\n{r.provider}",
+    )
     return rows

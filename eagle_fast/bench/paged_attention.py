@@ -30,11 +30,17 @@ from eagle_fast.ops.paged_attention import _gather, _paged_attention_reference, 
 
 @dataclass
 class PagedAttentionBenchConfig:
-    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu",
-                        metadata={"help": "cpu or cuda (default: cuda when available)"})
-    dtype: str | None = field(default=None, metadata={
-        "choices": ("float32", "bfloat16", "float16"),
-        "help": "dtype of q and the cache (default: bfloat16 on CUDA, float32 on CPU)"})
+    device: str = field(
+        default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu",
+        metadata={"help": "cpu or cuda (default: cuda when available)"},
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "choices": ("float32", "bfloat16", "float16"),
+            "help": "dtype of q and the cache (default: bfloat16 on CUDA, float32 on CPU)",
+        },
+    )
     preset: str = field(default="eagle-small-x5", metadata={"help": "model preset whose LLM heads are used"})
     batches: tuple[int, ...] = field(default=(1, 4, 16), metadata={"help": "sequences per decode step"})
     context: int = field(default=1100, metadata={"help": "keys per sequence (+- 32), the new row included"})
@@ -60,8 +66,9 @@ def heads(preset: str) -> tuple[int, int, int]:
     return hq, hkv, cfg["hidden_size"] // hq
 
 
-def make_step(batch: int, context: int, block_size: int, hq: int, hkv: int, d: int, dtype: torch.dtype,
-              device: str, seed: int = 0):
+def make_step(
+    batch: int, context: int, block_size: int, hq: int, hkv: int, d: int, dtype: torch.dtype, device: str, seed: int = 0
+):
     """(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k) of one decode step: Lq = 1 per
     sequence, Lk = context + ((37 b) mod 64) - 32, blocks shuffled over the cache."""
     g = torch.Generator().manual_seed(seed)
@@ -71,7 +78,7 @@ def make_step(batch: int, context: int, block_size: int, hq: int, hkv: int, d: i
     table = torch.zeros(batch, max(need), dtype=torch.int32)
     start = 0
     for b, n in enumerate(need):
-        table[b, :n] = order[start:start + n]
+        table[b, :n] = order[start : start + n]
         start += n
     k_cache = torch.randn(sum(need), block_size, hkv, d, generator=g).to(device=device, dtype=dtype)
     v_cache = torch.randn(sum(need), block_size, hkv, d, generator=g).to(device=device, dtype=dtype)
@@ -88,8 +95,9 @@ def gather_sdpa(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k):
     for b, (lk, a, e) in enumerate(zip(seqlens_k.tolist(), cu_seqlens_q.tolist(), cu_seqlens_q.tolist()[1:])):
         blocks = block_table[b, : (lk + bs - 1) // bs]
         k, v = (_gather(c, blocks, lk).transpose(0, 1)[None] for c in (k_cache, v_cache))
-        out[a:e] = F.scaled_dot_product_attention(q[a:e].transpose(0, 1)[None], k, v,
-                                                  enable_gqa=True)[0].transpose(0, 1)
+        out[a:e] = F.scaled_dot_product_attention(q[a:e].transpose(0, 1)[None], k, v, enable_gqa=True)[0].transpose(
+            0, 1
+        )
     return out
 
 
@@ -110,19 +118,34 @@ def run(cfg: PagedAttentionBenchConfig) -> list[Row]:
     for batch in cfg.batches:
         step = make_step(batch, cfg.context, cfg.block_size, hq, hkv, d, dtype, cfg.device)
         kv_bytes = int(step[5].sum()) * hkv * d * 2 * step[1].element_size()
-        provs = _providers(1, d ** -0.5)
+        provs = _providers(1, d**-0.5)
         with torch.no_grad():
             want = provs["reference"](*step).float()
             for name, fn in provs.items():  # every provider computes the same step
                 err = (fn(*step).float() - want).abs().max().item()
                 if err > (1e-4 if dtype == torch.float32 else 3e-2):
                     raise RuntimeError(f"paged_attention bench: {name} differs from the reference by {err:.3g}")
-            times = time_interleaved_ms({n: (lambda f=f: f(*step)) for n, f in provs.items()}, repeats=cfg.repeats,
-                                        cuda=cfg.device.startswith("cuda"), min_sample_ms=cfg.min_sample_ms)
+            times = time_interleaved_ms(
+                {n: (lambda f=f: f(*step)) for n, f in provs.items()},
+                repeats=cfg.repeats,
+                cuda=cfg.device.startswith("cuda"),
+                min_sample_ms=cfg.min_sample_ms,
+            )
         shape = f"B{batch} ctx~{cfg.context} bs{cfg.block_size} Hq{hq} Hkv{hkv} D{d}"
         for name, ms in times.items():
-            rows.append(Row("paged_attention", name, cfg.device, cfg.dtype, cfg.threads, shape, ms,
-                            kv_bytes / ms / 1e6, {"kv_bytes": kv_bytes, "preset": cfg.preset}))
+            rows.append(
+                Row(
+                    "paged_attention",
+                    name,
+                    cfg.device,
+                    cfg.dtype,
+                    cfg.threads,
+                    shape,
+                    ms,
+                    kv_bytes / ms / 1e6,
+                    {"kv_bytes": kv_bytes, "preset": cfg.preset},
+                )
+            )
     return rows
 
 
@@ -130,14 +153,23 @@ def report(rows: list[Row]) -> str:
     base = {r.shape: r.median_ms for r in rows if r.provider == "gather+sdpa"}
     lines = ["| step | provider | ms | KV GB/s | speed vs gather+sdpa |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.shape} | {r.provider} | {r.median_ms:.3f} | {r.items_per_s:.2f} | "
-                     f"{base[r.shape] / r.median_ms:.2f}x |")
+        lines.append(
+            f"| {r.shape} | {r.provider} | {r.median_ms:.3f} | {r.items_per_s:.2f} | "
+            f"{base[r.shape] / r.median_ms:.2f}x |"
+        )
     return "\n".join(lines)
 
 
 def main(cfg: PagedAttentionBenchConfig) -> list[Row]:
     rows = run(cfg)
-    publish(rows, report(rows), cfg.out_dir, "paged_attention", f"paged_attention decode {cfg.dtype}",
-            machine_note=f", threads={cfg.threads}", ylabel="KV GB/s read (higher is better)",
-            label=lambda r: f"{r.provider}\n{r.shape.split(' ')[0]}")
+    publish(
+        rows,
+        report(rows),
+        cfg.out_dir,
+        "paged_attention",
+        f"paged_attention decode {cfg.dtype}",
+        machine_note=f", threads={cfg.threads}",
+        ylabel="KV GB/s read (higher is better)",
+        label=lambda r: f"{r.provider}\n{r.shape.split(' ')[0]}",
+    )
     return rows

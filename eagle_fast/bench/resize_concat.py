@@ -25,8 +25,10 @@ from eagle_fast.bench.harness import Row, publish, time_interleaved_ms
 from eagle_fast.ops.resize_concat import resize_concat
 
 SHAPES = {
-    "x5": ([("tok", 1024, 24), ("map", 3072, 32), ("map", 256, 64), ("map", 1024, 64), ("map", 1536, 45)],
-           [1, 1, 2, 1, 1]),
+    "x5": (
+        [("tok", 1024, 24), ("map", 3072, 32), ("map", 256, 64), ("map", 1024, 64), ("map", 1536, 45)],
+        [1, 1, 2, 1, 1],
+    ),
     "x4": ([("tok", 1024, 24), ("map", 3072, 32), ("map", 1024, 64), ("map", 1536, 45)], [1, 1, 1, 1]),
 }
 
@@ -84,9 +86,21 @@ def _malloc_in_use() -> int:
     import ctypes
 
     class MallInfo2(ctypes.Structure):
-        _fields_ = [(f, ctypes.c_size_t) for f in
-                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                     "keepcost")]
+        _fields_ = [
+            (f, ctypes.c_size_t)
+            for f in (
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            )
+        ]
 
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
@@ -139,9 +153,11 @@ def _memory_probe(name: str, batch: int, grid: int, dtype: str, backend: str, de
 
 
 def _probe_subprocess(name, cfg: ResizeConcatBenchConfig, dtype: str, backend: str) -> dict:
-    code = (f"import json; from eagle_fast.bench.resize_concat import _memory_probe; "
-            f"print(json.dumps(_memory_probe({name!r}, {cfg.batch}, {cfg.grid}, {dtype!r}, {backend!r}, "
-            f"{cfg.device!r})))")
+    code = (
+        f"import json; from eagle_fast.bench.resize_concat import _memory_probe; "
+        f"print(json.dumps(_memory_probe({name!r}, {cfg.batch}, {cfg.grid}, {dtype!r}, {backend!r}, "
+        f"{cfg.device!r})))"
+    )
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     if res.returncode != 0:
@@ -166,15 +182,18 @@ def run(cfg: ResizeConcatBenchConfig) -> list[Row]:
                 if step == "fwd+bwd" and cfg.memory:
                     backend = "reference" if provider == "eager reference" else "auto"
                     extra.update(_probe_subprocess(name, cfg, dt, backend))
-                rows.append(Row("resize_concat", f"{provider} {step}", cfg.device, dt, cfg.threads,
-                                name, ms, 1e3 / ms, extra))
+                rows.append(
+                    Row("resize_concat", f"{provider} {step}", cfg.device, dt, cfg.threads, name, ms, 1e3 / ms, extra)
+                )
     return rows
 
 
 def report(rows: list[Row]) -> str:
     ref = {(r.shape, r.dtype, r.extra["step"]): r.median_ms for r in rows if r.provider.startswith("eager")}
-    lines = ["| shapes | dtype | step | eager ms | eagle_fast ms | speed-up | extra memory eager / eagle_fast (MB) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| shapes | dtype | step | eager ms | eagle_fast ms | speed-up | extra memory eager / eagle_fast (MB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     mem = {(r.shape, r.dtype, r.provider.split()[0]): r.extra.get("extra_bytes") for r in rows}
     for r in rows:
         if r.provider.startswith("eager"):
@@ -182,8 +201,10 @@ def report(rows: list[Row]) -> str:
         step = r.extra["step"]
         e = ref[(r.shape, r.dtype, step)]
         m = "-"
-        if step == "fwd+bwd" and None not in (mem.get((r.shape, r.dtype, "eagle_fast")),
-                                              mem.get((r.shape, r.dtype, "eager"))):  # no probes: "-"
+        if step == "fwd+bwd" and None not in (
+            mem.get((r.shape, r.dtype, "eagle_fast")),
+            mem.get((r.shape, r.dtype, "eager")),
+        ):  # no probes: "-"
             m = f"{mem[(r.shape, r.dtype, 'eager')] / 1e6:.1f} / {mem[(r.shape, r.dtype, 'eagle_fast')] / 1e6:.1f}"
         lines.append(f"| {r.shape} | {r.dtype} | {step} | {e:.2f} | {r.median_ms:.2f} | {e / r.median_ms:.2f}x | {m} |")
     return "\n".join(lines)
@@ -191,6 +212,12 @@ def report(rows: list[Row]) -> str:
 
 def main(cfg: ResizeConcatBenchConfig) -> list[Row]:
     rows = run(cfg)
-    publish(rows, report(rows), cfg.out_dir, "resize_concat", f"resize_concat (B={cfg.batch})",
-            machine_note=f", threads={cfg.threads}")
+    publish(
+        rows,
+        report(rows),
+        cfg.out_dir,
+        "resize_concat",
+        f"resize_concat (B={cfg.batch})",
+        machine_note=f", threads={cfg.threads}",
+    )
     return rows

@@ -78,8 +78,9 @@ class ServeBenchConfig:
     max_tokens: int = field(default=128, metadata={"help": "max_tokens of every request (greedy)"})
     patterns: tuple[str, ...] = field(default=PATTERNS, metadata={"choices": PATTERNS, "help": "load patterns"})
     requests_per_client: int = field(default=2, metadata={"help": "closed loop: requests each client sends"})
-    schedulers: tuple[str, ...] = field(default=SCHEDULERS, metadata={"choices": SCHEDULERS,
-                                                                      "help": "server schedulers, run in turn"})
+    schedulers: tuple[str, ...] = field(
+        default=SCHEDULERS, metadata={"choices": SCHEDULERS, "help": "server schedulers, run in turn"}
+    )
     same_image: bool = field(default=False, metadata={"help": "one image in every request (cache de-duplication)"})
     image_size: int = field(default=448, metadata={"help": "side of the synthetic square images, pixels"})
     prompt: str = "Describe this image in detail."
@@ -164,9 +165,16 @@ class Reply:
 
 def chat_body(cfg: ServeBenchConfig, url: str, max_tokens: int) -> bytes:
     content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": cfg.prompt}]
-    return json.dumps({"model": "bench", "messages": [{"role": "user", "content": content}], "stream": True,
-                       "stream_options": {"include_usage": True}, "temperature": 0,
-                       "max_tokens": max_tokens}).encode()
+    return json.dumps(
+        {
+            "model": "bench",
+            "messages": [{"role": "user", "content": content}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "temperature": 0,
+            "max_tokens": max_tokens,
+        }
+    ).encode()
 
 
 def stream_chat(port: int, body: bytes, timeout: float) -> Reply:
@@ -238,12 +246,37 @@ class Server:
     def __init__(self, cfg: ServeBenchConfig, scheduler: str, max_queue: int):
         self.port, self.scheduler = free_port(), scheduler
         seqs = cfg.max_num_seqs or max(cfg.concurrency)
-        cmd = [sys.executable, "-m", "eagle_fast.serve", "--model", cfg.model, "--port", str(self.port),
-               "--scheduler", scheduler, "--template", cfg.template, "--temperature", "0",
-               "--max_tokens", str(cfg.max_tokens), "--device", cfg.device, "--dtype", cfg.dtype,
-               "--log_level", "warning", "--max_queue", str(max_queue), "--max_num_seqs", str(seqs),
-               "--max_batched_tokens", str(cfg.max_batched_tokens),
-               "--encoder_cache_bytes", str(cfg.encoder_cache_bytes)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "eagle_fast.serve",
+            "--model",
+            cfg.model,
+            "--port",
+            str(self.port),
+            "--scheduler",
+            scheduler,
+            "--template",
+            cfg.template,
+            "--temperature",
+            "0",
+            "--max_tokens",
+            str(cfg.max_tokens),
+            "--device",
+            cfg.device,
+            "--dtype",
+            cfg.dtype,
+            "--log_level",
+            "warning",
+            "--max_queue",
+            str(max_queue),
+            "--max_num_seqs",
+            str(seqs),
+            "--max_batched_tokens",
+            str(cfg.max_batched_tokens),
+            "--encoder_cache_bytes",
+            str(cfg.encoder_cache_bytes),
+        ]
         if cfg.kv_cache_bytes is not None:
             cmd += ["--kv_cache_bytes", str(cfg.kv_cache_bytes)]
         env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
@@ -261,8 +294,10 @@ class Server:
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 self.close()
-                raise RuntimeError(f"the {self.scheduler} server exited with {self.proc.returncode} before "
-                                   f"answering /health:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"the {self.scheduler} server exited with {self.proc.returncode} before "
+                    f"answering /health:\n{self.log_tail()}"
+                )
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
                 conn.request("GET", "/health")
@@ -321,9 +356,16 @@ def measure_compute(cfg: ServeBenchConfig) -> dict:
     torch.manual_seed(0)
     model, tok, proc = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     ids = prompt_ids(cfg.template, [("user", IMAGE_TOKEN + "\n" + cfg.prompt)], tok)
-    engine = BatchEngine(model, tok, EngineConfig(
-        max_num_seqs=max(cfg.concurrency), max_batched_tokens=cfg.max_batched_tokens,
-        kv_cache_bytes=cfg.kv_cache_bytes, encoder_cache_bytes=cfg.encoder_cache_bytes))
+    engine = BatchEngine(
+        model,
+        tok,
+        EngineConfig(
+            max_num_seqs=max(cfg.concurrency),
+            max_batched_tokens=cfg.max_batched_tokens,
+            kv_cache_bytes=cfg.kv_cache_bytes,
+            encoder_cache_bytes=cfg.encoder_cache_bytes,
+        ),
+    )
     decode_pixels = proc(to_rgb_batch([synthetic_image(10**6 + 1, cfg.image_size)]), device=model.device)
 
     def first_token_s(k: int) -> float:
@@ -366,13 +408,14 @@ def measure_compute(cfg: ServeBenchConfig) -> dict:
         out["step_s"][c] = (time.perf_counter() - t0) / cfg.decode_steps
         gained = [len(e) - b for e, b in zip(events, before)]
         if gained != [cfg.decode_steps] * c:
-            raise RuntimeError(f"decode steps at batch {c}: every sequence should gain {cfg.decode_steps} "
-                               f"tokens, got {gained}")
+            raise RuntimeError(
+                f"decode steps at batch {c}: every sequence should gain {cfg.decode_steps} tokens, got {gained}"
+            )
         for s in seqs:
             engine.cancel(s)
         while engine.has_work():
             engine.step()
-    del engine, model, decode_pixels
+    engine = model = decode_pixels = None  # freed before the servers start
     gc.collect()
     return out
 
@@ -400,13 +443,20 @@ def summarize(replies: list[Reply], wall_s: float) -> dict:
     ttft = [r.chunks[0] - r.sent for r in ok if r.chunks]
     gaps = [g for r in ok for g in r.gaps()]
     itl_mean = [(r.chunks[-1] - r.chunks[0]) / (r.tokens - 1) for r in ok if len(r.chunks) > 1 and r.tokens > 1]
-    return {"requests": len(replies), "errors": len(replies) - len(ok), "first_error": next(
-                (r.error for r in replies if r.error), None),
-            "completion_tokens": tokens, "mean_reply_tokens": tokens / len(ok) if ok else 0.0,
-            "wall_s": wall_s, "tokens_per_s": tokens / wall_s,
-            "ttft_p50_ms": percentile(ttft, 50) * 1e3, "ttft_p99_ms": percentile(ttft, 99) * 1e3,
-            "itl_p50_ms": percentile(gaps, 50) * 1e3, "itl_p99_ms": percentile(gaps, 99) * 1e3,
-            "itl_mean_ms": statistics.mean(itl_mean) * 1e3 if itl_mean else math.nan}
+    return {
+        "requests": len(replies),
+        "errors": len(replies) - len(ok),
+        "first_error": next((r.error for r in replies if r.error), None),
+        "completion_tokens": tokens,
+        "mean_reply_tokens": tokens / len(ok) if ok else 0.0,
+        "wall_s": wall_s,
+        "tokens_per_s": tokens / wall_s,
+        "ttft_p50_ms": percentile(ttft, 50) * 1e3,
+        "ttft_p99_ms": percentile(ttft, 99) * 1e3,
+        "itl_p50_ms": percentile(gaps, 50) * 1e3,
+        "itl_p99_ms": percentile(gaps, 99) * 1e3,
+        "itl_mean_ms": statistics.mean(itl_mean) * 1e3 if itl_mean else math.nan,
+    }
 
 
 def _num(x: float, spec: str, unit: str = "") -> str:
@@ -418,17 +468,22 @@ def report(rows: list[Row], compute: dict | None) -> str:
     if compute:
         steps = ", ".join(f"c={c}: {s * 1e3:.1f} ms" for c, s in compute["step_s"].items())
         lines.append(f"in-process: prefill {compute['prefill_s'] * 1e3:.1f} ms; decode step {steps}")
-    lines += ["| load | scheduler | requests | mean reply tokens | out tokens/s | ideal tokens/s | of ideal | "
-              "TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| load | scheduler | requests | mean reply tokens | out tokens/s | ideal tokens/s | of ideal | "
+        "TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r.provider == "ideal":
             continue
         e = r.extra
-        lines.append(f"| {r.shape} | {r.provider} | {e['requests']} | {e['mean_reply_tokens']:.1f} | "
-                     f"{r.items_per_s:.2f} | {_num(e['ideal_tokens_per_s'], '.2f')} | "
-                     f"{_num(e['x_of_ideal'], '.2f', 'x')} | {_num(e['ttft_p50_ms'], '.0f')} / "
-                     f"{_num(e['ttft_p99_ms'], '.0f')} | {_num(e['itl_p50_ms'], '.1f')} / "
-                     f"{_num(e['itl_p99_ms'], '.1f')} | {e['errors']} |")
+        lines.append(
+            f"| {r.shape} | {r.provider} | {e['requests']} | {e['mean_reply_tokens']:.1f} | "
+            f"{r.items_per_s:.2f} | {_num(e['ideal_tokens_per_s'], '.2f')} | "
+            f"{_num(e['x_of_ideal'], '.2f', 'x')} | {_num(e['ttft_p50_ms'], '.0f')} / "
+            f"{_num(e['ttft_p99_ms'], '.0f')} | {_num(e['itl_p50_ms'], '.1f')} / "
+            f"{_num(e['itl_p99_ms'], '.1f')} | {e['errors']} |"
+        )
     return "\n".join(lines)
 
 
@@ -444,8 +499,11 @@ def main(cfg: ServeBenchConfig) -> list[Row]:
     for scheduler in cfg.schedulers:
         counter = [2]  # 0: warm-up, 1: the --same_image image
         with Server(cfg, scheduler, max_queue=max(256, most)) as server:
-            warm = stream_chat(server.port, chat_body(cfg, data_url(synthetic_image(0, cfg.image_size)),
-                                                      min(4, cfg.max_tokens)), cfg.request_timeout_s)
+            warm = stream_chat(
+                server.port,
+                chat_body(cfg, data_url(synthetic_image(0, cfg.image_size)), min(4, cfg.max_tokens)),
+                cfg.request_timeout_s,
+            )
             if warm.error:
                 raise RuntimeError(f"{scheduler} server, warm-up request: {warm.error}\n{server.log_tail()}")
             for pattern, c in levels:
@@ -456,30 +514,70 @@ def main(cfg: ServeBenchConfig) -> list[Row]:
                 runs = "eagle_fast_encoder_runs_total"  # the batch engine's: images run through the experts
                 s["encoder_runs"] = after[runs] - before[runs] if runs in after and runs in before else None
                 if s["errors"] == s["requests"]:
-                    raise RuntimeError(f"{scheduler} server, {pattern} c={c}: every request failed, the first "
-                                       f"with {s['first_error']}\n{server.log_tail()}")
-                print(f"{scheduler} {pattern} c={c}: {s['tokens_per_s']:.2f} tokens/s, {s['errors']} errors",
-                      flush=True)
+                    raise RuntimeError(
+                        f"{scheduler} server, {pattern} c={c}: every request failed, the first "
+                        f"with {s['first_error']}\n{server.log_tail()}"
+                    )
+                print(
+                    f"{scheduler} {pattern} c={c}: {s['tokens_per_s']:.2f} tokens/s, {s['errors']} errors", flush=True
+                )
     rows = []
     tag = " same-image" if cfg.same_image else ""
     for pattern, c in levels:
         shape = f"{cfg.model} {pattern} c{c} N{cfg.max_tokens}{tag}"
         level = [stats[(s, pattern, c)] for s in cfg.schedulers]
         mean_n = statistics.mean(s["mean_reply_tokens"] for s in level)
-        ideal = (ideal_tokens_per_s(c, mean_n, compute["prefill_s"], compute["step_s"][c])
-                 if compute and mean_n > 0 else math.nan)
+        ideal = (
+            ideal_tokens_per_s(c, mean_n, compute["prefill_s"], compute["step_s"][c])
+            if compute and mean_n > 0
+            else math.nan
+        )
         for scheduler, s in zip(cfg.schedulers, level):
-            own = (ideal_tokens_per_s(c, s["mean_reply_tokens"], compute["prefill_s"], compute["step_s"][c])
-                   if compute and s["mean_reply_tokens"] > 0 else math.nan)
-            extra = dict(s, pattern=pattern, concurrency=c, same_image=cfg.same_image, max_tokens=cfg.max_tokens,
-                         ideal_tokens_per_s=own, x_of_ideal=s["tokens_per_s"] / own if own > 0 else math.nan)
-            rows.append(Row("serve", scheduler, device, dtype, cfg.threads, shape,
-                            1e3 / s["tokens_per_s"] if s["tokens_per_s"] else math.inf, s["tokens_per_s"], extra))
+            own = (
+                ideal_tokens_per_s(c, s["mean_reply_tokens"], compute["prefill_s"], compute["step_s"][c])
+                if compute and s["mean_reply_tokens"] > 0
+                else math.nan
+            )
+            extra = dict(
+                s,
+                pattern=pattern,
+                concurrency=c,
+                same_image=cfg.same_image,
+                max_tokens=cfg.max_tokens,
+                ideal_tokens_per_s=own,
+                x_of_ideal=s["tokens_per_s"] / own if own > 0 else math.nan,
+            )
+            rows.append(
+                Row(
+                    "serve",
+                    scheduler,
+                    device,
+                    dtype,
+                    cfg.threads,
+                    shape,
+                    1e3 / s["tokens_per_s"] if s["tokens_per_s"] else math.inf,
+                    s["tokens_per_s"],
+                    extra,
+                )
+            )
         if compute:
-            extra = dict(pattern=pattern, concurrency=c, mean_reply_tokens=mean_n, prefill_s=compute["prefill_s"],
-                         step_s=compute["step_s"][c], formula="c*N/(c*prefill_s+N*step_s(c))")
+            extra = dict(
+                pattern=pattern,
+                concurrency=c,
+                mean_reply_tokens=mean_n,
+                prefill_s=compute["prefill_s"],
+                step_s=compute["step_s"][c],
+                formula="c*N/(c*prefill_s+N*step_s(c))",
+            )
             rows.append(Row("serve", "ideal", device, dtype, cfg.threads, shape, 1e3 / ideal, ideal, extra))
-    publish(rows, report(rows, compute), cfg.out_dir, "serve", "server output tokens/s",
-            machine_note=f", threads={cfg.threads}", ylabel="output tokens / s (higher is better)",
-            label=lambda r: f"{r.shape.split(' ', 1)[1]}\n{r.provider}")
+    publish(
+        rows,
+        report(rows, compute),
+        cfg.out_dir,
+        "serve",
+        "server output tokens/s",
+        machine_note=f", threads={cfg.threads}",
+        ylabel="output tokens / s (higher is better)",
+        label=lambda r: f"{r.shape.split(' ', 1)[1]}\n{r.provider}",
+    )
     return rows

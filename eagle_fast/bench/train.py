@@ -59,18 +59,28 @@ DEFAULT_SIZE = (8, 4, 5, 1)
 
 @dataclass
 class TrainBenchConfig:
-    recipe: str = field(default="tiny-x5", metadata={
-        "help": "training recipe with built-in data (data, tokenizer, text length); --presets replace its model"})
-    presets: tuple[str, ...] = field(default=("eagle-tiny-x5", "eagle-small-x5"), metadata={
-        "help": "model presets to benchmark, one after the other"})
-    batch_size: int | None = field(default=None, metadata={
-        "help": "samples per optimizer step (default: the preset's, 8 tiny / 1 small)"})
-    batches: int | None = field(default=None, metadata={
-        "help": "distinct batches per timed call (default: the preset's, 4 tiny / 1 small)"})
-    repeats: int | None = field(default=None, metadata={
-        "help": "timed rounds, median reported (default: the preset's, 5 tiny / 3 small)"})
-    providers: tuple[str, ...] = field(default=PROVIDERS, metadata={
-        "help": "paths to time: eagle_fast, transformers (the baseline), reference ops"})
+    recipe: str = field(
+        default="tiny-x5",
+        metadata={
+            "help": "training recipe with built-in data (data, tokenizer, text length); --presets replace its model"
+        },
+    )
+    presets: tuple[str, ...] = field(
+        default=("eagle-tiny-x5", "eagle-small-x5"),
+        metadata={"help": "model presets to benchmark, one after the other"},
+    )
+    batch_size: int | None = field(
+        default=None, metadata={"help": "samples per optimizer step (default: the preset's, 8 tiny / 1 small)"}
+    )
+    batches: int | None = field(
+        default=None, metadata={"help": "distinct batches per timed call (default: the preset's, 4 tiny / 1 small)"}
+    )
+    repeats: int | None = field(
+        default=None, metadata={"help": "timed rounds, median reported (default: the preset's, 5 tiny / 3 small)"}
+    )
+    providers: tuple[str, ...] = field(
+        default=PROVIDERS, metadata={"help": "paths to time: eagle_fast, transformers (the baseline), reference ops"}
+    )
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     out_dir: str = field(default="bench_results", metadata={"help": "where train.csv and train.png go"})
 
@@ -90,9 +100,9 @@ def build(recipe_name: str, preset: str, batch_size: int, batches: int) -> Setup
     top of its image rows, so the same samples fit whole."""
     from eagle_fast.data import EagleCollator
     from eagle_fast.model import presets
+    from eagle_fast.train.builders import build_data, build_model, build_tokenizer
     from eagle_fast.train.config import recipe
     from eagle_fast.train.loop import param_groups
-    from eagle_fast.train.builders import build_data, build_model, build_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tcfg = recipe(recipe_name, "sft", output_dir=os.path.join(tmp, "run"))
@@ -116,7 +126,7 @@ def spliced_lengths(batch: dict, grid: int) -> torch.Tensor:
     """(B,) rows each sample has once its image placeholders (-200) become grid^2 rows each."""
     mask = batch["attention_mask"].bool()
     images = ((batch["input_ids"] == -200) & mask).sum(1)
-    return mask.sum(1) - images + images * grid ** 2
+    return mask.sum(1) - images + images * grid**2
 
 
 @contextlib.contextmanager
@@ -159,6 +169,7 @@ def steps(s: Setup, provider: str):
             forward(s, b, provider).loss.backward()
             s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
+
     return fn
 
 
@@ -195,13 +206,19 @@ def run(cfg: TrainBenchConfig) -> list[Row]:
         share = round(lm_head_share(s), 4)
         tokens = sum(int(spliced_lengths(b, s.grid).sum()) for b in s.batches)
         for p, ms in times.items():
-            extra = {"tokens_per_s": round(tokens / ms * 1e3, 1), "batches": nb, "role": ROLE[p], "path": WHAT[p],
-                     "lm_head_flop_share": share}
+            extra = {
+                "tokens_per_s": round(tokens / ms * 1e3, 1),
+                "batches": nb,
+                "role": ROLE[p],
+                "path": WHAT[p],
+                "lm_head_flop_share": share,
+            }
             for ref in (BASELINE, "reference ops"):
                 if ref in times:
                     extra[f"x_vs_{ref.replace(' ', '_')}"] = round(times[ref] / ms, 3)
-            rows.append(Row("train", p, "cpu", "float32", cfg.threads, f"{preset} B{bs}", ms, bs * nb / ms * 1e3,
-                            extra))
+            rows.append(
+                Row("train", p, "cpu", "float32", cfg.threads, f"{preset} B{bs}", ms, bs * nb / ms * 1e3, extra)
+            )
         del s, fns
     return rows
 
@@ -218,14 +235,23 @@ def report(rows: list[Row]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     shares = {r.shape: r.extra["lm_head_flop_share"] for r in rows}
     lines.append("")
-    lines += [f"{shape}: the LM head over every row is {100 * x:.0f}% of the baseline's forward FLOPs"
-              for shape, x in shares.items()]
+    lines += [
+        f"{shape}: the LM head over every row is {100 * x:.0f}% of the baseline's forward FLOPs"
+        for shape, x in shares.items()
+    ]
     return "\n".join(lines)
 
 
 def main(cfg: TrainBenchConfig) -> list[Row]:
     rows = run(cfg)
-    publish(rows, report(rows), cfg.out_dir, "train", f"training steps ({cfg.recipe} data)",
-            machine_note=f", threads={cfg.threads}", ylabel="samples / s (higher is better)",
-            label=lambda r: f"{r.shape}\n{r.provider}")
+    publish(
+        rows,
+        report(rows),
+        cfg.out_dir,
+        "train",
+        f"training steps ({cfg.recipe} data)",
+        machine_note=f", threads={cfg.threads}",
+        ylabel="samples / s (higher is better)",
+        label=lambda r: f"{r.shape}\n{r.provider}",
+    )
     return rows

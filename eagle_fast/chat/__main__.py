@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             chat.reset()
             print("(new conversation)")
         elif line.startswith("/image "):
-            path = line[len("/image "):].strip()
+            path = line[len("/image ") :].strip()
             try:
                 pending.append(_open_image(path))
             except OSError as e:  # a typo in a path must not end the conversation

@@ -6,5 +6,15 @@ from eagle_fast.data.sampler import ModalityLengthSampler, TokenBudgetBatchSampl
 from eagle_fast.data.templates import TEMPLATES, get_template
 from eagle_fast.data.tokenize import DataError, tokenize_conversation
 
-__all__ = ["EagleCollator", "EagleDataset", "DataError", "ModalityLengthSampler", "REASONS", "TEMPLATES", "TokenBudgetBatchSampler",
-           "concat_images", "get_template", "tokenize_conversation"]
+__all__ = [
+    "EagleCollator",
+    "EagleDataset",
+    "DataError",
+    "ModalityLengthSampler",
+    "REASONS",
+    "TEMPLATES",
+    "TokenBudgetBatchSampler",
+    "concat_images",
+    "get_template",
+    "tokenize_conversation",
+]

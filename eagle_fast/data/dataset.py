@@ -24,22 +24,42 @@ from typing import Any
 import numpy as np
 import torch
 
-from eagle_fast.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageFileError, load_image_file
 from eagle_fast.data.records import BadRecord, open_source
 from eagle_fast.data.tokenize import DataError, tokenize_conversation
+from eagle_fast.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageFileError, load_image_file
 
 log = logging.getLogger("eagle_fast.data")
 
-REASONS = ("missing_image", "corrupt_image", "bad_json", "bad_roles", "image_count_mismatch", "no_supervised_tokens",
-           "path_escape", "too_long")
+REASONS = (
+    "missing_image",
+    "corrupt_image",
+    "bad_json",
+    "bad_roles",
+    "image_count_mismatch",
+    "no_supervised_tokens",
+    "path_escape",
+    "too_long",
+)
 
 
 class EagleDataset(torch.utils.data.Dataset):
-    def __init__(self, data_path, image_folder: str | os.PathLike, tokenizer: Any, processor: Any,
-                 template: str = "vicuna_v1", model_max_length: int = 2048, *, image_tokens: int | None = None,
-                 weights: list[float] | None = None, seed: int = 0, max_bad_fraction: float = 0.01,
-                 min_seen: int = 200, max_image_bytes: int = DEFAULT_MAX_BYTES,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        data_path,
+        image_folder: str | os.PathLike,
+        tokenizer: Any,
+        processor: Any,
+        template: str = "vicuna_v1",
+        model_max_length: int = 2048,
+        *,
+        image_tokens: int | None = None,
+        weights: list[float] | None = None,
+        seed: int = 0,
+        max_bad_fraction: float = 0.01,
+        min_seen: int = 200,
+        max_image_bytes: int = DEFAULT_MAX_BYTES,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
         self.source = open_source(data_path, weights, seed)
         self.image_folder = os.fspath(image_folder)
         self.tokenizer, self.processor, self.template = tokenizer, processor, template
@@ -78,18 +98,29 @@ class EagleDataset(torch.utils.data.Dataset):
             conv = rec.data.get("conversations")
             if not isinstance(conv, list):
                 raise DataError("bad_roles", "no 'conversations' list")
-            tok = tokenize_conversation(conv, self.tokenizer, self.template, num_images=len(names),
-                                        max_length=self.model_max_length, image_tokens=self.image_tokens)
+            tok = tokenize_conversation(
+                conv,
+                self.tokenizer,
+                self.template,
+                num_images=len(names),
+                max_length=self.model_max_length,
+                image_tokens=self.image_tokens,
+            )
             try:
-                pixels = [load_image_file(n, self.image_folder, self.max_image_bytes, self.max_image_pixels)
-                          for n in names]
+                pixels = [
+                    load_image_file(n, self.image_folder, self.max_image_bytes, self.max_image_pixels) for n in names
+                ]
             except ImageFileError as exc:
                 raise DataError(exc.reason, str(exc)) from None
         except DataError as exc:
             return self._skip(exc.reason, str(exc), rid, where)
-        return {"input_ids": torch.tensor(tok["input_ids"], dtype=torch.long),
-                "labels": torch.tensor(tok["labels"], dtype=torch.long),
-                "images": self.processor(pixels) if pixels else None, "id": rid, "where": where}
+        return {
+            "input_ids": torch.tensor(tok["input_ids"], dtype=torch.long),
+            "labels": torch.tensor(tok["labels"], dtype=torch.long),
+            "images": self.processor(pixels) if pixels else None,
+            "id": rid,
+            "where": where,
+        }
 
     def _skip(self, reason: str, message: str, rid: Any, where: str) -> dict[str, Any]:
         self.skipped[reason] += 1
@@ -97,8 +128,10 @@ class EagleDataset(torch.utils.data.Dataset):
         bad = sum(self.skipped.values())
         if self.seen >= self.min_seen and bad > self.max_bad_fraction * self.seen:
             worst = ", ".join(f"{r} {n}" for r, n in self.skipped.most_common(3))
-            raise RuntimeError(f"{bad} of {self.seen} records were bad (more than {self.max_bad_fraction:.1%}); "
-                               f"most common: {worst}; last: {where} (id {rid!r}): {message}")
+            raise RuntimeError(
+                f"{bad} of {self.seen} records were bad (more than {self.max_bad_fraction:.1%}); "
+                f"most common: {worst}; last: {where} (id {rid!r}): {message}"
+            )
         return {"skipped": reason, "id": rid, "where": where, "message": message}
 
     def modality_lengths(self) -> np.ndarray:
@@ -112,8 +145,9 @@ class EagleDataset(torch.utils.data.Dataset):
                     rec = self.source.read(i).data
                 except BadRecord:
                     continue
-                words = sum(len(str(m.get("value", "")).split()) for m in rec.get("conversations") or []
-                            if isinstance(m, dict))
+                words = sum(
+                    len(str(m.get("value", "")).split()) for m in rec.get("conversations") or [] if isinstance(m, dict)
+                )
                 n_img = len(self._images(rec))
                 out[i] = words + n_img * self.image_tokens if n_img else -max(words, 1)
             self._lengths = out

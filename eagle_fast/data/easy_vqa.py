@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -83,7 +82,9 @@ def _caption(questions: list[tuple[str, str]], colors: set[str]) -> str:
     return caption
 
 
-def _group(questions: list[str], answers: list[str], ids: list[int], limit: int | None) -> dict[int, list[tuple[str, str]]]:
+def _group(
+    questions: list[str], answers: list[str], ids: list[int], limit: int | None
+) -> dict[int, list[tuple[str, str]]]:
     """Questions per image id for the `limit` lowest ids, ids ascending, dataset order within."""
     if limit is not None and limit < 0:
         raise ValueError(f"image limit must be >= 0, got {limit}")
@@ -110,9 +111,13 @@ def _jsonl(records: Iterable[dict]) -> Iterator[str]:
     return (json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def easy_vqa_dataset(root: str | os.PathLike, max_train_images: int | None = None,
-                     max_eval_images: int | None = None, questions_per_record: int | None = None,
-                     val_images: int = 0) -> BuiltinDataset:
+def easy_vqa_dataset(
+    root: str | os.PathLike,
+    max_train_images: int | None = None,
+    max_eval_images: int | None = None,
+    questions_per_record: int | None = None,
+    val_images: int = 0,
+) -> BuiltinDataset:
     """Write (or reuse) pretrain/sft/eval JSONL for easy-VQA under `root`; the limits keep the
     lowest image ids of each split. `questions_per_record` splits each image's SFT conversation
     into records of that many questions (ids "easyvqa-train-{image}-{first question}").
@@ -128,17 +133,27 @@ def easy_vqa_dataset(root: str | os.PathLike, max_train_images: int | None = Non
     # <data>/train/images/<id>.png: <data> holds both splits
     folder = os.path.dirname(os.path.dirname(os.path.dirname(next(iter(train_paths.values())))))
     answers = list(easy_vqa.get_answers())
-    out = BuiltinDataset(folder, *(os.path.join(root, f"{n}.jsonl") for n in ("pretrain", "sft", "eval")), answers,
-                         val=os.path.join(root, "val.jsonl") if val_images else None)
+    out = BuiltinDataset(
+        folder,
+        *(os.path.join(root, f"{n}.jsonl") for n in ("pretrain", "sft", "eval")),
+        answers,
+        val=os.path.join(root, "val.jsonl") if val_images else None,
+    )
 
-    params = {"format": _FORMAT, "easy_vqa": version("easy-vqa"), "max_train_images": max_train_images,
-              "max_eval_images": max_eval_images, "questions_per_record": questions_per_record,
-              "val_images": val_images}
+    params = {
+        "format": _FORMAT,
+        "easy_vqa": version("easy-vqa"),
+        "max_train_images": max_train_images,
+        "max_eval_images": max_eval_images,
+        "questions_per_record": questions_per_record,
+        "val_images": val_images,
+    }
     manifest = os.path.join(root, "manifest.json")
     try:
         with open(manifest, encoding="utf-8") as f:
             reuse = json.load(f) == params and all(
-                os.path.isfile(p) for p in (out.pretrain, out.sft, out.eval, out.val) if p)
+                os.path.isfile(p) for p in (out.pretrain, out.sft, out.eval, out.val) if p
+            )
     except (OSError, ValueError):
         reuse = False
     if reuse:
@@ -155,7 +170,7 @@ def easy_vqa_dataset(root: str | os.PathLike, max_train_images: int | None = Non
     if val_images >= len(train):
         raise ValueError(f"val_images={val_images} leaves no training image of the {len(train)} kept")
     # held out by image: no validation image is ever seen in training, in any stage
-    val = {i: train.pop(i) for i in sorted(train)[len(train) - val_images:]}
+    val = {i: train.pop(i) for i in sorted(train)[len(train) - val_images :]}
     test = _group(*easy_vqa.get_test_questions(), max_eval_images)
     train_rel = _image_paths(folder, "train", train_paths, list(train) + list(val))
     test_rel = _image_paths(folder, "test", test_paths, test)
@@ -166,26 +181,45 @@ def easy_vqa_dataset(root: str | os.PathLike, max_train_images: int | None = Non
     def gpt(text: str) -> dict:
         return {"from": "gpt", "value": text}
 
-    atomic.write_lines(out.pretrain, _jsonl(
-        {"id": f"easyvqa-train-{i}", "image": train_rel[i],
-         "conversations": [human("<image>\n" + _CAPTION_PROMPT), gpt(_caption(qa, colors))]}
-        for i, qa in train.items()))
+    atomic.write_lines(
+        out.pretrain,
+        _jsonl(
+            {
+                "id": f"easyvqa-train-{i}",
+                "image": train_rel[i],
+                "conversations": [human("<image>\n" + _CAPTION_PROMPT), gpt(_caption(qa, colors))],
+            }
+            for i, qa in train.items()
+        ),
+    )
+
     def sft_records(i: int, qa: list[tuple[str, str]]) -> Iterator[dict]:
         n = questions_per_record or max(len(qa), 1)
         for start in range(0, len(qa), n):
-            yield {"id": f"easyvqa-train-{i}" if questions_per_record is None else f"easyvqa-train-{i}-{start}",
-                   "image": train_rel[i],
-                   "conversations": [turn for k, (q, a) in enumerate(qa[start:start + n])
-                                     for turn in (human(("<image>\n" if k == 0 else "") + q), gpt(a))]}
+            yield {
+                "id": f"easyvqa-train-{i}" if questions_per_record is None else f"easyvqa-train-{i}-{start}",
+                "image": train_rel[i],
+                "conversations": [
+                    turn
+                    for k, (q, a) in enumerate(qa[start : start + n])
+                    for turn in (human(("<image>\n" if k == 0 else "") + q), gpt(a))
+                ],
+            }
 
     atomic.write_lines(out.sft, _jsonl(rec for i, qa in train.items() for rec in sft_records(i, qa)))
 
     def eval_records(split: str, grouped: dict[int, list[tuple[str, str]]], rel: dict[int, str]) -> Iterator[dict]:
         for i, qa in grouped.items():
             for k, (q, a) in enumerate(qa):
-                yield {"id": f"easyvqa-{split}-{i}-{k}", "image": rel[i],
-                       "conversations": [human("<image>\n" + q), gpt(a)], "answer": a,
-                       "category": category(q, a), "conversation_id": f"easyvqa-{split}-{i}", "turn": k}
+                yield {
+                    "id": f"easyvqa-{split}-{i}-{k}",
+                    "image": rel[i],
+                    "conversations": [human("<image>\n" + q), gpt(a)],
+                    "answer": a,
+                    "category": category(q, a),
+                    "conversation_id": f"easyvqa-{split}-{i}",
+                    "turn": k,
+                }
 
     atomic.write_lines(out.eval, _jsonl(eval_records("test", test, test_rel)))
     if out.val:

@@ -76,7 +76,7 @@ def _index_json_array(f) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     refill(_CHUNK)
     skip(" \t\r\n")
-    if text[pos:pos + 1] != "[":
+    if text[pos : pos + 1] != "[":
         raise BadRecord(f"line {line}: a JSON data file must be a list of records")
     advance(pos + 1)
     size = _CHUNK
@@ -157,8 +157,12 @@ class MixtureSource:
         for k, (src, w) in enumerate(zip(self.sources, weights)):
             n = round(w * len(src))
             whole, rest = divmod(n, len(src)) if len(src) else (0, 0)
-            idx = np.concatenate([np.tile(np.arange(len(src)), whole), rng.choice(len(src), rest, replace=False)
-                                  if rest else np.empty(0, np.int64)])
+            idx = np.concatenate(
+                [
+                    np.tile(np.arange(len(src)), whole),
+                    rng.choice(len(src), rest, replace=False) if rest else np.empty(0, np.int64),
+                ]
+            )
             picks.append(np.stack([np.full(len(idx), k), np.sort(idx)], 1))
         self.items = np.concatenate(picks).astype(np.int64) if picks else np.empty((0, 2), np.int64)
 

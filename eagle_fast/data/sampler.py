@@ -36,7 +36,7 @@ class ModalityLengthSampler(torch.utils.data.Sampler[int]):
         for idx in (np.flatnonzero(self.lengths > 0), np.flatnonzero(self.lengths <= 0)):
             idx = rng.permutation(idx)
             cut = len(idx) // mega * mega
-            full += [idx[i:i + mega] for i in range(0, cut, mega)]
+            full += [idx[i : i + mega] for i in range(0, cut, mega)]
             rest.append(idx[cut:])
         order = rng.permutation(len(full))
         out = [full[i] for i in order]

@@ -25,8 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-                 "helpful, detailed, and polite answers to the user's questions.")
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions."
+)
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,9 @@ class Template:
     stop: str = ""  # what ends a generated reply
     adds_bos: bool = True  # whether the tokenizer's own BOS is added (False when the text holds it)
 
-    def render(self, turns: list[tuple[str, str]], tokenizer: Any = None,
-               add_generation_prompt: bool = False) -> list[Segment]:
+    def render(
+        self, turns: list[tuple[str, str]], tokenizer: Any = None, add_generation_prompt: bool = False
+    ) -> list[Segment]:
         """turns: [(role, text)] with role "user" / "assistant", alternating, user first.
         Returns the text as segments; concatenated they are the prompt the model sees."""
         if self.style == "plain":
@@ -102,29 +105,44 @@ def _render_hf(turns, tokenizer, add_generation_prompt) -> list[Segment]:
         prompt = text(msgs[:i], True)  # everything up to the opening of this reply
         full = text(msgs[: i + 1], False)
         if not prompt.startswith(done) or not full.startswith(prompt):
-            raise ValueError("template 'hf': the tokenizer's chat_template does not render conversations "
-                             "prefix-consistently; learned spans cannot be located")
-        segs += [Segment(prompt[len(done):], learn=False), Segment(full[len(prompt):], learn=True)]
+            raise ValueError(
+                "template 'hf': the tokenizer's chat_template does not render conversations "
+                "prefix-consistently; learned spans cannot be located"
+            )
+        segs += [Segment(prompt[len(done) :], learn=False), Segment(full[len(prompt) :], learn=True)]
         done = full
     rest = text(msgs, add_generation_prompt)
     if not rest.startswith(done):
         raise ValueError("template 'hf': inconsistent rendering of the whole conversation")
     if len(rest) > len(done):
-        segs.append(Segment(rest[len(done):], learn=False))
+        segs.append(Segment(rest[len(done) :], learn=False))
     return segs
 
 
 TEMPLATES: dict[str, Template] = {
     "plain": Template("plain", "plain", sep="\n", stop="\n"),
-    "vicuna_v1": Template("vicuna_v1", "two", system=VICUNA_SYSTEM, user="USER", assistant="ASSISTANT", sep=" ",
-                          sep2="</s>", stop="</s>"),
-    "llama3": Template("llama3", "mpt",
-                       system="<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + VICUNA_SYSTEM,
-                       user="<|start_header_id|>user<|end_header_id|>\n\n",
-                       assistant="<|start_header_id|>assistant<|end_header_id|>\n\n", sep="<|eot_id|>",
-                       stop="<|eot_id|>", adds_bos=False),
-    "chatml": Template("chatml", "mpt", system="<|im_start|>system\nAnswer the questions.", user="<|im_start|>user\n",
-                       assistant="<|im_start|>assistant\n", sep="<|im_end|>", stop="<|im_end|>"),
+    "vicuna_v1": Template(
+        "vicuna_v1", "two", system=VICUNA_SYSTEM, user="USER", assistant="ASSISTANT", sep=" ", sep2="</s>", stop="</s>"
+    ),
+    "llama3": Template(
+        "llama3",
+        "mpt",
+        system="<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + VICUNA_SYSTEM,
+        user="<|start_header_id|>user<|end_header_id|>\n\n",
+        assistant="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        sep="<|eot_id|>",
+        stop="<|eot_id|>",
+        adds_bos=False,
+    ),
+    "chatml": Template(
+        "chatml",
+        "mpt",
+        system="<|im_start|>system\nAnswer the questions.",
+        user="<|im_start|>user\n",
+        assistant="<|im_start|>assistant\n",
+        sep="<|im_end|>",
+        stop="<|im_end|>",
+    ),
     "hf": Template("hf", "hf", adds_bos=False),
 }
 ALIASES = {"v1": "vicuna_v1", "llava_v1": "vicuna_v1", "yi_34b_chatml_direct": "chatml", "chatml_direct": "chatml"}

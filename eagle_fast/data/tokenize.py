@@ -42,8 +42,8 @@ import re
 import weakref
 from typing import Any
 
-from eagle_fast.data.templates import Template, get_template
 from eagle_fast.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from eagle_fast.data.templates import Template, get_template
 
 IMAGE_TOKEN = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -95,9 +95,15 @@ def _learned_spans(segments) -> tuple[str, list[tuple[int, int]]]:
     return text, spans
 
 
-def tokenize_conversation(conversations: list[dict[str, Any]], tokenizer: Any, template: str | Template = "vicuna_v1",
-                          has_image: bool = True, num_images: int | None = None,
-                          max_length: int | None = None, image_tokens: int = 1024) -> dict[str, list[int]]:
+def tokenize_conversation(
+    conversations: list[dict[str, Any]],
+    tokenizer: Any,
+    template: str | Template = "vicuna_v1",
+    has_image: bool = True,
+    num_images: int | None = None,
+    max_length: int | None = None,
+    image_tokens: int = 1024,
+) -> dict[str, list[int]]:
     """{"input_ids", "labels"} of one conversation; image positions are -200 (label -100).
 
     max_length counts each image as `image_tokens` rows; a longer sample is cut at the end, unless
@@ -108,8 +114,10 @@ def tokenize_conversation(conversations: list[dict[str, Any]], tokenizer: Any, t
     text, spans = _learned_spans(tpl.render(turns, tokenizer))
     ids, offsets = _encode(text, tokenizer, tpl.adds_bos, with_offsets=tpl.style == "hf")
     if tpl.style == "hf":  # no original to follow: tokens overlapping a reply are learned
-        labels = [tok if tok != IMAGE_TOKEN_INDEX and b > a and any(a < e and b > s for s, e in spans)
-                  else IGNORE_INDEX for tok, (a, b) in zip(ids, offsets)]
+        labels = [
+            tok if tok != IMAGE_TOKEN_INDEX and b > a and any(a < e and b > s for s, e in spans) else IGNORE_INDEX
+            for tok, (a, b) in zip(ids, offsets)
+        ]
     else:
         labels = _original_labels(text, ids, tpl, tokenizer)
     if all(x == IGNORE_INDEX for x in labels):
@@ -132,11 +140,13 @@ def _original_labels(text: str, ids: list[int], tpl: Template, tokenizer: Any) -
     else:  # rounds end at sep; regrouped as system + user + assistant, then user + assistant
         round_sep, marker, trailing = tpl.sep, tpl.sep + tpl.assistant, 0
         parts = text.split(round_sep)
-        rounds = [round_sep.join(parts[:3])] + [round_sep.join(parts[j:j + 2]) for j in range(3, len(parts), 2)]
+        rounds = [round_sep.join(parts[:3])] + [round_sep.join(parts[j : j + 2]) for j in range(3, len(parts), 2)]
     sep_ids = _encode(round_sep, tokenizer, False)[0]
     if len(sep_ids) != 1:
-        raise ValueError(f"template {tpl.name!r}: {round_sep!r} is {len(sep_ids)} tokens for this tokenizer; the "
-                         f"template needs it as one special token (add it with tokenizer.add_special_tokens)")
+        raise ValueError(
+            f"template {tpl.name!r}: {round_sep!r} is {len(sep_ids)} tokens for this tokenizer; the "
+            f"template needs it as one special token (add it with tokenizer.add_special_tokens)"
+        )
 
     def count(piece: str, k: int) -> int:  # tokens `piece` takes where round k starts
         if k == 0:
@@ -149,17 +159,21 @@ def _original_labels(text: str, ids: list[int], tpl: Template, tokenizer: Any) -
             break
         halves = rnd.split(marker)
         if len(halves) != 2:  # the original stops here; what follows is masked
-            why = (f"round {k} holds the assistant marker {marker!r} {len(halves) - 1} times (an empty or missing "
-                   f"reply, or a message containing the marker)")
+            why = (
+                f"round {k} holds the assistant marker {marker!r} {len(halves) - 1} times (an empty or missing "
+                f"reply, or a message containing the marker)"
+            )
             break
         n_instr = count(halves[0] + marker, k) - trailing
-        labels[cur:cur + n_instr] = [IGNORE_INDEX] * max(0, min(n_instr, len(ids) - cur))
+        labels[cur : cur + n_instr] = [IGNORE_INDEX] * max(0, min(n_instr, len(ids) - cur))
         cur += count(rnd, k) + 1  # the round's tokens and its separator token
     labels[cur:] = [IGNORE_INDEX] * max(0, len(ids) - cur)
     if cur != len(ids):  # the original's "tokenization mismatch": it masks the whole sample
         why = why or "its rounds count a separator token the text does not have (an empty last reply)"
-        raise DataError("no_supervised_tokens", f"the original trainer masks this whole sample: {why}; "
-                        f"{cur} of {len(ids)} tokens accounted for")
+        raise DataError(
+            "no_supervised_tokens",
+            f"the original trainer masks this whole sample: {why}; {cur} of {len(ids)} tokens accounted for",
+        )
     return [IGNORE_INDEX if t == IMAGE_TOKEN_INDEX else t for t in labels]
 
 
@@ -251,19 +265,22 @@ class _SlowSentencePiece:
         self.sp = proc
         self.unk = str(tokenizer.unk_token)
         self.unk_len = len(proc.encode(self.unk))
-        self.added = {str(t): (i, bool(getattr(t, "lstrip", False)), bool(getattr(t, "rstrip", False)))
-                      for i, t in tokenizer.added_tokens_decoder.items()}
+        self.added = {
+            str(t): (i, bool(getattr(t, "lstrip", False)), bool(getattr(t, "rstrip", False)))
+            for i, t in tokenizer.added_tokens_decoder.items()
+        }
         self.special = set(map(str, tokenizer.all_special_tokens))
         names = sorted(self.added, key=len, reverse=True)
         self.split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
         # what tokenizer(text) puts around the text (BOS, EOS), read from the tokenizer itself
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]
         full = tokenizer("a")["input_ids"]
-        at = next((j for j in range(len(full) - len(plain) + 1) if full[j:j + len(plain)] == plain), 0)
-        self.prefix, self.suffix = full[:at], full[at + len(plain):]
+        at = next((j for j in range(len(full) - len(plain) + 1) if full[j : j + len(plain)] == plain), 0)
+        self.prefix, self.suffix = full[:at], full[at + len(plain) :]
 
-    def encode(self, text: str, add_special_tokens: bool = True,
-               with_offsets: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+    def encode(
+        self, text: str, add_special_tokens: bool = True, with_offsets: bool = True
+    ) -> tuple[list[int], list[tuple[int, int]]]:
         shift = 0
         if not self.legacy and text:
             text, shift = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " "), 1
@@ -273,21 +290,26 @@ class _SlowSentencePiece:
             spans.append([pos, pos + len(p), j % 2 == 1])
             pos += len(p)
         for j in range(1, len(spans), 2):  # an added token's lstrip / rstrip eats the spaces beside it
-            _, lstrip, rstrip = self.added[text[spans[j][0]:spans[j][1]]]
+            _, lstrip, rstrip = self.added[text[spans[j][0] : spans[j][1]]]
             if rstrip and j + 1 < len(spans):
                 nxt = spans[j + 1]
-                nxt[0] = min(nxt[1], nxt[0] + len(text[nxt[0]:nxt[1]]) - len(text[nxt[0]:nxt[1]].lstrip()))
+                nxt[0] = min(nxt[1], nxt[0] + len(text[nxt[0] : nxt[1]]) - len(text[nxt[0] : nxt[1]].lstrip()))
             if lstrip:
                 prv = spans[j - 1]
-                prv[1] = max(prv[0], prv[0] + len(text[prv[0]:prv[1]].rstrip()))
+                prv[1] = max(prv[0], prv[0] + len(text[prv[0] : prv[1]].rstrip()))
         out: list[tuple[int, int, int, bool]] = []  # (id, start, end, is_added)
         for a, b, is_added in spans:
             if is_added:
                 out.append((self.added[text[a:b]][0], a, b, True))
             elif b > a:
                 out += [(i, a + x, a + y, False) for i, x, y in self._chunk(text[a:b], with_offsets)]
-        if (not self.legacy and len(out) > 1 and self.sp.id_to_piece(out[0][0]) == SPIECE_UNDERLINE and not out[0][3]
-                and text[out[1][1]:out[1][2]] in self.special):
+        if (
+            not self.legacy
+            and len(out) > 1
+            and self.sp.id_to_piece(out[0][0]) == SPIECE_UNDERLINE
+            and not out[0][3]
+            and text[out[1][1] : out[1][2]] in self.special
+        ):
             out = out[1:]  # 4.37: no "▁" in front of a leading special token
         ids = [i for i, *_ in out]
         offsets = [(max(a - shift, 0), max(b - shift, 0)) for _, a, b, _ in out]
@@ -335,7 +357,11 @@ def _truncate(ids, labels, max_length, image_tokens):
         rows, keep = rows + step, keep + 1
     n_img = sum(1 for t in ids if t == IMAGE_TOKEN_INDEX)
     if sum(1 for t in ids[:keep] if t == IMAGE_TOKEN_INDEX) != n_img:
-        raise DataError("too_long", f"{sequence_length(ids, image_tokens)} rows > {max_length}: the cut splits an image")
+        raise DataError(
+            "too_long", f"{sequence_length(ids, image_tokens)} rows > {max_length}: the cut splits an image"
+        )
     if all(x == IGNORE_INDEX for x in labels[:keep]):
-        raise DataError("too_long", f"{sequence_length(ids, image_tokens)} rows > {max_length}: no learned token is left")
+        raise DataError(
+            "too_long", f"{sequence_length(ids, image_tokens)} rows > {max_length}: no learned token is left"
+        )
     return ids[:keep], labels[:keep]

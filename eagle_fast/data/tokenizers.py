@@ -17,11 +17,22 @@ def builtin_tokenizer_dir(root: str) -> str:
     folder = os.path.join(root, "tokenizer")
     if not os.path.exists(os.path.join(folder, "tokenizer_config.json")):
         os.makedirs(folder, exist_ok=True)
-        shutil.copy(os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1"),
-                    os.path.join(folder, "tokenizer.model"))
-        cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-               "pad_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": True,
-               "model_max_length": 2048, "padding_side": "right"}
+        shutil.copy(
+            os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1"),
+            os.path.join(folder, "tokenizer.model"),
+        )
+        cfg = {
+            "tokenizer_class": "LlamaTokenizer",
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "pad_token": "<unk>",
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "legacy": True,
+            "model_max_length": 2048,
+            "padding_side": "right",
+        }
         with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
             json.dump(cfg, f)
     return folder

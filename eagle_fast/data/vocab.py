@@ -64,7 +64,7 @@ def rendered_texts(records: Iterable[dict], templates: Iterable[str] = RENDERED)
                 continue
             texts.append("".join(s.text for s in tpl.render(turns)))
             for k in range(0, len(turns), 2):
-                texts.append("".join(s.text for s in tpl.render(turns[k:k + 1], add_generation_prompt=True)))
+                texts.append("".join(s.text for s in tpl.render(turns[k : k + 1], add_generation_prompt=True)))
     return texts
 
 
@@ -96,16 +96,25 @@ def words_tokenizer(texts: Iterable[str], min_count: int = 1, lowercase: bool = 
         core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre
     core.decoder = decoders.ByteLevel()
-    core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
-                                                        special_tokens=[(BOS, vocab[BOS])])
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, unk_token=UNK,
-                                  pad_token=UNK, additional_special_tokens=template_markers(),
-                                  model_max_length=model_max_length, padding_side="right")
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=UNK,
+        additional_special_tokens=template_markers(),
+        model_max_length=model_max_length,
+        padding_side="right",
+    )
     return tok
 
 
-def words_tokenizer_dir(folder: str | os.PathLike, texts: Iterable[str], min_count: int = 1,
-                        lowercase: bool = True) -> str:
+def words_tokenizer_dir(
+    folder: str | os.PathLike, texts: Iterable[str], min_count: int = 1, lowercase: bool = True
+) -> str:
     """`words_tokenizer(texts, ...)` saved in `folder` (rebuilt when missing or when the saved one
     differs: vocabulary or normalizer); returns the folder."""
     folder = os.fspath(folder)
@@ -114,8 +123,10 @@ def words_tokenizer_dir(folder: str | os.PathLike, texts: Iterable[str], min_cou
         from transformers import AutoTokenizer
 
         saved = AutoTokenizer.from_pretrained(folder)
-        if saved.get_vocab() == tok.get_vocab() and saved.backend_tokenizer.normalizer.__class__ == \
-                tok.backend_tokenizer.normalizer.__class__:
+        if (
+            saved.get_vocab() == tok.get_vocab()
+            and saved.backend_tokenizer.normalizer.__class__ == tok.backend_tokenizer.normalizer.__class__
+        ):
             return folder
     except (OSError, ValueError):
         pass

@@ -47,9 +47,8 @@ def parse(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from eagle_fast.eval.runner import run, table
-
     from eagle_fast.eval.fingerprint import PredictionsMismatch
+    from eagle_fast.eval.runner import run, table
 
     cfg = parse(argv)
     try:

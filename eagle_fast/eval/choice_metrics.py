@@ -193,9 +193,7 @@ def _mmbench_text(text: str, letters: dict[str, str]) -> str | None:
 EXTRACT_STYLES = ("auto", "eagle_sqa", "llava_sqa_late", "mmbench")
 
 
-def extract_choice(
-    prediction: str, options: Sequence[str] | Mapping[str, str], *, style: str = "auto"
-) -> str | None:
+def extract_choice(prediction: str, options: Sequence[str] | Mapping[str, str], *, style: str = "auto") -> str | None:
     """The option letter a free-form answer chose, or None when it chose none or is ambiguous.
 
     ``options``: option texts in order (letters A, B, C, ...) or a mapping letter -> text.

@@ -140,8 +140,12 @@ def digest(components: dict) -> str:
 
 def data_components(cfg) -> dict:
     """What the question side contributes (computable without the model, as `--merge` is)."""
-    comps = {"task": cfg.task, "questions": {"size": os.path.getsize(cfg.data), "sha256": file_digest(cfg.data)[1]},
-             "limit": cfg.limit, "shards": {"num_shards": cfg.num_shards}}
+    comps = {
+        "task": cfg.task,
+        "questions": {"size": os.path.getsize(cfg.data), "sha256": file_digest(cfg.data)[1]},
+        "limit": cfg.limit,
+        "shards": {"num_shards": cfg.num_shards},
+    }
     if getattr(cfg, "conversation", False):  # only when set: single-question runs keep their fingerprints
         comps["conversation"] = True
     return comps
@@ -154,9 +158,13 @@ def of_run(cfg, max_new_tokens: int) -> dict:
 
     model, weights = _model(cfg.model)
     dtype = str(_resolve(cfg.device, cfg.dtype)[1]).removeprefix("torch.")
-    components = {"model": model, "weights": weights, **data_components(cfg),
-                  "template": ALIASES.get(cfg.template, cfg.template),
-                  "generation": {"max_new_tokens": max_new_tokens, "greedy": True, "dtype": dtype}}
+    components = {
+        "model": model,
+        "weights": weights,
+        **data_components(cfg),
+        "template": ALIASES.get(cfg.template, cfg.template),
+        "generation": {"max_new_tokens": max_new_tokens, "greedy": True, "dtype": dtype},
+    }
     return {"version": VERSION, "fingerprint": digest(components), "components": components}
 
 
@@ -168,12 +176,17 @@ def read_meta(predictions: str) -> dict | None:
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
-        if not (isinstance(meta, dict) and isinstance(meta.get("fingerprint"), str)
-                and isinstance(meta.get("components"), dict)):
+        if not (
+            isinstance(meta, dict)
+            and isinstance(meta.get("fingerprint"), str)
+            and isinstance(meta.get("components"), dict)
+        ):
             raise ValueError("no 'fingerprint' and 'components'")
     except ValueError as e:
-        raise ValueError(f"{path}: not a predictions fingerprint ({e}); pass --overwrite to "
-                         f"replace {predictions} and it, or choose another --out") from None
+        raise ValueError(
+            f"{path}: not a predictions fingerprint ({e}); pass --overwrite to "
+            f"replace {predictions} and it, or choose another --out"
+        ) from None
     return meta
 
 
@@ -205,8 +218,11 @@ def differences(there: dict, now: dict) -> str:
         if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
-            detail = "; ".join(_key_detail(k, a.get(k, _MISSING), b.get(k, _MISSING))
-                               for k in sorted(set(a) | set(b)) if a.get(k, _MISSING) != b.get(k, _MISSING))
+            detail = "; ".join(
+                _key_detail(k, a.get(k, _MISSING), b.get(k, _MISSING))
+                for k in sorted(set(a) | set(b))
+                if a.get(k, _MISSING) != b.get(k, _MISSING)
+            )
             detail = "content" if name == "questions" else detail
         else:
             detail = f"{_short(a if a is not _MISSING else None)} there, {_short(b if b is not _MISSING else None)} now"
@@ -235,12 +251,14 @@ def claim(predictions: str, fp: dict, *, overwrite: bool, **info) -> None:
     if has and old is None:
         raise PredictionsMismatch(
             f"{predictions} holds {_lines(predictions)} predictions but no fingerprint ({meta_path(predictions)} is "
-            f"missing), so nothing tells which model and settings made them; {how}")
+            f"missing), so nothing tells which model and settings made them; {how}"
+        )
     if has and old["fingerprint"] != fp["fingerprint"]:
         raise PredictionsMismatch(
             f"{predictions} holds {_lines(predictions)} predictions made with another model or settings "
             f"(fingerprint: {meta_path(predictions)}); what differs: "
-            f"{differences(old['components'], fp['components'])}; {how}")
+            f"{differences(old['components'], fp['components'])}; {how}"
+        )
     if old is None or old["fingerprint"] != fp["fingerprint"]:  # nothing answered yet: this run's file
         write_meta(predictions, fp, **info)
 
@@ -256,18 +274,21 @@ def check_shards(paths: list[str], data: dict | None = None) -> str | None:
     if bare:
         raise PredictionsMismatch(
             f"{', '.join(bare)}: no fingerprint beside it while {meta_path(paths[known[0][0]])} has one, so nothing "
-            f"tells whether the shards were made with the same model and settings; rerun that shard with --overwrite")
+            f"tells whether the shards were made with the same model and settings; rerun that shard with --overwrite"
+        )
     k0, m0 = known[0]
     for k, m in known[1:]:
         if m["fingerprint"] != m0["fingerprint"]:
             raise PredictionsMismatch(
                 f"{paths[k]} (shard {k}) was made with another model or settings than {paths[k0]} (shard {k0}); "
                 f"what differs: {differences(m0['components'], m['components'])}; rerun the shards that are not "
-                f"wanted with --overwrite and the same settings as the others, then merge")
+                f"wanted with --overwrite and the same settings as the others, then merge"
+            )
     if data is not None:
         there = {k: m0["components"].get(k) for k in data}
         if there != data:
             raise PredictionsMismatch(
                 f"the shard files {paths[0]} ... were made for other questions than this merge: "
-                f"{differences(there, data)}; merge with the --data, --limit and --num-shards the shards ran with")
+                f"{differences(there, data)}; merge with the --data, --limit and --num-shards the shards ran with"
+            )
     return m0["fingerprint"]

@@ -66,8 +66,27 @@ _NUMBER_WORDS = {  # "none" -> "0" is sic, from the official map
 }
 _ARTICLES = frozenset({"a", "an", "the"})
 _PUNCTUATION = (
-    ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@",
-    "`", ",", "?", "!",
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
 )
 # The official period regex is "(?!<=\d)(\.)(?!\d)": its "(?!<=" is a malformed look-behind (a
 # look-ahead for the text "<="), which can never match before a ".", so only the look-ahead acts:

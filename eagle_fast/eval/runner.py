@@ -47,9 +47,13 @@ class EvalConfig:
     image_folder: str = _h(".", "folder the questions' image paths are relative to")
     template: str = _h("vicuna_v1", "chat template the model was trained with")
     batch_size: int = _h(8, "questions generated at once")
-    scheduler: str = _h("batch", (
-        "batch: the continuous-batching engine (BatchEngine: paged KV, encoder cache, no padding); sequential: "
-        "the static left-padded batches of Engine.generate_batch"))
+    scheduler: str = _h(
+        "batch",
+        (
+            "batch: the continuous-batching engine (BatchEngine: paged KV, encoder cache, no padding); sequential: "
+            "the static left-padded batches of Engine.generate_batch"
+        ),
+    )
     num_shards: int = _h(1, "split the questions over this many runs (any machines, same --out)")
     shard: int = _h(0, "which shard this run answers, 0 .. num_shards - 1")
     limit: int | None = _h(None, "evaluate the first N questions only")
@@ -58,12 +62,22 @@ class EvalConfig:
     max_new_tokens: int | None = _h(None, "answer length (default: the task's)")
     dtype: str = _h("auto", "model dtype (auto: bf16 on CUDA, fp32 on CPU)")
     device: str = _h("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    conversation: bool = _h(False, (
-        "ask the questions sharing a 'conversation_id' as one conversation in 'turn' order, each after the "
-        "model's own earlier answers (follow-up questions); the scores then add first / follow-up accuracy"))
-    overwrite: bool = field(default=False, metadata={"help": (
-        "replace this task's (this shard's) prediction file, made with another model or settings, instead of "
-        "refusing to mix the two")})
+    conversation: bool = _h(
+        False,
+        (
+            "ask the questions sharing a 'conversation_id' as one conversation in 'turn' order, each after the "
+            "model's own earlier answers (follow-up questions); the scores then add first / follow-up accuracy"
+        ),
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "replace this task's (this shard's) prediction file, made with another model or settings, instead of "
+                "refusing to mix the two"
+            )
+        },
+    )
 
 
 def load_questions(path: str, limit: int | None = None) -> list[dict]:
@@ -90,8 +104,11 @@ def load_questions(path: str, limit: int | None = None) -> list[dict]:
 def _question(rec: dict) -> dict:
     if "conversations" in rec and "text" not in rec:  # LLaVA training layout
         conv = rec["conversations"]
-        rec = {**{k: v for k, v in rec.items() if k != "conversations"}, "question_id": rec.get("question_id", rec["id"]),
-               "text": conv[0]["value"].replace(IMAGE + "\n", "").replace(IMAGE, "")}
+        rec = {
+            **{k: v for k, v in rec.items() if k != "conversations"},
+            "question_id": rec.get("question_id", rec["id"]),
+            "text": conv[0]["value"].replace(IMAGE + "\n", "").replace(IMAGE, ""),
+        }
         if "answer" not in rec and len(conv) > 1:
             rec["answer"] = conv[1]["value"]
     if "question_id" not in rec or "text" not in rec:
@@ -100,7 +117,9 @@ def _question(rec: dict) -> dict:
 
 
 def _shard_path(cfg: EvalConfig, shard: int) -> str:
-    name = f"{cfg.task}.predictions.jsonl" if cfg.num_shards == 1 else f"{cfg.task}.shard{shard}of{cfg.num_shards}.jsonl"
+    name = (
+        f"{cfg.task}.predictions.jsonl" if cfg.num_shards == 1 else f"{cfg.task}.shard{shard}of{cfg.num_shards}.jsonl"
+    )
     return os.path.join(cfg.out, name)
 
 
@@ -131,7 +150,7 @@ def _reply(tok, ids: list[int], stop: str) -> str:
     """Generated ids -> the answer text: up to the template's stop string, special tokens dropped."""
     text = tok.decode(ids, skip_special_tokens=False)
     if stop and stop in text:
-        ids = tok(text[:text.index(stop)], add_special_tokens=False)["input_ids"]
+        ids = tok(text[: text.index(stop)], add_special_tokens=False)["input_ids"]
     return tok.decode(ids, skip_special_tokens=True).strip()
 
 
@@ -155,8 +174,13 @@ def _waves(cfg: EvalConfig, questions: list[dict], done: dict) -> list[list[tupl
     they can be asked: one wave for single questions; with `conversation`, a wave per turn index
     (a turn's prompt needs the answers of the turns before it)."""
     if not cfg.conversation:
-        return [[(q, []) for i, q in enumerate(questions)
-                 if i % cfg.num_shards == cfg.shard and q["question_id"] not in done]]
+        return [
+            [
+                (q, [])
+                for i, q in enumerate(questions)
+                if i % cfg.num_shards == cfg.shard and q["question_id"] not in done
+            ]
+        ]
     mine = [c for k, c in enumerate(_conversations(questions)) if k % cfg.num_shards == cfg.shard]
     depth = max((len(c) for c in mine), default=0)
     return [[(c[t], c[:t]) for c in mine if len(c) > t and c[t]["question_id"] not in done] for t in range(depth)]
@@ -166,21 +190,26 @@ def generate(cfg: EvalConfig, questions: list[dict], task: Task) -> str:
     """Answers this shard's questions not yet in its prediction file; returns the file."""
     from tqdm import tqdm
 
-    from eagle_fast.images import load_image_file
     from eagle_fast.data.templates import get_template
+    from eagle_fast.images import load_image_file
     from eagle_fast.inference import load_model
-    from eagle_fast.inference.session import prompt_ids
     from eagle_fast.inference.batch_engine import BatchEngine
     from eagle_fast.inference.engine import Engine, GenerationConfig
     from eagle_fast.inference.scheduler import EngineConfig
+    from eagle_fast.inference.session import prompt_ids
 
     os.makedirs(cfg.out, exist_ok=True)
     path = _shard_path(cfg, cfg.shard)
     max_new_tokens = cfg.max_new_tokens or task.max_new_tokens
     # checked before anything touches the file (even the torn-line repair): another run's file stays as it is
-    fingerprint.claim(path, fingerprint.of_run(cfg, max_new_tokens), overwrite=cfg.overwrite,
-                      model_path=os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model,
-                      data_path=os.path.abspath(cfg.data), shard=cfg.shard)
+    fingerprint.claim(
+        path,
+        fingerprint.of_run(cfg, max_new_tokens),
+        overwrite=cfg.overwrite,
+        model_path=os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model,
+        data_path=os.path.abspath(cfg.data),
+        shard=cfg.shard,
+    )
     done = _done(path)
     waves = _waves(cfg, questions, done)
     if not any(waves):
@@ -188,16 +217,18 @@ def generate(cfg: EvalConfig, questions: list[dict], task: Task) -> str:
     model, tok, proc = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     if cfg.scheduler not in ("batch", "sequential"):
         raise ValueError(f"--scheduler {cfg.scheduler!r}: batch or sequential")
-    engine = (BatchEngine(model, tok, EngineConfig(max_num_seqs=cfg.batch_size)) if cfg.scheduler == "batch"
-              else Engine(model, tok))
+    engine = (
+        BatchEngine(model, tok, EngineConfig(max_num_seqs=cfg.batch_size))
+        if cfg.scheduler == "batch"
+        else Engine(model, tok)
+    )
     stop = get_template(cfg.template).stop  # a reply ends there, as in chat (chatml: <|im_end|>, not EOS)
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=0,
-                           stop=(stop,) if stop else ())
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=0, stop=(stop,) if stop else ())
     bar = tqdm(total=sum(map(len, waves)), desc=f"{cfg.task} shard {cfg.shard}/{cfg.num_shards}", unit="q")
     with open(path, "a", encoding="utf-8") as out:
         for todo in waves:
             for start in range(0, len(todo), cfg.batch_size):
-                batch, prompts, images, failed = todo[start:start + cfg.batch_size], [], [], []
+                batch, prompts, images, failed = todo[start : start + cfg.batch_size], [], [], []
                 for q, before in batch:
                     # the conversation's image (it is the first turn's) comes with its first question
                     first = before[0] if before else q
@@ -247,15 +278,25 @@ def _merged(cfg: EvalConfig) -> tuple[list[dict], str | None]:
     return recs, digest
 
 
-def score(cfg: EvalConfig, records: list[dict], expected: int | None, elapsed: float,
-          fingerprint_digest: str | None = None) -> dict:
+def score(
+    cfg: EvalConfig, records: list[dict], expected: int | None, elapsed: float, fingerprint_digest: str | None = None
+) -> dict:
     task = get_task(cfg.task)
     if expected is not None and len(records) != expected:
-        raise ValueError(f"{cfg.task}: {len(records)} predictions for {expected} questions; run every shard "
-                         f"to the end (an interrupted shard resumes where it stopped)")
+        raise ValueError(
+            f"{cfg.task}: {len(records)} predictions for {expected} questions; run every shard "
+            f"to the end (an interrupted shard resumes where it stopped)"
+        )
     errors = [r for r in records if r.get("error")]
-    result = {"task": cfg.task, "metric": task.metric, "n": len(records), "errors": len(errors),
-              "elapsed_s": round(elapsed, 1), "fingerprint": fingerprint_digest, **task.scorer(records)}
+    result = {
+        "task": cfg.task,
+        "metric": task.metric,
+        "n": len(records),
+        "errors": len(errors),
+        "elapsed_s": round(elapsed, 1),
+        "fingerprint": fingerprint_digest,
+        **task.scorer(records),
+    }
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, f"{cfg.task}.results.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
@@ -266,9 +307,11 @@ def score(cfg: EvalConfig, records: list[dict], expected: int | None, elapsed: f
 
 def table(result: dict[str, Any]) -> str:
     extra = f", majority baseline {100 * result['majority_baseline']:.1f}" if "majority_baseline" in result else ""
-    return ("| task | metric | score | n | errors | elapsed (s) |\n|---|---|---|---|---|---|\n"
-            f"| {result['task']} | {result['metric']}{extra} | {result['score']:.2f} | {result['n']} | "
-            f"{result['errors']} | {result['elapsed_s']} |")
+    return (
+        "| task | metric | score | n | errors | elapsed (s) |\n|---|---|---|---|---|---|\n"
+        f"| {result['task']} | {result['metric']}{extra} | {result['score']:.2f} | {result['n']} | "
+        f"{result['errors']} | {result['elapsed_s']} |"
+    )
 
 
 def run(cfg: EvalConfig) -> dict | None:

@@ -71,12 +71,17 @@ def _gold_letter(rec: dict) -> str:
 
 def _choice(style: str = "auto"):
     return lambda recs: _mean(
-        recs, lambda r: M.extract_choice(r["prediction"], _options(r), style=style) == _gold_letter(r))
+        recs, lambda r: M.extract_choice(r["prediction"], _options(r), style=style) == _gold_letter(r)
+    )
 
 
 def _mmbench(recs):
-    res = M.mmbench_circular([{**r, "options": _options(r), "answer": _gold_letter(r),
-                               "index": r.get("index", r["question_id"])} for r in recs])
+    res = M.mmbench_circular(
+        [
+            {**r, "options": _options(r), "answer": _gold_letter(r), "index": r.get("index", r["question_id"])}
+            for r in recs
+        ]
+    )
     return {"score": 100.0 * res["accuracy"], **{k: v for k, v in res.items() if k != "per_question"}}
 
 
@@ -126,23 +131,26 @@ class Task:
     metric: str = "accuracy (%)"
 
 
-TASKS: dict[str, Task] = {t.name: t for t in [
-    Task("vqav2", _vqa("eagle_submission"), metric="VQA accuracy (%)"),
-    Task("textvqa", _vqa("m4c"), metric="VQA accuracy (%)"),
-    Task("vizwiz", _vqa("eagle_submission"), VIZWIZ, metric="VQA accuracy (%)"),
-    Task("docvqa", _anls, max_new_tokens=32, metric="ANLS (%)"),
-    Task("infovqa", _anls, max_new_tokens=32, metric="ANLS (%)"),
-    Task("chartqa", _relaxed, metric="relaxed accuracy (%)"),
-    Task("gqa", _gqa, metric="exact match (%)"),
-    Task("mme", _mme, "", max_new_tokens=8, metric="perception + cognition"),
-    Task("pope", _pope, SHORT, max_new_tokens=8, metric="F1 (%)"),
-    Task("scienceqa", _choice("eagle_sqa"), CHOICE, max_new_tokens=8),
-    Task("seed", _choice(), CHOICE, max_new_tokens=8),
-    Task("mmbench", _mmbench, CHOICE, max_new_tokens=8, metric="circular accuracy (%)"),
-    Task("ocrbench", _ocrbench, "", max_new_tokens=64, metric="correct (of 1000)"),
-    # the built-in set's questions as its training records ask them: no suffix
-    Task("easy-vqa", _exact, "", max_new_tokens=8),
-]}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task("vqav2", _vqa("eagle_submission"), metric="VQA accuracy (%)"),
+        Task("textvqa", _vqa("m4c"), metric="VQA accuracy (%)"),
+        Task("vizwiz", _vqa("eagle_submission"), VIZWIZ, metric="VQA accuracy (%)"),
+        Task("docvqa", _anls, max_new_tokens=32, metric="ANLS (%)"),
+        Task("infovqa", _anls, max_new_tokens=32, metric="ANLS (%)"),
+        Task("chartqa", _relaxed, metric="relaxed accuracy (%)"),
+        Task("gqa", _gqa, metric="exact match (%)"),
+        Task("mme", _mme, "", max_new_tokens=8, metric="perception + cognition"),
+        Task("pope", _pope, SHORT, max_new_tokens=8, metric="F1 (%)"),
+        Task("scienceqa", _choice("eagle_sqa"), CHOICE, max_new_tokens=8),
+        Task("seed", _choice(), CHOICE, max_new_tokens=8),
+        Task("mmbench", _mmbench, CHOICE, max_new_tokens=8, metric="circular accuracy (%)"),
+        Task("ocrbench", _ocrbench, "", max_new_tokens=64, metric="correct (of 1000)"),
+        # the built-in set's questions as its training records ask them: no suffix
+        Task("easy-vqa", _exact, "", max_new_tokens=8),
+    ]
+}
 
 
 def get_task(name: str) -> Task:

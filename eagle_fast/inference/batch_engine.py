@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from eagle_fast.constants import IMAGE_TOKEN_INDEX
 from eagle_fast.data.collate import select_images, to_device
 from eagle_fast.inference.encoder_cache import EncoderCache
 from eagle_fast.inference.engine import GenerationConfig, _processors, _Stopper, image_digests
@@ -32,7 +33,6 @@ from eagle_fast.inference.kv_cache import BlockPool
 from eagle_fast.inference.metrics import ITL_BUCKETS, TTFT_BUCKETS, Histogram
 from eagle_fast.inference.paged_llm import StepBatch, kv_shape, llm_layers, paged_forward
 from eagle_fast.inference.scheduler import EngineConfig, QueueFull, Scheduler, Sequence
-from eagle_fast.constants import IMAGE_TOKEN_INDEX
 
 
 class BatchEngine:
@@ -48,7 +48,9 @@ class BatchEngine:
         one = math.ceil(self.context / bs) + 1
         wanted = self.config.max_num_seqs * math.ceil(self.context / bs) + 1
         budget = self.config.kv_cache_bytes
-        blocks = min(budget // per_block, wanted) if budget is not None else max(min((1 << 30) // per_block, wanted), one)
+        blocks = (
+            min(budget // per_block, wanted) if budget is not None else max(min((1 << 30) // per_block, wanted), one)
+        )
         self.pool = BlockPool(layers, blocks, bs, hkv, hd, dtype, model.device)
         self.encoders = EncoderCache(self.config.encoder_cache_bytes)
         self.scheduler = Scheduler(self.config, self.pool, self._prepare)
@@ -68,18 +70,23 @@ class BatchEngine:
         n_img = input_ids.count(IMAGE_TOKEN_INDEX)
         return len(input_ids) - n_img + n_img * self.grid2
 
-    def submit(self, input_ids: list[int], images: dict[str, Any] | None, gen: GenerationConfig | None,
-               sink) -> Sequence:
+    def submit(
+        self, input_ids: list[int], images: dict[str, Any] | None, gen: GenerationConfig | None, sink
+    ) -> Sequence:
         """Queues a request; `sink` receives ("token", id) per token, then ("done", None), or
         ("error", exception). ValueError when it cannot fit, QueueFull when the queue is full."""
         gen = gen or GenerationConfig()
         rows = self.rows(input_ids)
         if rows + gen.max_new_tokens > self.context:
-            raise ValueError(f"prompt of {rows} rows (images included) + max_new_tokens {gen.max_new_tokens} "
-                             f"exceeds the context of {self.context}; shorten the history or max_new_tokens")
+            raise ValueError(
+                f"prompt of {rows} rows (images included) + max_new_tokens {gen.max_new_tokens} "
+                f"exceeds the context of {self.context}; shorten the history or max_new_tokens"
+            )
         if rows + gen.max_new_tokens > self.pool.num_blocks * self.pool.block_size:
-            raise ValueError(f"prompt of {rows} rows + max_new_tokens {gen.max_new_tokens} exceeds the KV cache of "
-                             f"{self.pool.num_blocks * self.pool.block_size} rows; raise kv_cache_bytes")
+            raise ValueError(
+                f"prompt of {rows} rows + max_new_tokens {gen.max_new_tokens} exceeds the KV cache of "
+                f"{self.pool.num_blocks * self.pool.block_size} rows; raise kv_cache_bytes"
+            )
         digests = image_digests(images)
         if len(digests) != input_ids.count(IMAGE_TOKEN_INDEX):
             raise ValueError(f"{input_ids.count(IMAGE_TOKEN_INDEX)} image placeholders but {len(digests)} images")
@@ -93,11 +100,21 @@ class BatchEngine:
                 keys.append(t)
         rng = torch.Generator()
         rng.manual_seed(gen.seed if gen.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        seq = Sequence(rid=next(self._ids), input_ids=list(input_ids), images=images, digests=digests, row_keys=keys,
-                       prompt_rows=rows, gen=gen, sink=sink, rng=rng, procs=_processors(gen),
-                       stopper=_Stopper(self.tokenizer, gen.stop),
-                       stop_ids=set(gen.stop_ids if gen.stop_ids is not None else [self.tokenizer.eos_token_id]),
-                       seen=[t for t in input_ids if t >= 0])
+        seq = Sequence(
+            rid=next(self._ids),
+            input_ids=list(input_ids),
+            images=images,
+            digests=digests,
+            row_keys=keys,
+            prompt_rows=rows,
+            gen=gen,
+            sink=sink,
+            rng=rng,
+            procs=_processors(gen),
+            stopper=_Stopper(self.tokenizer, gen.stop),
+            stop_ids=set(gen.stop_ids if gen.stop_ids is not None else [self.tokenizer.eos_token_id]),
+            seen=[t for t in input_ids if t >= 0],
+        )
         with self._work:
             if len(self._incoming) + len(self.scheduler.waiting) >= self.config.max_queue:
                 raise QueueFull(f"{self.config.max_queue} requests are already waiting; retry later")
@@ -111,8 +128,9 @@ class BatchEngine:
             seq.cancelled = True
             self._work.notify()
 
-    def stream(self, input_ids: list[int], images: dict[str, Any] | None = None,
-               gen: GenerationConfig | None = None) -> Iterator[int]:
+    def stream(
+        self, input_ids: list[int], images: dict[str, Any] | None = None, gen: GenerationConfig | None = None
+    ) -> Iterator[int]:
         """Queues the request now and returns an iterator of its new token ids (as Engine.stream;
         closing it early cancels the request). Without a background thread, waiting on the next
         token steps the engine (advancing every request it holds)."""
@@ -136,8 +154,12 @@ class BatchEngine:
             if not seq.done:
                 self.cancel(seq)
 
-    def generate_batch(self, prompts: list[list[int]], images: list[dict[str, Any] | None] | None = None,
-                       gen: GenerationConfig | None = None) -> list[list[int]]:
+    def generate_batch(
+        self,
+        prompts: list[list[int]],
+        images: list[dict[str, Any] | None] | None = None,
+        gen: GenerationConfig | None = None,
+    ) -> list[list[int]]:
         """Several prompts (each with its processor output or None) -> each one's new token ids."""
         images = images if images is not None else [None] * len(prompts)
         if len(images) != len(prompts):
@@ -235,9 +257,9 @@ class BatchEngine:
     def _rows_embeds(self, seq: Sequence, a: int, b: int) -> torch.Tensor:
         parts = []
         if a < seq.prompt_rows:
-            parts.append(seq.embeds[a:min(b, seq.prompt_rows)])
+            parts.append(seq.embeds[a : min(b, seq.prompt_rows)])
         if b > seq.prompt_rows:
-            ids = torch.tensor(seq.row_keys[max(a, seq.prompt_rows):b], device=self.model.device)
+            ids = torch.tensor(seq.row_keys[max(a, seq.prompt_rows) : b], device=self.model.device)
             parts.append(llm_layers(self.model)[0](ids))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -270,21 +292,26 @@ class BatchEngine:
             slots += [seq.blocks[p // bs] * bs + p % bs for p in pos]
             cu.append(cu[-1] + n)
             lk.append(a + n)
-            table[r, :len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
-        batch = StepBatch(embeds=torch.cat(embeds), positions=torch.tensor(positions, device=dev),
-                          slots=torch.tensor(slots, device=dev), cu_seqlens_q=torch.tensor(cu, dtype=torch.int32,
-                                                                                           device=dev),
-                          seqlens_k=torch.tensor(lk, dtype=torch.int32, device=dev), block_table=table.to(dev),
-                          max_seqlen_q=max(n for _, n in plan),
-                          last_rows=torch.tensor(cu[1:], device=dev) - 1,
-                          q_lens=tuple(n for _, n in plan), k_lens=tuple(lk))
+            table[r, : len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
+        batch = StepBatch(
+            embeds=torch.cat(embeds),
+            positions=torch.tensor(positions, device=dev),
+            slots=torch.tensor(slots, device=dev),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            seqlens_k=torch.tensor(lk, dtype=torch.int32, device=dev),
+            block_table=table.to(dev),
+            max_seqlen_q=max(n for _, n in plan),
+            last_rows=torch.tensor(cu[1:], device=dev) - 1,
+            q_lens=tuple(n for _, n in plan),
+            k_lens=tuple(lk),
+        )
         logits = paged_forward(self.model, batch, self.pool.k, self.pool.v)
         self.steps += 1
         for r, (seq, n) in enumerate(plan):
             seq.computed += n
             self.scheduler.register_blocks(seq)
             if seq.pending() == 0 and not seq.done:
-                self._sample(seq, logits[r:r + 1])
+                self._sample(seq, logits[r : r + 1])
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
         gen = seq.gen
@@ -313,8 +340,15 @@ class BatchEngine:
     # ------------------------------------------------------------------ observability
 
     def stats(self) -> dict[str, float]:
-        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + len(self._incoming),
-                "generated_tokens": self.generated_tokens, "steps": self.steps,
-                "preemptions": self.scheduler.preemptions, "encoder_runs": self.encoders.encoded,
-                "encoder_cache_hit_rate": self.encoders.hit_rate(), "prefix_cache_hit_rate": self.pool.hit_rate(),
-                "kv_blocks_free": self.pool.available(), "kv_blocks": self.pool.num_blocks}
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting) + len(self._incoming),
+            "generated_tokens": self.generated_tokens,
+            "steps": self.steps,
+            "preemptions": self.scheduler.preemptions,
+            "encoder_runs": self.encoders.encoded,
+            "encoder_cache_hit_rate": self.encoders.hit_rate(),
+            "prefix_cache_hit_rate": self.pool.hit_rate(),
+            "kv_blocks_free": self.pool.available(),
+            "kv_blocks": self.pool.num_blocks,
+        }

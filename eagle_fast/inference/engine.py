@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from eagle_fast.data.collate import concat_images, select_images, to_device
 from eagle_fast.constants import IMAGE_TOKEN_INDEX
+from eagle_fast.data.collate import concat_images, select_images, to_device
 
 
 def _gen(default, help: str):
@@ -33,6 +33,7 @@ class GenerationConfig:
     """How to generate: the one source of the generation defaults (the chat API and CLI, the server,
     eval). The defaults are the original Eagle / LLaVA chat's: 512 new tokens, temperature 0.2,
     top_p 0.5."""
+
     max_new_tokens: int = _gen(512, "most tokens to generate")
     temperature: float = _gen(0.2, "sampling temperature (0: greedy)")
     top_p: float = _gen(0.5, "nucleus sampling: keep the most likely tokens up to this probability mass")
@@ -51,6 +52,7 @@ class GenerationConfig:
 class KVPrefix:
     """A conversation's KV cache and the units it holds, one per input: a text id, or ("image",
     digest) for an image (grid^2 cache rows)."""
+
     units: list = field(default_factory=list)
     cache: Any = None
 
@@ -59,8 +61,13 @@ class KVPrefix:
 
 
 def _processors(gen: GenerationConfig):
-    from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
-                                                        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     procs = LogitsProcessorList()
     if gen.repetition_penalty != 1.0:
@@ -105,7 +112,7 @@ class _Stopper:
     def hit(self, tokens: list[int]) -> bool:
         if not self.stops:
             return False
-        tail = self.tokenizer.decode(tokens[-self.window:])
+        tail = self.tokenizer.decode(tokens[-self.window :])
         return any(s in tail for s in self.stops)
 
 
@@ -124,8 +131,10 @@ class Engine:
 
     def _check_context(self, rows: int, gen: GenerationConfig, what: str = "prompt") -> None:
         if rows + gen.max_new_tokens > self._context():
-            raise ValueError(f"{what} of {rows} rows (images included) + max_new_tokens {gen.max_new_tokens} exceeds "
-                             f"the context of {self._context()}; shorten the history or max_new_tokens")
+            raise ValueError(
+                f"{what} of {rows} rows (images included) + max_new_tokens {gen.max_new_tokens} exceeds "
+                f"the context of {self._context()}; shorten the history or max_new_tokens"
+            )
 
     @torch.no_grad()
     def prefill(self, input_ids: list[int], images: dict[str, Any] | None, prefix: KVPrefix | None = None):
@@ -157,8 +166,13 @@ class Engine:
         return out.logits[:, -1], out.cache
 
     @torch.no_grad()
-    def stream(self, input_ids: list[int], images: dict[str, Any] | None = None,
-               gen: GenerationConfig | None = None, prefix: KVPrefix | None = None) -> Iterator[int]:
+    def stream(
+        self,
+        input_ids: list[int],
+        images: dict[str, Any] | None = None,
+        gen: GenerationConfig | None = None,
+        prefix: KVPrefix | None = None,
+    ) -> Iterator[int]:
         """Yields the new token ids one by one (a stop id ends the stream and is not yielded).
         `prefix`: reuse (and keep up to date) a conversation's KV cache."""
         gen = gen or GenerationConfig()
@@ -195,8 +209,12 @@ class Engine:
         return scores.argmax(-1).tolist()
 
     @torch.no_grad()
-    def generate_batch(self, prompts: list[list[int]], images: list[dict[str, Any] | None] | None = None,
-                       gen: GenerationConfig | None = None) -> list[list[int]]:
+    def generate_batch(
+        self,
+        prompts: list[list[int]],
+        images: list[dict[str, Any] | None] | None = None,
+        gen: GenerationConfig | None = None,
+    ) -> list[list[int]]:
         """Several prompts at once (each with its own processor output or None), left-padded; returns
         each prompt's new token ids. Greedy results equal `stream`'s one prompt at a time (sampling
         draws from one generator for the whole batch)."""
@@ -213,14 +231,15 @@ class Engine:
         ids = torch.full((b, width), pad, dtype=torch.long, device=dev)
         mask = torch.zeros((b, width), dtype=torch.long, device=dev)
         for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p, device=dev)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p, device=dev)
+            mask[i, width - len(p) :] = 1
         imgs = to_device(concat_images([im for im in images if im is not None]), dev)
         if (ids == IMAGE_TOKEN_INDEX).any():
             s = self.model.splice_inputs(ids, mask, None, imgs)
             mask, pos = s.attention_mask, s.position_ids
-            out = self.model(inputs_embeds=s.inputs_embeds, attention_mask=mask, position_ids=pos, use_cache=True,
-                             logits_to_keep=1)
+            out = self.model(
+                inputs_embeds=s.inputs_embeds, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1
+            )
         else:
             pos = (mask.cumsum(1) - 1).clamp(min=0)
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
@@ -234,7 +253,7 @@ class Engine:
         done = [False] * b
         for _ in range(gen.max_new_tokens):
             # processors per row: a repetition penalty must not see another row's padding
-            scores = torch.cat([procs(seen[i], logits[i:i + 1].float()) for i in range(b)])
+            scores = torch.cat([procs(seen[i], logits[i : i + 1].float()) for i in range(b)])
             tokens = self._pick(scores, gen, rng)
             for i, tok in enumerate(tokens):
                 if done[i]:

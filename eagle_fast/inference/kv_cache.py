@@ -24,7 +24,7 @@ def block_hashes(row_keys: list, block_size: int, start_hash: bytes = b"", start
     out, prev = [], start_hash
     for a in range(start, len(row_keys) - block_size + 1, block_size):
         h = hashlib.blake2b(prev, digest_size=16)
-        h.update(repr(row_keys[a:a + block_size]).encode())
+        h.update(repr(row_keys[a : a + block_size]).encode())
         prev = h.digest()
         out.append(prev)
     return out
@@ -34,8 +34,16 @@ class BlockPool:
     """Block allocation with reference counts and the prefix cache (not thread-safe: the engine's
     step loop is its only user)."""
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device):
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device,
+    ):
         if num_blocks < 1:
             raise ValueError(f"the KV budget holds no block of {block_size} rows; raise it")
         shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)

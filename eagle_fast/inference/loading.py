@@ -26,11 +26,13 @@ def _check_keys(path: str, info: dict, allowed_missing: set[str] = frozenset()) 
     missing = sorted(set(info.get("missing_keys", ())) - set(allowed_missing))
     unexpected = sorted(info.get("unexpected_keys", ()))
     if missing or unexpected:
+
         def show(keys):
             return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
 
         parts = ([f"missing {len(missing)} key(s): {show(missing)}"] if missing else []) + (
-            [f"unexpected {len(unexpected)} key(s): {show(unexpected)}"] if unexpected else [])
+            [f"unexpected {len(unexpected)} key(s): {show(unexpected)}"] if unexpected else []
+        )
         raise ValueError(f"{path}: the checkpoint does not match its config.json; " + "; ".join(parts))
 
 
@@ -38,7 +40,8 @@ def _check_keys(path: str, info: dict, allowed_missing: set[str] = frozenset()) 
 # saves them: rope_win / rope_glb of the ViT and, the same modules again, every block's attn.rope
 # (52 keys in X5-7B). They are functions of the config; this model recomputes them.
 _EVA_ROPE_KEY = re.compile(
-    r"^(?P<vit>.+)\.(?:rope_(?P<table>win|glb)|blocks\.(?P<block>\d+)\.attn\.rope)\.freqs_(?P<fn>cos|sin)$")
+    r"^(?P<vit>.+)\.(?:rope_(?P<table>win|glb)|blocks\.(?P<block>\d+)\.attn\.rope)\.freqs_(?P<fn>cos|sin)$"
+)
 # The original computes the tables in fp32 (arguments up to ~16 rad): within 1e-6 of exact.
 _ROPE_FP32_SLACK = 1e-6
 
@@ -48,8 +51,10 @@ def _checkpoint_tensors(path: str, keys: list[str]) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     files: dict[str, str] = {}
-    for index, single in (("model.safetensors.index.json", "model.safetensors"),
-                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+    for index, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
         if os.path.isfile(os.path.join(path, index)):
             with open(os.path.join(path, index)) as f:
                 weight_map = json.load(f)["weight_map"]
@@ -96,23 +101,27 @@ def _accept_eva_rope_tables(path: str, model, unexpected: list[str]) -> list[str
         want = tables[m["vit"]][table][0 if m["fn"] == "cos" else 1]
         got = stored[key]
         if tuple(got.shape) != tuple(want.shape):
-            raise ValueError(f"{path}: {key} has shape {tuple(got.shape)}, but this config's "
-                             f"{'window' if table == 'win' else 'global'} RoPE table is {tuple(want.shape)}")
+            raise ValueError(
+                f"{path}: {key} has shape {tuple(got.shape)}, but this config's "
+                f"{'window' if table == 'win' else 'global'} RoPE table is {tuple(want.shape)}"
+            )
         allowed = torch.finfo(got.dtype).eps + _ROPE_FP32_SLACK if got.is_floating_point() else 0.0
         diff = (got.double() - want.double()).abs().max().item()
         if not diff <= allowed:  # also catches NaN
-            raise ValueError(f"{path}: {key} differs from the RoPE table this config computes by {diff:.3g} "
-                             f"(allowed for {got.dtype}: {allowed:.3g}); the checkpoint was made for "
-                             f"another EVA-02 geometry or is corrupt")
+            raise ValueError(
+                f"{path}: {key} differs from the RoPE table this config computes by {diff:.3g} "
+                f"(allowed for {got.dtype}: {allowed:.3g}); the checkpoint was made for "
+                f"another EVA-02 geometry or is corrupt"
+            )
     return [k for k in unexpected if k not in found]
 
 
 def _from_dir(path: str, dtype, attn_implementation, config=None):
     from eagle_fast.model import EagleLlamaForCausalLM
 
-    model, info = EagleLlamaForCausalLM.from_pretrained(path, config=config, dtype=dtype,
-                                                        attn_implementation=attn_implementation,
-                                                        output_loading_info=True)
+    model, info = EagleLlamaForCausalLM.from_pretrained(
+        path, config=config, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
+    )
     return model, info
 
 
@@ -122,8 +131,10 @@ def _lora_base(path: str, base: str | None) -> str:
     for cand in (named, os.path.join(path, named or "")):
         if named and os.path.isdir(cand):
             return cand
-    raise FileNotFoundError(f"{path}: LoRA adapter whose base model {named!r} is not a local directory; "
-                            f"pass base=DIR (the model the adapter was trained on)")
+    raise FileNotFoundError(
+        f"{path}: LoRA adapter whose base model {named!r} is not a local directory; "
+        f"pass base=DIR (the model the adapter was trained on)"
+    )
 
 
 def _load_lora(path: str, base: str | None, dtype, attn_implementation):
@@ -143,8 +154,14 @@ def _load_lora(path: str, base: str | None, dtype, attn_implementation):
     return merge_lora(model, path)
 
 
-def load_model(path_or_preset: str, *, dtype: str | torch.dtype = "auto", device: str = "auto",
-               attn_implementation: str | None = None, base: str | None = None):
+def load_model(
+    path_or_preset: str,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str = "auto",
+    attn_implementation: str | None = None,
+    base: str | None = None,
+):
     """A directory saved by eagle_fast or in the official NVEagle layout (model, tokenizer and, when
     present, preprocessor_config.json; otherwise the processor follows config.json); a LoRA adapter
     directory (adapter_config.json; its base from `base` or the adapter's base_model_name_or_path,
@@ -154,8 +171,8 @@ def load_model(path_or_preset: str, *, dtype: str | torch.dtype = "auto", device
     this model computes and dropped (a mismatch raises, naming the key)."""
     from transformers import AutoTokenizer
 
-    from eagle_fast.model import EagleLlamaConfig, EagleLlamaForCausalLM, presets
     from eagle_fast.data.tokenizers import builtin_tokenizer_dir, keep_legacy_flag
+    from eagle_fast.model import EagleLlamaConfig, EagleLlamaForCausalLM, presets
     from eagle_fast.vision.processor import EagleImageProcessor
 
     device, dtype = _resolve(device, dtype)
@@ -169,17 +186,20 @@ def load_model(path_or_preset: str, *, dtype: str | torch.dtype = "auto", device
         tokenizer = keep_legacy_flag(AutoTokenizer.from_pretrained(path_or_preset))
         processor = EagleImageProcessor.from_pretrained(path_or_preset)
     elif path_or_preset in presets.PRESETS:
-        tokenizer = keep_legacy_flag(AutoTokenizer.from_pretrained(
-            builtin_tokenizer_dir(tempfile.mkdtemp(prefix="eagle_fast_"))))
-        cfg = EagleLlamaConfig(**{**presets.PRESETS[path_or_preset], "vocab_size": len(tokenizer),
-                                  "pad_token_id": tokenizer.pad_token_id})
+        tokenizer = keep_legacy_flag(
+            AutoTokenizer.from_pretrained(builtin_tokenizer_dir(tempfile.mkdtemp(prefix="eagle_fast_")))
+        )
+        cfg = EagleLlamaConfig(
+            **{**presets.PRESETS[path_or_preset], "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+        )
         model = EagleLlamaForCausalLM(cfg).to(dtype)
         if attn_implementation:
             model.set_attn_implementation(attn_implementation)
         processor = EagleImageProcessor.from_model_config(cfg)
     else:
-        raise FileNotFoundError(f"{path_or_preset!r} is neither a model directory nor a preset "
-                                f"({', '.join(presets.PRESETS)})")
+        raise FileNotFoundError(
+            f"{path_or_preset!r} is neither a model directory nor a preset ({', '.join(presets.PRESETS)})"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return model.to(device).eval(), tokenizer, processor

@@ -23,14 +23,15 @@ from eagle_fast.ops.paged_attention import paged_attention
 @dataclass
 class StepBatch:
     """The packed inputs of one step (all on the model's device)."""
-    embeds: torch.Tensor        # (T, hidden) input embeddings, sequences one after another
-    positions: torch.Tensor     # (T,) each row's position in its sequence
-    slots: torch.Tensor         # (T,) int64 flat cache slot (block * block_size + offset) per row
+
+    embeds: torch.Tensor  # (T, hidden) input embeddings, sequences one after another
+    positions: torch.Tensor  # (T,) each row's position in its sequence
+    slots: torch.Tensor  # (T,) int64 flat cache slot (block * block_size + offset) per row
     cu_seqlens_q: torch.Tensor  # (B + 1,) int32
-    seqlens_k: torch.Tensor     # (B,) int32, the new rows included
-    block_table: torch.Tensor   # (B, max_blocks) int32
+    seqlens_k: torch.Tensor  # (B,) int32, the new rows included
+    block_table: torch.Tensor  # (B, max_blocks) int32
     max_seqlen_q: int
-    last_rows: torch.Tensor     # (B,) int64 index of each sequence's last row in the packed block
+    last_rows: torch.Tensor  # (B,) int64 index of each sequence's last row in the packed block
     q_lens: tuple[int, ...] = ()  # host copies of the new rows and key lengths per sequence: chunks of
     k_lens: tuple[int, ...] = ()  # DENSE_ROWS rows or more attend through the flash kernel
 
@@ -57,8 +58,11 @@ class _Split:
                 keep.append(r)
                 cu.append(cu[-1] + n)
         dev = batch.embeds.device
-        self.rows = torch.cat([torch.arange(sum(batch.q_lens[:r]), sum(batch.q_lens[:r + 1]), device=dev)
-                               for r in keep]) if keep else None
+        self.rows = (
+            torch.cat([torch.arange(sum(batch.q_lens[:r]), sum(batch.q_lens[: r + 1]), device=dev) for r in keep])
+            if keep
+            else None
+        )
         if keep:
             idx = torch.tensor(keep, device=dev)
             self.cu = torch.tensor(cu, dtype=torch.int32, device=dev)
@@ -102,8 +106,17 @@ def paged_forward(model, batch: StepBatch, k_cache: torch.Tensor, v_cache: torch
         kc.index_copy_(0, batch.slots, k[0].to(kc.dtype))
         vc.index_copy_(0, batch.slots, v[0].to(vc.dtype))
         if split is None or not split.dense:
-            o = paged_attention(q[0], k_cache[i], v_cache[i], batch.block_table, batch.cu_seqlens_q,
-                                batch.seqlens_k, scale=attn.scaling, max_seqlen_q=batch.max_seqlen_q, validate=False)
+            o = paged_attention(
+                q[0],
+                k_cache[i],
+                v_cache[i],
+                batch.block_table,
+                batch.cu_seqlens_q,
+                batch.seqlens_k,
+                scale=attn.scaling,
+                max_seqlen_q=batch.max_seqlen_q,
+                validate=False,
+            )
         else:
             o = _split_attention(q[0], k_cache[i], v_cache[i], split, attn.scaling)
         h = residual + attn.o_proj(o.reshape(1, x.shape[1], -1))
@@ -113,8 +126,9 @@ def paged_forward(model, batch: StepBatch, k_cache: torch.Tensor, v_cache: torch
     return head(last).float()
 
 
-def _split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, split: _Split,
-                     scale: float) -> torch.Tensor:
+def _split_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, split: _Split, scale: float
+) -> torch.Tensor:
     """q (T, H, D) -> (T, H, D): long chunks through the flash kernel over their gathered K/V
     (bottom-right causal: the chunk's rows see the cached prefix and the rows before them), the
     other rows through paged_attention."""
@@ -123,12 +137,21 @@ def _split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     o = torch.empty_like(q)
     hkv, d = k_cache.shape[2], k_cache.shape[3]
     if split.rows is not None:
-        o[split.rows] = paged_attention(q.index_select(0, split.rows), k_cache, v_cache, split.block_table,
-                                        split.cu, split.seqlens_k, scale=scale, max_seqlen_q=split.max_q,
-                                        validate=False)
+        o[split.rows] = paged_attention(
+            q.index_select(0, split.rows),
+            k_cache,
+            v_cache,
+            split.block_table,
+            split.cu,
+            split.seqlens_k,
+            scale=scale,
+            max_seqlen_q=split.max_q,
+            validate=False,
+        )
     for start, n, blocks, kl in split.dense:
         k = k_cache.index_select(0, blocks).reshape(-1, hkv, d)[:kl]
         v = v_cache.index_select(0, blocks).reshape(-1, hkv, d)[:kl]
-        o[start:start + n] = attention(q[None, start:start + n], k[None].to(q.dtype), v[None].to(q.dtype),
-                                       causal=True, scale=scale)[0]
+        o[start : start + n] = attention(
+            q[None, start : start + n], k[None].to(q.dtype), v[None].to(q.dtype), causal=True, scale=scale
+        )[0]
     return o

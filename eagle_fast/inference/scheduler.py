@@ -34,11 +34,15 @@ def _opt(default, help: str):
 @dataclass
 class EngineConfig:
     """How the continuous-batching engine schedules and how much memory it holds."""
+
     max_num_seqs: int = _opt(16, "sequences generating at once (decode batch)")
     max_batched_tokens: int = _opt(512, "rows per step: decode rows plus prefill chunks")
     block_size: int = _opt(16, "KV cache rows per block (prefix-cache granularity)")
-    kv_cache_bytes: int | None = _opt(None, "KV cache budget in bytes (default: 1 GiB, at least one full context; "
-                                            "never more than max_num_seqs full contexts)")
+    kv_cache_bytes: int | None = _opt(
+        None,
+        "KV cache budget in bytes (default: 1 GiB, at least one full context; "
+        "never more than max_num_seqs full contexts)",
+    )
     encoder_cache_bytes: int = _opt(256 << 20, "encoder (image feature) cache budget in bytes")
     max_queue: int = _opt(256, "requests waiting beyond the running ones (more are refused)")
 
@@ -173,6 +177,6 @@ class Scheduler:
         """Enters the sequence's newly completed full blocks into the prefix cache."""
         bs = self.pool.block_size
         while (seq.hashed + 1) * bs <= seq.computed:
-            h = block_hashes(seq.row_keys[seq.hashed * bs:(seq.hashed + 1) * bs], bs, seq.last_hash)[0]
+            h = block_hashes(seq.row_keys[seq.hashed * bs : (seq.hashed + 1) * bs], bs, seq.last_hash)[0]
             self.pool.register(seq.blocks[seq.hashed], h)
             seq.hashed, seq.last_hash = seq.hashed + 1, h

@@ -22,10 +22,10 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-from eagle_fast.images import to_rgb_batch
+from eagle_fast.data.collate import concat_images
 from eagle_fast.data.templates import get_template
 from eagle_fast.data.tokenize import IMAGE_TOKEN, encode_prompt
-from eagle_fast.data.collate import concat_images
+from eagle_fast.images import to_rgb_batch
 from eagle_fast.inference.batch_engine import BatchEngine
 from eagle_fast.inference.engine import Engine, GenerationConfig, KVPrefix
 from eagle_fast.inference.scheduler import EngineConfig
@@ -41,16 +41,27 @@ def prompt_ids(template, turns: list[tuple[str, str]], tokenizer) -> list[int]:
 
 
 class ChatSession:
-    def __init__(self, model, tokenizer, processor, template: str = "vicuna_v1", reuse_prefix: bool = True,
-                 scheduler: str = "batch", **generation: Any):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        processor,
+        template: str = "vicuna_v1",
+        reuse_prefix: bool = True,
+        scheduler: str = "batch",
+        **generation: Any,
+    ):
         if scheduler not in ("batch", "sequential"):
             raise ValueError(f"scheduler must be 'batch' or 'sequential', got {scheduler!r}")
         self.template = get_template(template)
         self.reuse_prefix = reuse_prefix  # keep the conversation's KV cache between turns
         # without reuse, every turn is computed afresh: the sequential engine with no prefix
         self.scheduler = scheduler if reuse_prefix else "sequential"
-        self.engine = (BatchEngine(model, tokenizer, EngineConfig(max_num_seqs=1)) if self.scheduler == "batch"
-                       else Engine(model, tokenizer))
+        self.engine = (
+            BatchEngine(model, tokenizer, EngineConfig(max_num_seqs=1))
+            if self.scheduler == "batch"
+            else Engine(model, tokenizer)
+        )
         self.tokenizer, self.processor = tokenizer, processor
         stop = tuple(s for s in (self.template.stop,) if s)
         self.defaults = dataclasses.replace(GenerationConfig(stop=stop), **generation)
@@ -94,14 +105,14 @@ class ChatSession:
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 cut = safe_text_length(text, gen.stop)
                 if cut > len(emitted):
-                    yield text[len(emitted):cut]
+                    yield text[len(emitted) : cut]
                     emitted = text[:cut]
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             for s in gen.stop:  # a reply ends before its stop string
                 if s in text:
                     text = text[: text.index(s)]
             if len(text) > len(emitted):
-                yield text[len(emitted):]
+                yield text[len(emitted) :]
             emitted = text
         finally:
             self.history.append(("assistant", emitted))

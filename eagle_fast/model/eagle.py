@@ -64,8 +64,10 @@ class EagleLlamaModel(_EagleDefaults, LlamaModel):
         if config.mm_hidden_size is None:
             config.mm_hidden_size = self.vision_tower.hidden_size
         elif config.mm_hidden_size != self.vision_tower.hidden_size:
-            raise ValueError(f"mm_hidden_size {config.mm_hidden_size} does not match the experts of "
-                             f"{config.mm_vision_tower!r} ({self.vision_tower.hidden_size} channels)")
+            raise ValueError(
+                f"mm_hidden_size {config.mm_hidden_size} does not match the experts of "
+                f"{config.mm_vision_tower!r} ({self.vision_tower.hidden_size} channels)"
+            )
         self.mm_projector = build_projector(config.mm_projector_type, config.mm_hidden_size, config.hidden_size)
         self.post_init()
 
@@ -114,34 +116,57 @@ class EagleLlamaForCausalLM(_EagleDefaults, LlamaForCausalLM):
 
     # ------------------------------------------------------------------ forward / generate
 
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, inputs_embeds: torch.FloatTensor | None = None,
-                labels: torch.LongTensor | None = None, images: dict[str, Any] | None = None,
-                packed_seq_lens: torch.Tensor | None = None, reference: bool = False, **kwargs):
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        images: dict[str, Any] | None = None,
+        packed_seq_lens: torch.Tensor | None = None,
+        reference: bool = False,
+        **kwargs,
+    ):
         """LlamaForCausalLM.forward plus `images` (an EagleImageProcessor output for the batch's
         images, in order of appearance), `packed_seq_lens` (one row holding several records of
         these token lengths: positions restart and attention stays within each record) and
         `reference=True` (every op on its pure-torch reference)."""
         if reference:
             with reference_ops():
-                return self.forward(input_ids, attention_mask, position_ids, inputs_embeds, labels, images,
-                                    packed_seq_lens, **kwargs)
+                return self.forward(
+                    input_ids, attention_mask, position_ids, inputs_embeds, labels, images, packed_seq_lens, **kwargs
+                )
         row_lens = None
         if packed_seq_lens is not None:
             row_lens = self._packed_row_lengths(input_ids, packed_seq_lens)
-        if input_ids is not None and inputs_embeds is None and (
-                images is not None or bool((input_ids == IMAGE_TOKEN_INDEX).any())):
+        if (
+            input_ids is not None
+            and inputs_embeds is None
+            and (images is not None or bool((input_ids == IMAGE_TOKEN_INDEX).any()))
+        ):
             s = self.splice_inputs(input_ids, attention_mask if row_lens is None else None, labels, images)
             if s is not None:
                 input_ids, inputs_embeds, attention_mask, position_ids, labels = (
-                    None, s.inputs_embeds, s.attention_mask, s.position_ids, s.labels)
+                    None,
+                    s.inputs_embeds,
+                    s.attention_mask,
+                    s.position_ids,
+                    s.labels,
+                )
         if row_lens is not None:
             ref = input_ids if input_ids is not None else inputs_embeds
             attention_mask, position_ids = self._packed(row_lens, ref.shape[1], ref.device, kwargs)
         if labels is not None and self.training and self._fused_loss_head() and not kwargs.get("logits_to_keep"):
             return self._forward_fused_loss(input_ids, attention_mask, position_ids, inputs_embeds, labels, kwargs)
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            **kwargs,
+        )
 
     def _fused_loss_head(self) -> bool:
         """True when the LM head is a plain bias-free Linear holding its full (vocab, hidden) weight:
@@ -157,14 +182,29 @@ class EagleLlamaForCausalLM(_EagleDefaults, LlamaForCausalLM):
         """LlamaForCausalLM.forward for training: the same base model call, then the loss from the final
         hidden states (B, T, H) and the lm_head weight (V, H) without the (B, T, V) logits."""
         base_kwargs = {k: v for k, v in kwargs.items() if k != "logits_to_keep"}  # a head argument in HF
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             inputs_embeds=inputs_embeds, **base_kwargs)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **base_kwargs,
+        )
         hidden = outputs.last_hidden_state
         shift_labels = kwargs.get("shift_labels")  # HF: labels already shifted by the caller
-        loss = linear_cross_entropy(hidden, self.lm_head.weight, labels if shift_labels is None else shift_labels,
-                                    num_items=kwargs.get("num_items_in_batch"), shift=shift_labels is None)
-        return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache,
-                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        loss = linear_cross_entropy(
+            hidden,
+            self.lm_head.weight,
+            labels if shift_labels is None else shift_labels,
+            num_items=kwargs.get("num_items_in_batch"),
+            shift=shift_labels is None,
+        )
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=None,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
 
     def _packed_row_lengths(self, input_ids, packed_seq_lens) -> list[int]:
         """Token lengths of the packed records -> their lengths after splicing (an image: grid^2 rows)."""
@@ -173,9 +213,9 @@ class EagleLlamaForCausalLM(_EagleDefaults, LlamaForCausalLM):
         lens = [int(n) for n in packed_seq_lens.tolist()]
         if input_ids is None:
             return lens
-        rows, out, start = self.config.mm_grid ** 2, [], 0
+        rows, out, start = self.config.mm_grid**2, [], 0
         for n in lens:
-            n_img = int((input_ids[0, start:start + n] == IMAGE_TOKEN_INDEX).sum())
+            n_img = int((input_ids[0, start : start + n] == IMAGE_TOKEN_INDEX).sum())
             out.append(n - n_img + n_img * rows)
             start += n
         if start != input_ids.shape[1]:
@@ -198,8 +238,13 @@ class EagleLlamaForCausalLM(_EagleDefaults, LlamaForCausalLM):
         return torch.ones((1, total), dtype=torch.long, device=device), position_ids
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.LongTensor | None = None, images: dict[str, Any] | None = None,
-                 attention_mask: torch.Tensor | None = None, **kwargs):
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        images: dict[str, Any] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ):
         """HF generation (KV cache, greedy, sampling). With image placeholders in `input_ids` the
         prompt is spliced first and generation runs from its embeddings; as with any
         `inputs_embeds` generation, the result then holds only the new tokens."""

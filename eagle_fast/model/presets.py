@@ -20,74 +20,204 @@ X4 = "clip-448;convnext-1024;det-1024;pix2struct-1024"
 X5 = "clip-448;convnext-1024;sam-1024;det-1024;pix2struct-1024"
 
 # LLM backbones (HF Llama-family configs of the models Eagle was trained from)
-VICUNA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
-VICUNA_13B = dict(VICUNA_7B, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                  num_key_value_heads=40)
-LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                 rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, bos_token_id=128000,
-                 eos_token_id=128001)
-YI_34B = dict(vocab_size=64000, hidden_size=7168, intermediate_size=20480, num_hidden_layers=60,
-              num_attention_heads=56, num_key_value_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-5,
-              rope_parameters={"rope_type": "default", "rope_theta": 5000000.0}, bos_token_id=1, eos_token_id=2,
-              pad_token_id=0)
+VICUNA_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+VICUNA_13B = dict(
+    VICUNA_7B,
+    hidden_size=5120,
+    intermediate_size=13824,
+    num_hidden_layers=40,
+    num_attention_heads=40,
+    num_key_value_heads=40,
+)
+LLAMA3_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    bos_token_id=128000,
+    eos_token_id=128001,
+)
+YI_34B = dict(
+    vocab_size=64000,
+    hidden_size=7168,
+    intermediate_size=20480,
+    num_hidden_layers=60,
+    num_attention_heads=56,
+    num_key_value_heads=8,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 5000000.0},
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 # Every expert at toy size: 64-pixel canvas, CLIP at 56 (4 x 4 tokens), 16 Pix2Struct patches.
 TINY_EXPERTS = {
-    "clip-448": dict(image_size=56, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=2),
+    "clip-448": dict(
+        image_size=56, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    ),
     "convnext-1024": dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), image_size=64, num_classes=10),
-    "sam-1024": dict(image_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
-                     window_size=2, global_attn_indexes=[1], output_channels=8),
-    "det-1024": dict(image_size=64, patch_size=8, dim=32, depth=3, heads=2, mlp_hidden=40, window=4,
-                     global_blocks=(1,), pretrain_grid=3),
-    "pix2struct-1024": dict(hidden_size=32, d_ff=64, d_kv=16, num_attention_heads=2, num_hidden_layers=2,
-                            max_patches=16, image_size=64, seq_len=64),
+    "sam-1024": dict(
+        image_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_dim=64,
+        window_size=2,
+        global_attn_indexes=[1],
+        output_channels=8,
+    ),
+    "det-1024": dict(
+        image_size=64,
+        patch_size=8,
+        dim=32,
+        depth=3,
+        heads=2,
+        mlp_hidden=40,
+        window=4,
+        global_blocks=(1,),
+        pretrain_grid=3,
+    ),
+    "pix2struct-1024": dict(
+        hidden_size=32,
+        d_ff=64,
+        d_kv=16,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        max_patches=16,
+        image_size=64,
+        seq_len=64,
+    ),
 }
-TINY_LLM = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+TINY_LLM = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 
 def _tiny(mixture: str) -> dict:
     names = mixture.split(";")
-    return dict(TINY_LLM, mm_vision_tower=mixture, mm_grid=4, image_size=64,
-                mm_expert_configs={n: TINY_EXPERTS[n] for n in names})
+    return dict(
+        TINY_LLM,
+        mm_vision_tower=mixture,
+        mm_grid=4,
+        image_size=64,
+        mm_expert_configs={n: TINY_EXPERTS[n] for n in names},
+    )
 
 
 # A mid-size model for CPU benchmarks: SmolLM2-135M's LLM shape and the official 32 x 32 grid
 # (1024 image rows per image), narrow experts on a 512-pixel canvas (CLIP at its real 448).
 SMALL_EXPERTS = {
-    "clip-448": dict(image_size=448, patch_size=14, hidden_size=192, intermediate_size=768, num_hidden_layers=4,
-                     num_attention_heads=3),
+    "clip-448": dict(
+        image_size=448,
+        patch_size=14,
+        hidden_size=192,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=3,
+    ),
     "convnext-1024": dict(depths=(1, 1, 3, 1), dims=(48, 96, 192, 384), image_size=512, num_classes=10),
-    "sam-1024": dict(image_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, mlp_dim=512,
-                     window_size=8, global_attn_indexes=[1, 3], output_channels=64),
-    "det-1024": dict(image_size=512, patch_size=16, dim=128, depth=4, heads=4, mlp_hidden=342, window=8,
-                     global_blocks=(1, 3), pretrain_grid=16),
-    "pix2struct-1024": dict(hidden_size=128, d_ff=512, d_kv=32, num_attention_heads=4, num_hidden_layers=4,
-                            max_patches=1024, image_size=512, seq_len=1024),
+    "sam-1024": dict(
+        image_size=512,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        mlp_dim=512,
+        window_size=8,
+        global_attn_indexes=[1, 3],
+        output_channels=64,
+    ),
+    "det-1024": dict(
+        image_size=512,
+        patch_size=16,
+        dim=128,
+        depth=4,
+        heads=4,
+        mlp_hidden=342,
+        window=8,
+        global_blocks=(1, 3),
+        pretrain_grid=16,
+    ),
+    "pix2struct-1024": dict(
+        hidden_size=128,
+        d_ff=512,
+        d_kv=32,
+        num_attention_heads=4,
+        num_hidden_layers=4,
+        max_patches=1024,
+        image_size=512,
+        seq_len=1024,
+    ),
 }
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                    rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=True,
-                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 # The CPU demo (recipe "demo"): two experts at their own resolutions on a 128-pixel canvas (easy-VQA's
 # 64-pixel images upscaled): CLIP ViT at 64 (16-pixel patches, 4 x 4 tokens) and ConvNeXt at 128
 # (4 x 4 stage-4 map), fused on a 4 x 4 grid; a 2-layer Llama; vocab_size follows the tokenizer.
 DEMO_EXPERTS = {
-    "clip-448": dict(image_size=64, patch_size=16, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=2),
+    "clip-448": dict(
+        image_size=64, patch_size=16, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2
+    ),
     # blocks on from the start (layer scale 1, not timm's 1e-6): trained from scratch in minutes, a
     # ConvNeXt whose blocks start as the identity learns colours but not shapes
-    "convnext-1024": dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), image_size=128, num_classes=10,
-                          layer_scale_init=1.0),
+    "convnext-1024": dict(
+        depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), image_size=128, num_classes=10, layer_scale_init=1.0
+    ),
 }
-DEMO_LLM = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                initializer_range=0.1)
+DEMO_LLM = dict(
+    vocab_size=128,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    initializer_range=0.1,
+)
 
 PRESETS: dict[str, dict] = {
     "eagle-x4-7b": dict(VICUNA_7B, mm_vision_tower=X4),
@@ -99,10 +229,12 @@ PRESETS: dict[str, dict] = {
     "eagle-tiny-x4": _tiny(X4),
     "eagle-tiny-x5": _tiny(X5),
     "eagle-tiny-clip": _tiny("clip-448"),
-    "eagle-demo": dict(DEMO_LLM, mm_vision_tower="clip-448;convnext-1024", mm_grid=4, image_size=128,
-                       mm_expert_configs=DEMO_EXPERTS),
-    "eagle-small-x5": dict(SMOLLM2_135M, mm_vision_tower=X5, mm_grid=32, image_size=512,
-                           mm_expert_configs=SMALL_EXPERTS),
+    "eagle-demo": dict(
+        DEMO_LLM, mm_vision_tower="clip-448;convnext-1024", mm_grid=4, image_size=128, mm_expert_configs=DEMO_EXPERTS
+    ),
+    "eagle-small-x5": dict(
+        SMOLLM2_135M, mm_vision_tower=X5, mm_grid=32, image_size=512, mm_expert_configs=SMALL_EXPERTS
+    ),
 }
 
 

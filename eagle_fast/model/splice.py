@@ -32,8 +32,13 @@ def count_images(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
     return is_img.sum(1).tolist()
 
 
-def splice(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
-           image_features: list[torch.Tensor] | torch.Tensor, embed: torch.nn.Module) -> Spliced:
+def splice(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    image_features: list[torch.Tensor] | torch.Tensor,
+    embed: torch.nn.Module,
+) -> Spliced:
     b, n = input_ids.shape
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     counts = count_images(input_ids, mask)
@@ -45,10 +50,15 @@ def splice(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels:
                 first_bad = i
                 break
             seen += c
-        where = f"sample {first_bad} is the first without enough images" if first_bad is not None else (
-            f"{n_images - sum(counts)} image(s) are left over after the last sample")
-        raise ValueError(f"splice: the batch has {sum(counts)} image placeholder(s) ({IMAGE_TOKEN_INDEX}) per sample "
-                         f"{counts} but {n_images} image(s) were given; {where}")
+        where = (
+            f"sample {first_bad} is the first without enough images"
+            if first_bad is not None
+            else (f"{n_images - sum(counts)} image(s) are left over after the last sample")
+        )
+        raise ValueError(
+            f"splice: the batch has {sum(counts)} image placeholder(s) ({IMAGE_TOKEN_INDEX}) per sample "
+            f"{counts} but {n_images} image(s) were given; {where}"
+        )
     left_padded = bool((~mask[:, 0] & mask[:, -1]).any())
     safe_ids = input_ids.masked_fill(input_ids == IMAGE_TOKEN_INDEX, 0)
     text = embed(safe_ids)  # (B, N, hidden)

@@ -8,6 +8,15 @@ from eagle_fast.ops.paged_attention import paged_attention
 from eagle_fast.ops.resize_concat import resize_concat
 
 __all__ = [
-    "PreprocessOutput", "attention", "attention_backend", "fused_preprocess", "linear_cross_entropy", "paged_attention",
-    "resize_concat", "reference_ops", "has_compiled_ops", "has_cuda_kernels", "has_triton",
+    "PreprocessOutput",
+    "attention",
+    "attention_backend",
+    "fused_preprocess",
+    "linear_cross_entropy",
+    "paged_attention",
+    "resize_concat",
+    "reference_ops",
+    "has_compiled_ops",
+    "has_cuda_kernels",
+    "has_triton",
 ]

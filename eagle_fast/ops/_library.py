@@ -25,8 +25,12 @@ def load_compiled() -> bool:
     EAGLE_FAST_DISABLE_COMPILED=1 skips both, to run (and test) the pure-torch fallback.
     """
     if os.environ.get("EAGLE_FAST_DISABLE_COMPILED") == "1":
-        warnings.warn("eagle_fast: compiled kernels disabled by EAGLE_FAST_DISABLE_COMPILED=1; using the "
-                      "pure-torch reference ops", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            "eagle_fast: compiled kernels disabled by EAGLE_FAST_DISABLE_COMPILED=1; using the "
+            "pure-torch reference ops",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return False
     try:
         importlib.import_module("eagle_fast._C")

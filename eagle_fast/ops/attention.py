@@ -38,13 +38,22 @@ def _segments(cu_seqlens: torch.Tensor | None, n: int) -> list[tuple[int, int]]:
     return list(zip(cu[:-1], cu[1:]))
 
 
-def _attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                         cu_seqlens: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+def _attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+    cu_seqlens: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v in fp32 (fp64 for fp64), one sequence at a time; q's dtype out."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     if cu_seqlens is not None:  # packed: each segment is a batch of one
-        outs = [_attention_reference(q[None, a:b], k[None, a:b], v[None, a:b], causal, scale)[0]
-                for a, b in _segments(cu_seqlens, q.shape[0])]
+        outs = [
+            _attention_reference(q[None, a:b], k[None, a:b], v[None, a:b], causal, scale)[0]
+            for a, b in _segments(cu_seqlens, q.shape[0])
+        ]
         return torch.cat(outs) if outs else q.new_empty(q.shape)
     group = q.shape[2] // k.shape[2]
     qf, kf, vf = (x.to(acc).transpose(1, 2) for x in (q, k, v))  # (B, H, S, D)
@@ -82,7 +91,8 @@ def _cpu_segment(q, k, v, causal, scale):
     kt, vt = (x.transpose(1, 2) if group == 1 else x.transpose(1, 2).repeat_interleave(group, 1) for x in (k, v))
     mask = _bottom_right_mask(sq, sk, first, q.device, q.dtype) if causal and sq != sk else None
     o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        qt, kt, vt, 0.0, causal and sq == sk, attn_mask=mask, scale=scale)
+        qt, kt, vt, 0.0, causal and sq == sk, attn_mask=mask, scale=scale
+    )
     if first == 0:  # the kernel's output is laid out (B, S, H, D) already
         return o.transpose(1, 2).contiguous(), l
     out = q.new_zeros(q.shape)
@@ -100,7 +110,8 @@ def _cpu_segment_grouped(q, k, v, scale):
     hkv = k.shape[2]
     qg = q.view(b, sq, hkv, h // hkv, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, h // hkv * sq, d)
     o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        qg, k.transpose(1, 2), v.transpose(1, 2), 0.0, False, scale=scale)
+        qg, k.transpose(1, 2), v.transpose(1, 2), 0.0, False, scale=scale
+    )
     # o (B, Hkv, G*Sq, D) -> (B, Sq, Hkv*G, D)
     out = o.reshape(b, hkv, h // hkv, sq, d).permute(0, 3, 1, 2, 4).reshape(b, sq, h, d)
     return out.contiguous(), l.reshape(b, h, sq)
@@ -117,7 +128,8 @@ def _cpu_segment_backward(dout, q, k, v, out, lse, causal, scale):
     kt, vt = (x.transpose(1, 2) if group == 1 else x.transpose(1, 2).repeat_interleave(group, 1) for x in (k, v))
     mask = _bottom_right_mask(sq, sk, first, q.device, q.dtype) if causal and sq != sk else None
     gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dot, qt, kt, vt, ot, lse[:, :, first:].contiguous(), 0.0, causal and sq == sk, attn_mask=mask, scale=scale)
+        dot, qt, kt, vt, ot, lse[:, :, first:].contiguous(), 0.0, causal and sq == sk, attn_mask=mask, scale=scale
+    )
     dq[:, first:] = gq.transpose(1, 2)
     # expanded heads h*group + g -> kv head h
     dk.copy_(gk.unflatten(1, (k.shape[2], group)).sum(2).transpose(1, 2))
@@ -158,8 +170,9 @@ def _attention_backward_cpu(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, cau
         return _cpu_segment_backward(dout, q, k, v, out, lse.reshape(h, b, sq).permute(1, 0, 2), causal, scale)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for a, b in _segments(cu_seqlens, q.shape[0]):
-        g = _cpu_segment_backward(dout[None, a:b], q[None, a:b], k[None, a:b], v[None, a:b], out[None, a:b],
-                                  lse[None, :, a:b], causal, scale)
+        g = _cpu_segment_backward(
+            dout[None, a:b], q[None, a:b], k[None, a:b], v[None, a:b], out[None, a:b], lse[None, :, a:b], causal, scale
+        )
         dq[a:b], dk[a:b], dv[a:b] = g[0][0], g[1][0], g[2][0]
     return dq, dk, dv
 
@@ -168,15 +181,31 @@ def _attention_backward_cpu(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, cau
 
 
 @torch.library.custom_op("eagle_fast::attention", mutates_args=(), device_types="cpu")
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
-                  max_seqlen: int, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _attention_cpu(q, k, v, cu_seqlens, max_seqlen, causal, scale)
 
 
 @torch.library.custom_op("eagle_fast::attention_backward", mutates_args=(), device_types="cpu")
-def _attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int,
-                           causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_backward_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _attention_backward_cpu(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale)
 
 
@@ -203,8 +232,9 @@ def _register() -> None:
 
     def _backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = torch.ops.eagle_fast.attention_backward(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen,
-                                                             ctx.causal, ctx.scale)
+        dq, dk, dv = torch.ops.eagle_fast.attention_backward(
+            dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.scale
+        )
         return dq, dk, dv, None, None, None, None
 
     _attention_op.register_autograd(_backward, setup_context=_setup)
@@ -255,8 +285,12 @@ def attention_backend(name: str) -> Iterator[None]:
 
 def _check(q, k, v, cu_seqlens, max_seqlen, attn_mask) -> int:
     """Validates shapes, dtypes and devices; returns max_seqlen (0 when dense)."""
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32,
-                                                              torch.float64):
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+    ):
         raise ValueError(f"attention: q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention: q, k, v on {q.device}, {k.device}, {v.device}")
@@ -280,12 +314,16 @@ def _check(q, k, v, cu_seqlens, max_seqlen, attn_mask) -> int:
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"attention: packed q has {q.shape[0]} tokens, k has {k.shape[0]}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"attention: cu_seqlens must be a 1-D int32 tensor of B + 1 offsets, got "
-                         f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        raise ValueError(
+            f"attention: cu_seqlens must be a 1-D int32 tensor of B + 1 offsets, got "
+            f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+        )
     lengths = cu_seqlens.diff()
     if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[0] or bool((lengths < 0).any()):
-        raise ValueError(f"attention: cu_seqlens must rise from 0 to the {q.shape[0]} packed tokens, got "
-                         f"{cu_seqlens.tolist()[:8]}{'...' if cu_seqlens.numel() > 8 else ''}")
+        raise ValueError(
+            f"attention: cu_seqlens must rise from 0 to the {q.shape[0]} packed tokens, got "
+            f"{cu_seqlens.tolist()[:8]}{'...' if cu_seqlens.numel() > 8 else ''}"
+        )
     longest = int(lengths.max())
     if max_seqlen is not None and max_seqlen < longest:
         raise ValueError(f"attention: max_seqlen {max_seqlen} is shorter than a packed sequence ({longest})")
@@ -295,8 +333,10 @@ def _check(q, k, v, cu_seqlens, max_seqlen, attn_mask) -> int:
 def _attention_sdpa(q, k, v, causal, scale, cu_seqlens, attn_mask):
     """scaled_dot_product_attention on (B, H, S, D) views; bottom-right causal masks made explicit."""
     if cu_seqlens is not None:
-        outs = [_attention_sdpa(q[None, a:b], k[None, a:b], v[None, a:b], causal, scale, None, None)[0]
-                for a, b in _segments(cu_seqlens, q.shape[0])]
+        outs = [
+            _attention_sdpa(q[None, a:b], k[None, a:b], v[None, a:b], causal, scale, None, None)[0]
+            for a, b in _segments(cu_seqlens, q.shape[0])
+        ]
         return torch.cat(outs) if outs else q.new_empty(q.shape)
     sq, sk = q.shape[1], k.shape[1]
     mask = attn_mask
@@ -308,9 +348,15 @@ def _attention_sdpa(q, k, v, causal, scale, cu_seqlens, attn_mask):
             mask = mask & causal_mask
         else:
             mask = mask.masked_fill(~causal_mask, float("-inf"))
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                         is_causal=causal and sq == sk, scale=scale,
-                                         enable_gqa=q.shape[2] != k.shape[2])
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=causal and sq == sk,
+        scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
     out = out.transpose(1, 2)
     if causal and sq > sk:  # rows with no visible key: zeros, like the flash kernels
         out = out.clone()
@@ -318,9 +364,18 @@ def _attention_sdpa(q, k, v, causal, scale, cu_seqlens, attn_mask):
     return out.contiguous()
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float | None = None,
-              cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-              attn_mask: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    attn_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Flash attention.
 
     Args:
@@ -351,8 +406,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         if attn_mask is not None and backend in ("flash", "triton"):
             backend = "sdpa"  # a forced kernel applies where it can; masked calls stay on sdpa
     if backend == "auto":
-        flash_ok = q.dtype != torch.float64 and q.shape[-1] <= 256 and (q.device.type == "cpu" or (
-            q.device.type == "cuda" and has_triton()))
+        flash_ok = (
+            q.dtype != torch.float64
+            and q.shape[-1] <= 256
+            and (q.device.type == "cpu" or (q.device.type == "cuda" and has_triton()))
+        )
         backend = "sdpa" if attn_mask is not None or not flash_ok else "flash"
     if backend == "reference":
         return _attention_reference(q, k, v, causal, scale, cu_seqlens, attn_mask)
@@ -363,8 +421,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if attn_mask is not None:
         raise ValueError(f"attention: backend {backend!r} takes no attn_mask (use 'sdpa' or 'auto')")
     if q.dtype == torch.float64 or q.shape[-1] > 256:
-        raise ValueError(f"attention: backend {backend!r} supports fp16/bf16/fp32 and head dims <= 256, got "
-                         f"{q.dtype}, D={q.shape[-1]}")
+        raise ValueError(
+            f"attention: backend {backend!r} supports fp16/bf16/fp32 and head dims <= 256, got "
+            f"{q.dtype}, D={q.shape[-1]}"
+        )
     if backend == "triton":
         return _TritonAttention.apply(q, k, v, cu_seqlens, longest, causal, scale)
     return torch.ops.eagle_fast.attention(q, k, v, cu_seqlens, longest, causal, scale)[0]

@@ -37,16 +37,29 @@ from eagle_fast.ops.attention import _bottom_right_mask, attention
 NAME = "eagle_attention"
 
 
-def eagle_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
-                         mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs):
+def eagle_attention_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset=0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+):
     """transformers' mask-interface signature. Returns None (no padding), the 2-D (B, Sk) bool
     padding mask (a plain causal or bidirectional self-attention call with Sq == Sk and nothing
     cached before it: the varlen path), or whatever `sdpa_mask` builds (every other call)."""
     from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
-    plain = (mask_function in (causal_mask_function, bidirectional_mask_function)
-             and isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == 0 and kv_offset == 0
-             and q_length == kv_length)
+    plain = (
+        mask_function in (causal_mask_function, bidirectional_mask_function)
+        and isinstance(q_offset, int)
+        and isinstance(kv_offset, int)
+        and q_offset == 0
+        and kv_offset == 0
+        and q_length == kv_length
+    )
     if plain and (attention_mask is None or attention_mask.shape[-1] == kv_length):
         if attention_mask is None or bool(attention_mask.all()):
             return None
@@ -59,8 +72,15 @@ def eagle_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offse
         # which would let the prompt see the empty slots after it. Only where both alignments
         # agree (Sq == 1 or Sq == Sk) may the mask be left out.
         kwargs["allow_is_causal_skip"] = False
-    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                     kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
+    return sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        attention_mask=attention_mask,
+        **kwargs,
+    )
 
 
 def _unpadded(q, k, v, keep, causal, scale):
@@ -73,8 +93,15 @@ def _unpadded(q, k, v, keep, causal, scale):
     cu = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))  # (B + 1,)
     rows, cols = keep.nonzero(as_tuple=True)  # (T,) each: row-major, so each row's tokens in order
     # advanced indexing gathers from the strided (B, S, H, D) views straight into (T, H, D)
-    out = attention(q[rows, cols], k[rows, cols], v[rows, cols], causal=causal, scale=scale, cu_seqlens=cu,
-                    max_seqlen=int(lens.max()))
+    out = attention(
+        q[rows, cols],
+        k[rows, cols],
+        v[rows, cols],
+        causal=causal,
+        scale=scale,
+        cu_seqlens=cu,
+        max_seqlen=int(lens.max()),
+    )
     return out.new_zeros(q.shape).index_put((rows, cols), out)
 
 
@@ -93,10 +120,17 @@ def _autocast_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-def eagle_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                            value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
-                            scaling: float | None = None, is_causal: bool | None = None,
-                            **kwargs) -> tuple[torch.Tensor, None]:
+def eagle_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D),
     attention_mask None, a 2-D (B, Sk) padding mask (True = real token) or a 4-D mask
     broadcastable to (B, Hq, Sq, Sk) -> ((B, Sq, Hq, D), None)."""
@@ -111,8 +145,9 @@ def eagle_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, S, H, D) views
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None and attention_mask is None and q.shape[0] == 1:
-        out = attention(q[0], k[0], v[0], causal=causal, scale=scaling, cu_seqlens=cu,
-                        max_seqlen=kwargs.get("max_length_q"))
+        out = attention(
+            q[0], k[0], v[0], causal=causal, scale=scaling, cu_seqlens=cu, max_seqlen=kwargs.get("max_length_q")
+        )
         return out[None], None
     if attention_mask is not None and attention_mask.dim() == 2:
         keep = attention_mask.bool()

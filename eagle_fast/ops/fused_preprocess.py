@@ -28,7 +28,15 @@ import torch.nn.functional as F
 
 from eagle_fast.ops._library import has_cuda_kernels, has_triton, load_compiled, reference_active
 from eagle_fast.preprocess_plan import (  # noqa: F401  (re-exported: this op's constants and plan maths)
-    _PRECISION_BITS, CLIP_MEAN, CLIP_STD, PAD_FILL, pix2struct_grid, plan_canvas, resample_taps)
+    _PRECISION_BITS,
+    CLIP_MEAN,
+    CLIP_STD,
+    PAD_FILL,
+    pix2struct_grid,
+    plan_canvas,
+    resample_taps,
+)
+
 
 class PreprocessOutput(NamedTuple):
     pixel_values: torch.Tensor  # (B, 3, S, S)
@@ -105,8 +113,16 @@ def _reference_flattened_patches(
 
 
 def _fused_preprocess_reference(
-    images: list[torch.Tensor], canvas_size: int, pad: bool, fill: list[int], mean: list[float],
-    std: list[float], clip_size: int, p2s_max_patches: int, p2s_patch: int, dtype: torch.dtype,
+    images: list[torch.Tensor],
+    canvas_size: int,
+    pad: bool,
+    fill: list[int],
+    mean: list[float],
+    std: list[float],
+    clip_size: int,
+    p2s_max_patches: int,
+    p2s_patch: int,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     device = images[0].device
     canvas = torch.stack([reference_canvas(im, canvas_size, pad, fill) for im in images])  # (B, S, S, 3)
@@ -230,8 +246,16 @@ def fused_preprocess(
     if len(fill) != 3 or len(mean) != 3 or len(std) != 3:
         raise ValueError("fused_preprocess: fill, mean and std need 3 values (RGB)")
     args = (
-        _check_images(images), canvas_size, pad, [int(v) for v in fill], [float(v) for v in mean],
-        [float(v) for v in std], clip_size, pix2struct_max_patches, pix2struct_patch, dtype,
+        _check_images(images),
+        canvas_size,
+        pad,
+        [int(v) for v in fill],
+        [float(v) for v in mean],
+        [float(v) for v in std],
+        clip_size,
+        pix2struct_max_patches,
+        pix2struct_patch,
+        dtype,
     )
     if backend == "auto" and reference_active():
         backend = "reference"

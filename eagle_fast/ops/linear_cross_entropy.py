@@ -35,8 +35,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32  # the reference's logits.float()
 
 
-def _linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                    ignore_index: int) -> torch.Tensor:
+def _linear_cross_entropy_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
     """hidden (N, H), weight (V, H), labels (N,) already shifted -> the sum of the row losses: the
     lm_head over ALL rows, logits upcast (fp64 stays fp64), F.cross_entropy(reduction="sum")."""
     logits = F.linear(hidden, weight)  # (N, V) in the input dtype, as the model's lm_head
@@ -64,9 +65,15 @@ RowPass = Callable[[torch.Tensor, torch.Tensor, int, bool], torch.Tensor]
 _CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 32 << 20}
 
 
-def _chunked(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-             compute_grad_hidden: bool, compute_grad_weight: bool, row_pass: RowPass = _rows_torch
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _chunked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    compute_grad_hidden: bool,
+    compute_grad_weight: bool,
+    row_pass: RowPass = _rows_torch,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op's algorithm in torch ops around a row pass (the torch one, or Triton's): hidden (n, H),
     weight (V, H), labels (n,) -> (sum of row losses 0-d, grad_hidden (n, H) | (0,), grad_weight (V, H) | (0,))."""
     n, V = hidden.shape[0], weight.shape[0]
@@ -78,11 +85,11 @@ def _chunked(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, i
     rows = max(1, _CHUNK_BYTES.get(hidden.device.type, 16 << 20) // (4 * max(V, 1)))
     losses = []
     for r0 in range(0, n, rows):
-        h = hidden[r0:r0 + rows]
+        h = hidden[r0 : r0 + rows]
         z = torch.mm(h, weight.t())  # (rc, V), input dtype
-        losses.append(row_pass(z, labels[r0:r0 + rows], ignore_index, with_grad))
+        losses.append(row_pass(z, labels[r0 : r0 + rows], ignore_index, with_grad))
         if compute_grad_hidden:
-            torch.mm(z, weight, out=gh[r0:r0 + rows])
+            torch.mm(z, weight, out=gh[r0 : r0 + rows])
         if compute_grad_weight:  # fp32 accumulation of (V, rc) @ (rc, H)
             if z.dtype == acc:
                 gw.addmm_(z.t(), h)
@@ -94,18 +101,36 @@ def _chunked(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, i
     return loss, gh, gw.to(weight.dtype) if compute_grad_weight else gw
 
 
-def _op_body(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-             compute_grad_hidden: bool, compute_grad_weight: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _op_body(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    compute_grad_hidden: bool,
+    compute_grad_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _chunked(hidden, weight, labels, ignore_index, compute_grad_hidden, compute_grad_weight)
 
 
-def _op_body_triton(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                    compute_grad_hidden: bool, compute_grad_weight: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _op_body_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    compute_grad_hidden: bool,
+    compute_grad_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from eagle_fast.triton_kernels.loss.linear_cross_entropy import linear_cross_entropy_rows_triton
 
-    return _chunked(hidden, weight, labels, ignore_index, compute_grad_hidden, compute_grad_weight,
-                    row_pass=linear_cross_entropy_rows_triton)
+    return _chunked(
+        hidden,
+        weight,
+        labels,
+        ignore_index,
+        compute_grad_hidden,
+        compute_grad_weight,
+        row_pass=linear_cross_entropy_rows_triton,
+    )
 
 
 # ----------------------------------------------------------------------------- registration
@@ -157,8 +182,13 @@ class _PrecomputedGrads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gh, gw = ctx.saved_tensors
-        return (gh * grad if ctx.needs_input_grad[0] else None, gw * grad if ctx.needs_input_grad[1] else None,
-                None, None, None)
+        return (
+            gh * grad if ctx.needs_input_grad[0] else None,
+            gw * grad if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+        )
 
 
 # ----------------------------------------------------------------------------- public API
@@ -166,26 +196,32 @@ class _PrecomputedGrads(torch.autograd.Function):
 
 def _check(hidden, weight, labels, num_items) -> None:
     if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3) or not hidden.is_floating_point():
-        raise ValueError(f"linear_cross_entropy: hidden must be a floating (B, T, H) or (N, H) tensor, got "
-                         f"{_describe(hidden)}")
+        raise ValueError(
+            f"linear_cross_entropy: hidden must be a floating (B, T, H) or (N, H) tensor, got {_describe(hidden)}"
+        )
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"linear_cross_entropy: weight must be (V, H) with H = {hidden.shape[-1]}, got "
-                         f"{_describe(weight)}")
+        raise ValueError(
+            f"linear_cross_entropy: weight must be (V, H) with H = {hidden.shape[-1]}, got {_describe(weight)}"
+        )
     if weight.dtype != hidden.dtype:
         raise ValueError(f"linear_cross_entropy: weight has dtype {weight.dtype}, hidden has {hidden.dtype}")
     if weight.device != hidden.device:
         raise ValueError(f"linear_cross_entropy: weight is on {weight.device}, hidden on {hidden.device}")
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"linear_cross_entropy: labels must have shape {tuple(hidden.shape[:-1])} (hidden's "
-                         f"leading dims), got {_describe(labels)}")
+        raise ValueError(
+            f"linear_cross_entropy: labels must have shape {tuple(hidden.shape[:-1])} (hidden's "
+            f"leading dims), got {_describe(labels)}"
+        )
     if labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"linear_cross_entropy: labels must be int64 or int32, got {labels.dtype}")
     if labels.device != hidden.device:
         raise ValueError(f"linear_cross_entropy: labels are on {labels.device}, hidden on {hidden.device}")
-    if num_items is not None and not (isinstance(num_items, int) or (
-            isinstance(num_items, torch.Tensor) and num_items.numel() == 1)):
-        raise ValueError(f"linear_cross_entropy: num_items must be None, an int or a one-element tensor, got "
-                         f"{_describe(num_items)}")
+    if num_items is not None and not (
+        isinstance(num_items, int) or (isinstance(num_items, torch.Tensor) and num_items.numel() == 1)
+    ):
+        raise ValueError(
+            f"linear_cross_entropy: num_items must be None, an int or a one-element tensor, got {_describe(num_items)}"
+        )
 
 
 def _describe(x) -> str:
@@ -194,9 +230,16 @@ def _describe(x) -> str:
     return f"{type(x).__name__} {x!r}"
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                         ignore_index: int = -100, num_items: int | torch.Tensor | None = None, shift: bool = True,
-                         backend: str = "auto") -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    num_items: int | torch.Tensor | None = None,
+    shift: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Causal-LM loss of the LM head `weight` on `hidden`, as transformers' ForCausalLMLoss computes it
     from `logits = hidden @ weight.T`, without materializing the logits.
 
@@ -227,8 +270,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         dt = torch.get_autocast_dtype(device_type)
         hidden, weight = _autocast(hidden, dt), _autocast(weight, dt)
         with torch.autocast(device_type, enabled=False):  # keeps the op's fp32 accumulations fp32
-            return linear_cross_entropy(hidden, weight, labels, ignore_index=ignore_index, num_items=num_items,
-                                        shift=shift, backend=backend)
+            return linear_cross_entropy(
+                hidden, weight, labels, ignore_index=ignore_index, num_items=num_items, shift=shift, backend=backend
+            )
     _check(hidden, weight, labels, num_items)
     if backend not in ("auto", "reference", "triton"):
         raise ValueError(f"linear_cross_entropy: unknown backend {backend!r} (auto, reference, triton)")
@@ -247,8 +291,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     y = y_flat.index_select(0, rows).to(torch.int64)
     if rows.numel() and bool(((y < 0) | (y >= weight.shape[0])).any()):
         bad = y[(y < 0) | (y >= weight.shape[0])][0].item()
-        raise ValueError(f"linear_cross_entropy: labels hold {bad}, outside [0, {weight.shape[0]}) and not "
-                         f"ignore_index {ignore_index}")
+        raise ValueError(
+            f"linear_cross_entropy: labels hold {bad}, outside [0, {weight.shape[0]}) and not "
+            f"ignore_index {ignore_index}"
+        )
     grad_on = torch.is_grad_enabled()
     want_h, want_w = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
     if backend == "auto":

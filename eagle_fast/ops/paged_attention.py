@@ -54,9 +54,16 @@ def _gather(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Ten
     return cache.index_select(0, blocks.to(torch.int64)).flatten(0, 1)[:length]
 
 
-def _paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seqlens_k: torch.Tensor,
-                               max_seqlen_q: int, scale: float) -> torch.Tensor:
+def _paged_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    scale: float,
+) -> torch.Tensor:
     """Per sequence: gather its K/V blocks, softmax(q k^T * scale + bottom-right causal mask) v in
     fp32 (fp64 for fp64); q's dtype out. (max_seqlen_q is unused: the op's signature.)"""
     acc = _acc_dtype(q.dtype)
@@ -87,8 +94,9 @@ _OP = "eagle_fast::paged_attention"
 def _paged_attention_cuda(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k, max_seqlen_q, scale):
     """CUDA: the Triton kernel; fp64 and head dims over 256 (outside its tiles) on the reference."""
     if q.dtype == torch.float64 or q.shape[-1] > 256:
-        return _paged_attention_reference(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k,
-                                          max_seqlen_q, scale)
+        return _paged_attention_reference(
+            q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k, max_seqlen_q, scale
+        )
     from eagle_fast.triton_kernels.attention.paged import paged_attention_triton
 
     return paged_attention_triton(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k, max_seqlen_q, scale)
@@ -123,10 +131,14 @@ def _describe(x) -> str:
 
 def _check_shapes(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k) -> None:
     cache = "(num_blocks, block_size, Hkv, D)"
-    for name, x, dims, layout in (("q", q, 3, "(Tq, Hq, D)"), ("k_cache", k_cache, 4, cache),
-                                  ("v_cache", v_cache, 4, cache),
-                                  ("block_table", block_table, 2, "(B, max_blocks_per_seq)"),
-                                  ("cu_seqlens_q", cu_seqlens_q, 1, "(B + 1,)"), ("seqlens_k", seqlens_k, 1, "(B,)")):
+    for name, x, dims, layout in (
+        ("q", q, 3, "(Tq, Hq, D)"),
+        ("k_cache", k_cache, 4, cache),
+        ("v_cache", v_cache, 4, cache),
+        ("block_table", block_table, 2, "(B, max_blocks_per_seq)"),
+        ("cu_seqlens_q", cu_seqlens_q, 1, "(B + 1,)"),
+        ("seqlens_k", seqlens_k, 1, "(B,)"),
+    ):
         if not isinstance(x, torch.Tensor) or x.dim() != dims:
             _fail(f"{name} must be a {dims}-D tensor {layout}, got {_describe(x)}")
         if x.device != q.device:
@@ -158,8 +170,9 @@ def _check_values(q, k_cache, block_table, cu_seqlens_q, seqlens_k) -> int:
     """The checks that read the metadata (one device sync on CUDA); returns the longest Lq."""
     cu = cu_seqlens_q.tolist()
     if cu[0] != 0 or cu[-1] != q.shape[0] or any(b < a for a, b in zip(cu, cu[1:])):
-        _fail(f"cu_seqlens_q must rise from 0 to the {q.shape[0]} rows of q, got "
-              f"{cu[:8]}{'...' if len(cu) > 8 else ''}")
+        _fail(
+            f"cu_seqlens_q must rise from 0 to the {q.shape[0]} rows of q, got {cu[:8]}{'...' if len(cu) > 8 else ''}"
+        )
     lk = seqlens_k.tolist()
     num_blocks, bs = k_cache.shape[0], k_cache.shape[1]
     capacity = block_table.shape[1] * bs
@@ -169,8 +182,10 @@ def _check_values(q, k_cache, block_table, cu_seqlens_q, seqlens_k) -> int:
         if n < lq:
             _fail(f"sequence {b}: seqlens_k {n} < its {lq} query rows (seqlens_k counts the new rows too)")
         if n > capacity:
-            _fail(f"sequence {b}: seqlens_k {n} exceeds block_table's {block_table.shape[1]} blocks of "
-                  f"{bs} rows ({capacity})")
+            _fail(
+                f"sequence {b}: seqlens_k {n} exceeds block_table's {block_table.shape[1]} blocks of "
+                f"{bs} rows ({capacity})"
+            )
         used = table[b][: (n + bs - 1) // bs]
         bad = [x for x in used if not 0 <= x < num_blocks]
         if bad:
@@ -178,9 +193,19 @@ def _check_values(q, k_cache, block_table, cu_seqlens_q, seqlens_k) -> int:
     return max((b - a for a, b in zip(cu, cu[1:])), default=0)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                    cu_seqlens_q: torch.Tensor, seqlens_k: torch.Tensor, *, scale: float | None = None,
-                    max_seqlen_q: int | None = None, validate: bool = True, backend: str = "auto") -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seqlens_k: torch.Tensor,
+    *,
+    scale: float | None = None,
+    max_seqlen_q: int | None = None,
+    validate: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Causal attention of packed new query rows against a paged KV cache (see the module docstring).
 
     Args:
@@ -219,13 +244,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if backend == "auto" and reference_active():
         backend = "reference"
     if backend == "reference":
-        return _paged_attention_reference(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k, max_seqlen_q,
-                                          scale)
+        return _paged_attention_reference(
+            q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k, max_seqlen_q, scale
+        )
     if backend == "triton":
         if q.dtype == torch.float64 or q.shape[-1] > 256:
             _fail(f"backend 'triton' supports fp16/bf16/fp32 and head dims <= 256, got {q.dtype}, D={q.shape[-1]}")
         from eagle_fast.triton_kernels.attention.paged import paged_attention_triton
 
         return paged_attention_triton(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k, max_seqlen_q, scale)
-    return torch.ops.eagle_fast.paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k,
-                                                max_seqlen_q, scale)
+    return torch.ops.eagle_fast.paged_attention(
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_k, max_seqlen_q, scale
+    )

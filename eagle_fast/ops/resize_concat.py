@@ -60,9 +60,9 @@ def _resize_concat_backward_reference(
         offset += cu
         if (hu, wu) != (grid, grid):
             acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # as the forward's resize
-            g = torch.ops.aten.upsample_bilinear2d_backward(
-                g.to(acc), [grid, grid], [b, cu, hu, wu], True
-            ).to(x.dtype)  # (B, C*u^2, H/u, W/u)
+            g = torch.ops.aten.upsample_bilinear2d_backward(g.to(acc), [grid, grid], [b, cu, hu, wu], True).to(
+                x.dtype
+            )  # (B, C*u^2, H/u, W/u)
         if u > 1:
             g = F.pixel_shuffle(g, u)  # (B, C, H, W)
         out.append(torch.empty_like(x).copy_(g))  # strided like the input, never a view of grad
@@ -100,8 +100,9 @@ def _register() -> None:
         ctx.grid, ctx.unshuffle = grid, unshuffle
 
     def _backward(ctx, grad):
-        grads = torch.ops.eagle_fast.resize_concat_backward(grad.contiguous(), list(ctx.saved_tensors), ctx.grid,
-                                                            ctx.unshuffle)
+        grads = torch.ops.eagle_fast.resize_concat_backward(
+            grad.contiguous(), list(ctx.saved_tensors), ctx.grid, ctx.unshuffle
+        )
         return list(grads), None, None
 
     torch.library.register_autograd(_OP, _backward, setup_context=_setup)
@@ -159,8 +160,9 @@ def resize_concat(
     for i, (x, u) in enumerate(zip(features, unshuffle)):
         m = _as_map(x, i)
         if m.dtype != features[0].dtype or m.device != features[0].device:
-            raise ValueError(f"feature {i}: {m.dtype} on {m.device}, feature 0 is {features[0].dtype} on "
-                             f"{features[0].device}")
+            raise ValueError(
+                f"feature {i}: {m.dtype} on {m.device}, feature 0 is {features[0].dtype} on {features[0].device}"
+            )
         if m.shape[0] != features[0].shape[0]:
             raise ValueError(f"feature {i}: batch {m.shape[0]}, feature 0 has {features[0].shape[0]}")
         if u < 1 or m.shape[2] % u:

@@ -34,9 +34,12 @@ from eagle_fast.serve.request import parse_chat_request
 log = logging.getLogger("eagle_fast.serve")
 STATIC = resources.files("eagle_fast.serve") / "static"
 # the page loads nothing from elsewhere and runs no inline script
-PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
-                                           "base-uri 'none'; frame-ancestors 'none'",
-                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
+    "base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
 
 
 class _EventStream(StreamingResponse):
@@ -53,8 +56,9 @@ class _EventStream(StreamingResponse):
 async def _read_json(request: Request, limit: int):
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
-                       code="request_too_large")
+        raise APIError(
+            413, f"request body of {declared} bytes exceeds the limit of {limit} bytes", code="request_too_large"
+        )
     body, size = [], 0
     async for part in request.stream():
         size += len(part)
@@ -75,8 +79,9 @@ def _authorizer(config: ServeConfig):
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
-            raise APIError(401, "missing or invalid API key: send the header Authorization: Bearer <key>",
-                           code="invalid_api_key")
+            raise APIError(
+                401, "missing or invalid API key: send the header Authorization: Bearer <key>", code="invalid_api_key"
+            )
 
     return check
 
@@ -151,8 +156,9 @@ def create_app(config: ServeConfig, model=None, tokenizer=None, processor=None) 
         reply = protocol.Reply(model=name)
         if req.stream:
             events = _events(generator, job, request, reply, req.include_usage)
-            return _EventStream(events, media_type="text/event-stream",
-                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _EventStream(
+                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            )
         async with contextlib.aclosing(generator.run(job, request.is_disconnected)) as deltas:
             text = "".join([d async for d in deltas])
         use = protocol.usage(job.prompt_tokens, len(job.tokens))

@@ -19,24 +19,32 @@ class ServeConfig:
     model_name: str | None = _opt(None, "the model id clients see (default: the path's last component)")
     host: str = _opt("127.0.0.1", "address to bind; loopback unless asked, the API has no rate limiting")
     port: int = _opt(8000, "port to bind")
-    api_key: str | None = _opt(None, "require `Authorization: Bearer KEY` on the API (default: "
-                                     "$EAGLE_FAST_API_KEY, which keeps the key out of the process list)")
+    api_key: str | None = _opt(
+        None,
+        "require `Authorization: Bearer KEY` on the API (default: "
+        "$EAGLE_FAST_API_KEY, which keeps the key out of the process list)",
+    )
     template: str = _opt("vicuna_v1", "chat template: vicuna_v1, llama3, chatml, plain, hf")
-    scheduler: str = _opt("batch", "batch: continuous batching (one engine step over every running request); "
-                                   "sequential: one generation per slot, --parallel slots (the comparison path)")
+    scheduler: str = _opt(
+        "batch",
+        "batch: continuous batching (one engine step over every running request); "
+        "sequential: one generation per slot, --parallel slots (the comparison path)",
+    )
     parallel: int = _opt(1, "sequential scheduler: generations at once; under batch, an alias of --max_num_seqs")
     max_num_seqs: int = _opt(16, "batch scheduler: requests generating at once")
     max_batched_tokens: int = _opt(512, "batch scheduler: rows per engine step (decode rows + prefill chunks)")
-    kv_cache_bytes: int | None = _opt(None, "batch scheduler: KV cache budget in bytes (default 1 GiB, at least "
-                                            "one full context)")
+    kv_cache_bytes: int | None = _opt(
+        None, "batch scheduler: KV cache budget in bytes (default 1 GiB, at least one full context)"
+    )
     encoder_cache_bytes: int = _opt(256 << 20, "batch scheduler: image feature cache in bytes")
     max_queue: int = _opt(256, "requests waiting for a slot; beyond, HTTP 429")
     dtype: str = _opt("auto", "model dtype (auto: bf16 on CUDA, fp32 on CPU)")
     device: str = _opt("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
     context_length: int | None = _opt(None, "context in tokens (default: the model's max_position_embeddings)")
     # defaults for requests that do not say: the generation defaults (the original's chat settings)
-    max_tokens: int = _opt(GenerationConfig.max_new_tokens,
-                           "default max_tokens, clipped to what the prompt leaves of the context")
+    max_tokens: int = _opt(
+        GenerationConfig.max_new_tokens, "default max_tokens, clipped to what the prompt leaves of the context"
+    )
     temperature: float = _opt(GenerationConfig.temperature, "default temperature (0: greedy)")
     top_p: float = _opt(GenerationConfig.top_p, "default top_p")
     # limits on untrusted input

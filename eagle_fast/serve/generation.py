@@ -27,13 +27,13 @@ from typing import Any
 
 import anyio
 
-from eagle_fast.images import to_rgb_batch
+from eagle_fast.constants import IMAGE_TOKEN_INDEX
 from eagle_fast.data.templates import Template, get_template
-from eagle_fast.inference.session import prompt_ids, safe_text_length
+from eagle_fast.images import to_rgb_batch
 from eagle_fast.inference.batch_engine import BatchEngine
 from eagle_fast.inference.engine import Engine, GenerationConfig
 from eagle_fast.inference.scheduler import EngineConfig, QueueFull
-from eagle_fast.constants import IMAGE_TOKEN_INDEX
+from eagle_fast.inference.session import prompt_ids, safe_text_length
 from eagle_fast.serve.config import ServeConfig
 from eagle_fast.serve.errors import APIError
 from eagle_fast.serve.images import load_image_url
@@ -57,6 +57,7 @@ def with_system(template: Template, turns: list[tuple[str, str]], system: str | 
 @dataclass
 class Job:
     """One prepared request and, once it runs, its output so far."""
+
     input_ids: list[int]
     images: dict[str, Any] | None
     gen: GenerationConfig
@@ -81,7 +82,7 @@ class Job:
         cut = safe_text_length(decoded, self.gen.stop)
         if cut <= len(self.text):
             return ""
-        delta, self.text = decoded[len(self.text):cut], decoded[:cut]
+        delta, self.text = decoded[len(self.text) : cut], decoded[:cut]
         return delta
 
     def finish(self, tokenizer) -> str:
@@ -93,7 +94,7 @@ class Job:
                 decoded, stopped = decoded[: decoded.index(s)], True
         full = not stopped and len(self.tokens) >= self.gen.max_new_tokens
         self.finish_reason = "length" if full else "stop"
-        delta = decoded[len(self.text):] if len(decoded) > len(self.text) else ""
+        delta = decoded[len(self.text) :] if len(decoded) > len(self.text) else ""
         self.text += delta
         return delta
 
@@ -114,10 +115,20 @@ class Generator:
             if config.parallel != 1:
                 seqs = config.parallel
                 logging.getLogger("eagle_fast.serve").warning(
-                    "--parallel %d: under the batch scheduler this is --max_num_seqs %d", seqs, seqs)
-            self.engine = BatchEngine(model, tokenizer, EngineConfig(
-                max_num_seqs=seqs, max_batched_tokens=config.max_batched_tokens, kv_cache_bytes=config.kv_cache_bytes,
-                encoder_cache_bytes=config.encoder_cache_bytes, max_queue=config.max_queue), self.context).start()
+                    "--parallel %d: under the batch scheduler this is --max_num_seqs %d", seqs, seqs
+                )
+            self.engine = BatchEngine(
+                model,
+                tokenizer,
+                EngineConfig(
+                    max_num_seqs=seqs,
+                    max_batched_tokens=config.max_batched_tokens,
+                    kv_cache_bytes=config.kv_cache_bytes,
+                    encoder_cache_bytes=config.encoder_cache_bytes,
+                    max_queue=config.max_queue,
+                ),
+                self.context,
+            ).start()
         self._scraped = (time.perf_counter(), 0)
 
     def stats(self) -> dict[str, int]:
@@ -129,12 +140,16 @@ class Generator:
         lines = []
 
         def gauge(name: str, help: str, value, kind: str = "gauge") -> None:
-            lines.extend([f"# HELP eagle_fast_{name} {help}", f"# TYPE eagle_fast_{name} {kind}",
-                          f"eagle_fast_{name} {value}"])
+            lines.extend(
+                [f"# HELP eagle_fast_{name} {help}", f"# TYPE eagle_fast_{name} {kind}", f"eagle_fast_{name} {value}"]
+            )
 
         c = self.counts
-        for k, h in (("completed", "requests finished"), ("cancelled", "requests cut short by their client"),
-                     ("failed", "requests that failed")):
+        for k, h in (
+            ("completed", "requests finished"),
+            ("cancelled", "requests cut short by their client"),
+            ("failed", "requests that failed"),
+        ):
             gauge(f"requests_{k}_total", h, c[k], "counter")
         if self.engine is None:
             gauge("num_requests_running", "requests generating", c["active_generations"])
@@ -147,15 +162,27 @@ class Generator:
         gauge("num_requests_running", "requests in the running batch", st["running"])
         gauge("num_requests_waiting", "requests waiting (queue, experts)", st["waiting"])
         gauge("generation_tokens_total", "tokens generated", tokens, "counter")
-        gauge("generation_tokens_per_second", "tokens generated per second since the previous scrape",
-              round((tokens - before) / max(now - then, 1e-9), 3))
-        gauge("encoder_cache_hit_rate", "image feature requests served from the encoder cache",
-              round(st["encoder_cache_hit_rate"], 6))
+        gauge(
+            "generation_tokens_per_second",
+            "tokens generated per second since the previous scrape",
+            round((tokens - before) / max(now - then, 1e-9), 3),
+        )
+        gauge(
+            "encoder_cache_hit_rate",
+            "image feature requests served from the encoder cache",
+            round(st["encoder_cache_hit_rate"], 6),
+        )
         gauge("encoder_runs_total", "images run through the experts", st["encoder_runs"], "counter")
-        gauge("prefix_cache_hit_rate", "KV blocks found in the prefix cache / blocks looked up",
-              round(st["prefix_cache_hit_rate"], 6))
-        gauge("kv_cache_usage", "fraction of the KV blocks held by requests",
-              round(1 - st["kv_blocks_free"] / st["kv_blocks"], 6))
+        gauge(
+            "prefix_cache_hit_rate",
+            "KV blocks found in the prefix cache / blocks looked up",
+            round(st["prefix_cache_hit_rate"], 6),
+        )
+        gauge(
+            "kv_cache_usage",
+            "fraction of the KV blocks held by requests",
+            round(1 - st["kv_blocks_free"] / st["kv_blocks"], 6),
+        )
         gauge("num_preemptions_total", "requests preempted for KV space (recomputed)", st["preemptions"], "counter")
         lines += self.engine.ttft.render("eagle_fast_time_to_first_token_seconds", "time to first token")
         lines += self.engine.itl.render("eagle_fast_inter_token_latency_seconds", "time between two tokens")
@@ -169,8 +196,9 @@ class Generator:
         cfg = self.config
         images = [load_image_url(url, param, cfg) for url, param in req.image_urls]
         try:
-            pixels = (self.processor(to_rgb_batch(images, cfg.max_image_pixels), device=self.model.device)
-                      if images else None)  # preprocessed where the model runs (CUDA: uint8 upload)
+            pixels = (
+                self.processor(to_rgb_batch(images, cfg.max_image_pixels), device=self.model.device) if images else None
+            )  # preprocessed where the model runs (CUDA: uint8 upload)
         except ValueError as exc:  # the processor names the image and the problem
             raise APIError(400, f"image cannot be used: {exc}", param="messages", code="invalid_image") from None
         template, turns = with_system(self.template, req.turns, req.system)
@@ -180,10 +208,14 @@ class Generator:
         room = self.context - prompt_tokens
         if room < 1 or (req.max_tokens or 1) > room:
             wanted = f" + max_tokens {req.max_tokens}" if req.max_tokens else ""
-            raise APIError(400, f"the prompt takes {prompt_tokens} tokens (each image {self.image_rows}){wanted}, "
-                                f"beyond the model's context of {self.context}; shorten the conversation, "
-                                f"send fewer images or lower max_tokens",
-                           param="max_tokens" if room >= 1 else "messages", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt takes {prompt_tokens} tokens (each image {self.image_rows}){wanted}, "
+                f"beyond the model's context of {self.context}; shorten the conversation, "
+                f"send fewer images or lower max_tokens",
+                param="max_tokens" if room >= 1 else "messages",
+                code="context_length_exceeded",
+            )
         stop = tuple(dict.fromkeys(s for s in (template.stop, *req.stop) if s))
         gen = GenerationConfig(
             max_new_tokens=req.max_tokens or min(cfg.max_tokens, room),
@@ -300,4 +332,3 @@ class Generator:
             self.counts[outcome] += 1
             self.counts["active_generations"] -= 1
             self._slots.release()
-

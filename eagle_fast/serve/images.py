@@ -31,13 +31,14 @@ def _data_url_bytes(url: str, param: str, cfg: ServeConfig) -> bytes:
     header, sep, payload = url.partition(",")
     if not sep or not header.endswith(";base64"):
         raise bad_request("image data URLs must be base64: data:image/png;base64,...", param, "invalid_image_url")
-    media = header[len("data:"):-len(";base64")].split(";")[0].strip().lower()
+    media = header[len("data:") : -len(";base64")].split(";")[0].strip().lower()
     if media and not media.startswith("image/"):
         raise bad_request(f"data URL media type {media!r} is not an image", param, "invalid_image_url")
     payload = "".join(payload.split())  # base64 may be wrapped over lines
     if len(payload) // 4 * 3 > cfg.max_image_bytes + 2:
-        raise _too_large(f"image of about {len(payload) // 4 * 3} bytes exceeds the limit of "
-                         f"{cfg.max_image_bytes} bytes", param)
+        raise _too_large(
+            f"image of about {len(payload) // 4 * 3} bytes exceeds the limit of {cfg.max_image_bytes} bytes", param
+        )
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -46,8 +47,12 @@ def _data_url_bytes(url: str, param: str, cfg: ServeConfig) -> bytes:
 
 def _remote_bytes(url: str, param: str, cfg: ServeConfig) -> bytes:
     if not cfg.allow_remote_images:
-        raise bad_request("remote image URLs are disabled on this server; send the image as a base64 data URL "
-                          "(data:image/png;base64,...)", param, "remote_images_disabled")
+        raise bad_request(
+            "remote image URLs are disabled on this server; send the image as a base64 data URL "
+            "(data:image/png;base64,...)",
+            param,
+            "remote_images_disabled",
+        )
     request = urllib.request.Request(url, headers={"User-Agent": "eagle_fast"})
     try:
         with urllib.request.urlopen(request, timeout=cfg.remote_timeout_s) as resp:
@@ -71,8 +76,11 @@ def decode_image(data: bytes, param: str, cfg: ServeConfig) -> PIL.Image.Image:
         raise bad_request(f"not a decodable image (accepted: {', '.join(FORMATS)})", param, "invalid_image") from None
     w, h = im.size
     if w * h > cfg.max_image_pixels:
-        raise bad_request(f"image of {w}x{h} = {w * h} pixels exceeds the limit of {cfg.max_image_pixels} pixels",
-                          param, "image_too_large")
+        raise bad_request(
+            f"image of {w}x{h} = {w * h} pixels exceeds the limit of {cfg.max_image_pixels} pixels",
+            param,
+            "image_too_large",
+        )
     if w == 0 or h == 0:
         raise bad_request("empty image", param, "invalid_image")
     try:

@@ -35,8 +35,9 @@ class ChatRequest:
     seed: int | None = None
 
 
-def _number(body: dict, name: str, lo: float, hi: float | None = None, integer: bool = False,
-            lo_open: bool = False) -> Any:
+def _number(
+    body: dict, name: str, lo: float, hi: float | None = None, integer: bool = False, lo_open: bool = False
+) -> Any:
     value = body.get(name)
     if value is None:
         return None
@@ -67,13 +68,14 @@ def _content(content: Any, param: str, images: bool) -> tuple[str, list[tuple[st
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image
             if not isinstance(url, str):
-                raise bad_request("image_url must be {\"url\": \"data:image/...;base64,...\"}", where, "invalid_type")
+                raise bad_request('image_url must be {"url": "data:image/...;base64,..."}', where, "invalid_type")
             urls.append((url, f"{where}.image_url"))
         elif kind == "image_url":
             raise bad_request("only user messages may carry images", where, "invalid_value")
         else:
-            raise bad_request(f"unsupported content part {kind!r} (supported: text, image_url)", where,
-                              "unsupported_content")
+            raise bad_request(
+                f"unsupported content part {kind!r} (supported: text, image_url)", where, "unsupported_content"
+            )
     return "\n".join(texts), urls
 
 
@@ -95,8 +97,9 @@ def _messages(body: dict, cfg: ServeConfig, req: ChatRequest) -> None:
             raise bad_request(f"unsupported role {role!r} (supported: system, user, assistant)", f"{param}.role")
         text, urls = _content(msg.get("content"), f"{param}.content", images=role == "user")
         if IMAGE_TOKEN in text:  # it would count as an image placeholder without an image
-            raise bad_request(f"message text must not contain {IMAGE_TOKEN!r}; send images as image_url parts",
-                              f"{param}.content")
+            raise bad_request(
+                f"message text must not contain {IMAGE_TOKEN!r}; send images as image_url parts", f"{param}.content"
+            )
         req.image_urls += urls
         if turns and turns[-1][0] == role:
             turns[-1][1] += len(urls)
@@ -108,8 +111,11 @@ def _messages(body: dict, cfg: ServeConfig, req: ChatRequest) -> None:
     if turns[-1][0] != "user":
         raise bad_request("the last message must be from the user", "messages")
     if len(req.image_urls) > cfg.max_images:
-        raise bad_request(f"{len(req.image_urls)} images in the request; this server accepts at most "
-                          f"{cfg.max_images}", "messages", "too_many_images")
+        raise bad_request(
+            f"{len(req.image_urls)} images in the request; this server accepts at most {cfg.max_images}",
+            "messages",
+            "too_many_images",
+        )
     req.system = "\n".join(systems) if systems else None
     req.turns = [(role, IMAGE_TOKEN * n + ("\n" if n else "") + "\n".join(texts)) for role, n, texts in turns]
 
@@ -151,7 +157,7 @@ def parse_chat_request(body: Any, cfg: ServeConfig) -> ChatRequest:
     req.top_p = _number(body, "top_p", 0, 1, lo_open=True)
     req.top_k = _number(body, "top_k", 0, integer=True)
     req.repetition_penalty = _number(body, "repetition_penalty", 0, lo_open=True)
-    seed = _number(body, "seed", -(2 ** 63), 2 ** 64 - 1, integer=True)
-    req.seed = None if seed is None else seed % (2 ** 63)  # any 64-bit seed -> torch's accepted range
+    seed = _number(body, "seed", -(2**63), 2**64 - 1, integer=True)
+    req.seed = None if seed is None else seed % (2**63)  # any 64-bit seed -> torch's accepted range
     req.stop = _stop(body, cfg)
     return req

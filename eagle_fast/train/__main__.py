@@ -127,9 +127,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
         _leave(distributed, 1)
     if rank0:  # "stopped": the signal that ended the run early (its checkpoint saved), or null
-        print(json.dumps({"steps": result["steps"], "final_loss": result["losses"][-1] if result["losses"] else None,
-                          "skipped": result["skipped"], "stopped": result["stopped"],
-                          "nonfinite_steps": result["nonfinite_steps"], "output_dir": cfg.output_dir}))
+        print(
+            json.dumps(
+                {
+                    "steps": result["steps"],
+                    "final_loss": result["losses"][-1] if result["losses"] else None,
+                    "skipped": result["skipped"],
+                    "stopped": result["stopped"],
+                    "nonfinite_steps": result["nonfinite_steps"],
+                    "output_dir": cfg.output_dir,
+                }
+            )
+        )
     _leave(distributed, 0)
     return 0
 

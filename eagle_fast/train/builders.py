@@ -42,8 +42,9 @@ def data_words_tokenizer_dir(cfg: TrainConfig) -> str:
         paths = [builtin.pretrain, builtin.sft]
     else:
         paths = [cfg.data_path]
-    return words_tokenizer_dir(os.path.join(cfg.output_dir, "assets", "tokenizer-words"),
-                               rendered_texts(read_records(paths)))
+    return words_tokenizer_dir(
+        os.path.join(cfg.output_dir, "assets", "tokenizer-words"), rendered_texts(read_records(paths))
+    )
 
 
 def build_tokenizer(cfg: TrainConfig):
@@ -52,8 +53,11 @@ def build_tokenizer(cfg: TrainConfig):
     if cfg.tokenizer_name_or_path == DATA_WORDS:
         path = data_words_tokenizer_dir(cfg)
     else:
-        path = cfg.tokenizer_name_or_path or cfg.model_name_or_path or builtin_tokenizer_dir(
-            os.path.join(cfg.output_dir, "assets"))
+        path = (
+            cfg.tokenizer_name_or_path
+            or cfg.model_name_or_path
+            or builtin_tokenizer_dir(os.path.join(cfg.output_dir, "assets"))
+        )
     tok = keep_legacy_flag(AutoTokenizer.from_pretrained(path))
     if tok.pad_token is None:  # Vicuna's convention: pad with unk (the original does the same)
         tok.pad_token = tok.unk_token or tok.eos_token
@@ -85,22 +89,29 @@ class TokenizerFiles:
         return out
 
 
-def build_model(cfg: TrainConfig, tokenizer, meta: bool = False, rank: int = 0,
-                world: int = 1) -> tuple[EagleLlamaForCausalLM, EagleImageProcessor]:
+def build_model(
+    cfg: TrainConfig, tokenizer, meta: bool = False, rank: int = 0, world: int = 1
+) -> tuple[EagleLlamaForCausalLM, EagleImageProcessor]:
     """The run's model (+ its image processor). meta: shapes only, on the meta device, no weights
     read (a rank that receives its weights from rank 0: eagle_fast.train.materialize). Experts that
     are new (a preset, or an LLM checkpoint) start from `vision_tower_weights` when it names them."""
-    overrides: dict[str, Any] = {"mm_projector_type": cfg.mm_projector_type,
-                                 "image_aspect_ratio": cfg.image_aspect_ratio,
-                                 "tokenizer_model_max_length": cfg.model_max_length}
+    overrides: dict[str, Any] = {
+        "mm_projector_type": cfg.mm_projector_type,
+        "image_aspect_ratio": cfg.image_aspect_ratio,
+        "tokenizer_model_max_length": cfg.model_max_length,
+    }
     if cfg.vision_tower:
         overrides["mm_vision_tower"] = cfg.vision_tower
     llm = None  # the LLM checkpoint under new experts
     if cfg.model_name_or_path is None:
         if cfg.preset not in presets.PRESETS:
             raise ValueError(f"unknown preset {cfg.preset!r}; known: {', '.join(presets.PRESETS)}")
-        kw = {**presets.PRESETS[cfg.preset], "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-              **overrides}
+        kw = {
+            **presets.PRESETS[cfg.preset],
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            **overrides,
+        }
         config = EagleLlamaConfig(**_keep_present_experts(kw, cfg.vision_tower))
     else:
         from transformers import AutoConfig
@@ -110,10 +121,16 @@ def build_model(cfg: TrainConfig, tokenizer, meta: bool = False, rank: int = 0,
             config = src
         else:  # an LLM: the experts and projector are new, shaped as the recipe's preset says
             llm = cfg.model_name_or_path
-            vision = {k: v for k, v in presets.PRESETS.get(cfg.preset, {}).items()
-                      if k in ("mm_vision_tower", "mm_grid", "image_size", "mm_expert_configs")}
-            config = EagleLlamaConfig(**_keep_present_experts(
-                {**src.to_dict(), **vision, **overrides, "model_type": "eagle_llama"}, cfg.vision_tower))
+            vision = {
+                k: v
+                for k, v in presets.PRESETS.get(cfg.preset, {}).items()
+                if k in ("mm_vision_tower", "mm_grid", "image_size", "mm_expert_configs")
+            }
+            config = EagleLlamaConfig(
+                **_keep_present_experts(
+                    {**src.to_dict(), **vision, **overrides, "model_type": "eagle_llama"}, cfg.vision_tower
+                )
+            )
     fresh = cfg.model_name_or_path is None or llm is not None
     sources = expert_sources(cfg, config, fresh)
     resolved = resolve_all(sources, rank, world, needed=not meta) if sources else {}
@@ -136,8 +153,9 @@ def build_model(cfg: TrainConfig, tokenizer, meta: bool = False, rank: int = 0,
         prefix = "model.mm_projector."
         with _gathered(model.model.mm_projector):
             if _writer():
-                model.model.mm_projector.load_state_dict({k[len(prefix):]: v for k, v in state.items()
-                                                          if k.startswith(prefix)})
+                model.model.mm_projector.load_state_dict(
+                    {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+                )
     if cfg.prealigned_experts and not meta:
         load_prealigned(model, cfg.prealigned_experts)
     if cfg.gradient_checkpointing:
@@ -210,8 +228,10 @@ def freeze_for_stage(model: EagleLlamaForCausalLM, cfg: TrainConfig) -> None:
     if cfg.stage == "prealign":
         names = model.model.vision_tower.names
         if len(names) != 1 or names[0] == "clip-448":
-            raise ValueError(f"stage 'prealign' aligns one non-CLIP expert at a time: pass --vision_tower "
-                             f"with one of convnext-1024, sam-1024, det-1024, pix2struct-1024 (got {names})")
+            raise ValueError(
+                f"stage 'prealign' aligns one non-CLIP expert at a time: pass --vision_tower "
+                f"with one of convnext-1024, sam-1024, det-1024, pix2struct-1024 (got {names})"
+            )
         model.requires_grad_(False)
         model.model.mm_projector.requires_grad_(True)
         model.model.vision_tower.requires_grad_(True)
@@ -268,5 +288,14 @@ def build_data(cfg: TrainConfig, tokenizer, processor: EagleImageProcessor, mode
         image_folder = builtin.image_folder
     if image_folder is None:
         raise ValueError("image_folder is required with data_path")
-    return EagleDataset(data_path, image_folder, tokenizer, processor, cfg.version, cfg.model_max_length,
-                        image_tokens=model.config.mm_grid ** 2, seed=cfg.seed, max_bad_fraction=cfg.max_bad_fraction)
+    return EagleDataset(
+        data_path,
+        image_folder,
+        tokenizer,
+        processor,
+        cfg.version,
+        cfg.model_max_length,
+        image_tokens=model.config.mm_grid**2,
+        seed=cfg.seed,
+        max_bad_fraction=cfg.max_bad_fraction,
+    )

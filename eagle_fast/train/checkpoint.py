@@ -44,9 +44,13 @@ class SaveError(RuntimeError):
 def rng_state() -> dict[str, Any]:
     # numpy's state as plain values (its legacy tuple holds an ndarray, which a weights_only load refuses)
     np_state = np.random.get_state(legacy=False)
-    numpy_plain = {"bit_generator": np_state["bit_generator"], "key": torch.from_numpy(
-        np_state["state"]["key"].astype(np.int64)), "pos": int(np_state["state"]["pos"]),
-        "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])}
+    numpy_plain = {
+        "bit_generator": np_state["bit_generator"],
+        "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+        "pos": int(np_state["state"]["pos"]),
+        "has_gauss": int(np_state["has_gauss"]),
+        "gauss": float(np_state["gauss"]),
+    }
     state = {"python": random.getstate(), "numpy": numpy_plain, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -56,8 +60,14 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     n = state["numpy"]
-    np.random.set_state({"bit_generator": n["bit_generator"], "has_gauss": n["has_gauss"], "gauss": n["gauss"],
-                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]}})
+    np.random.set_state(
+        {
+            "bit_generator": n["bit_generator"],
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+        }
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -71,8 +81,9 @@ def begin(output_dir: str, step: int) -> str:
     return tmp
 
 
-def write_model(model: torch.nn.Module, path: str, savers: tuple[Any, ...] = (),
-                state_dict: dict[str, torch.Tensor] | None = None) -> None:
+def write_model(
+    model: torch.nn.Module, path: str, savers: tuple[Any, ...] = (), state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
     """The model in HF format (LoRA: adapter + non-LoRA trainables + the full state for resuming);
     `state_dict` overrides the module's own (a full state gathered from shards)."""
     if hasattr(model, "peft_config"):
@@ -140,6 +151,7 @@ def abort(output_dir: str, step: int) -> None:
 
 def save_failure(output_dir: str, step: int, error: BaseException | str, needed: int | None) -> str:
     """The message of a failed save: the path, the error, the bytes a checkpoint needs and those free."""
+
     def gb(n: int) -> str:
         return f"{n / 1e9:.2f} GB"
 
@@ -149,9 +161,11 @@ def save_failure(output_dir: str, step: int, error: BaseException | str, needed:
         free = "free space unknown"
     need = f"; a checkpoint of this run needs about {gb(needed)} ({needed} bytes), {free}" if needed else ""
     latest = read_latest(output_dir)
-    return (f"saving {os.path.join(output_dir, f'checkpoint-{step}')} failed: {error}{need}. The partial folder "
-            f"was removed and `latest` still names {latest or 'no checkpoint'}; free some space (or point "
-            f"--output_dir elsewhere) and resume with --resume auto")
+    return (
+        f"saving {os.path.join(output_dir, f'checkpoint-{step}')} failed: {error}{need}. The partial folder "
+        f"was removed and `latest` still names {latest or 'no checkpoint'}; free some space (or point "
+        f"--output_dir elsewhere) and resume with --resume auto"
+    )
 
 
 def estimate_bytes(model: torch.nn.Module, optimizer_copies: int = 2) -> int:
@@ -165,8 +179,9 @@ def estimate_bytes(model: torch.nn.Module, optimizer_copies: int = 2) -> int:
     return total + sum(b.numel() * b.element_size() for b in model.buffers())
 
 
-def save_checkpoint(output_dir: str, step: int, model: torch.nn.Module, state: dict[str, Any], keep: int,
-                    savers: tuple[Any, ...] = ()) -> str:
+def save_checkpoint(
+    output_dir: str, step: int, model: torch.nn.Module, state: dict[str, Any], keep: int, savers: tuple[Any, ...] = ()
+) -> str:
     """Single-process form: writes checkpoint-{step} atomically and points `latest` at it. A write
     that fails (OSError: a full disk) removes the partial folder and raises SaveError."""
     tmp = begin(output_dir, step)
@@ -245,8 +260,10 @@ def safe_load(path: str) -> Any:
         lines = [x.strip() for x in str(e).splitlines() if x.strip()]
         reason = next((x for x in lines if "unsupported" in x.lower()), lines[-1] if lines else "")
         reason = reason.split(" Please use")[0].split(" If you")[0]
-        raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain "
-                              f"containers, and unpickling them could run arbitrary code ({reason})") from None
+        raise CheckpointError(
+            f"{path}: refused to load: it holds objects other than tensors and plain "
+            f"containers, and unpickling them could run arbitrary code ({reason})"
+        ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: unreadable ({e})") from e
 
@@ -263,8 +280,10 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
             return
         state, want = load_file(os.path.join(path, FULL_STATE)), set(trainer_state_dict(model))
         if set(state) != want:
-            raise RuntimeError(f"{path}: QLoRA checkpoint does not match the model (missing "
-                               f"{sorted(want - set(state))[:5]}, unexpected {sorted(set(state) - want)[:5]})")
+            raise RuntimeError(
+                f"{path}: QLoRA checkpoint does not match the model (missing "
+                f"{sorted(want - set(state))[:5]}, unexpected {sorted(set(state) - want)[:5]})"
+            )
         model.load_state_dict(state, strict=False)
         return
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -274,11 +293,14 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"{path}: checkpoint does not match the model (missing {sorted(missing)[:5]}, "
-                           f"unexpected {sorted(unexpected)[:5]})")
+        raise RuntimeError(
+            f"{path}: checkpoint does not match the model (missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]})"
+        )
 
 
 # ---------------------------------------------------------------- collectives (every rank calls)
+
 
 def choose_resume(output_dir: str, resume: str | None, rank: int, world: int, device: torch.device) -> str | None:
     """find_resume run on rank 0 (verifying hashes every file: once, not once per rank) and its
@@ -298,8 +320,15 @@ def choose_resume(output_dir: str, resume: str | None, rank: int, world: int, de
     return found
 
 
-def _agree_saved(errors: list[OSError], output_dir: str, step: int, rank: int, world: int, device: torch.device,
-                 needed: Callable[[], int]) -> None:
+def _agree_saved(
+    errors: list[OSError],
+    output_dir: str,
+    step: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+    needed: Callable[[], int],
+) -> None:
     """SaveError on every rank when a write failed on any (rank 0 first removes the temporary
     directory; the message names each rank's error and the bytes `needed`); else a barrier."""
     from eagle_fast.train.signals import agree
@@ -318,8 +347,16 @@ def _agree_saved(errors: list[OSError], output_dir: str, step: int, rank: int, w
     raise SaveError(save_failure(output_dir, step, error, needed()))
 
 
-def save_collective(output_dir: str, step: int, keep: int, rank: int, world: int, device: torch.device,
-                    write: Callable[[str, Callable], None], needed: Callable[[], int]) -> str:
+def save_collective(
+    output_dir: str,
+    step: int,
+    keep: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+    write: Callable[[str, Callable], None],
+    needed: Callable[[], int],
+) -> str:
     """checkpoint-{step} written by every rank: rank 0 creates the temporary directory; each rank's
     `write(tmp, attempt)` writes its part, every file through `attempt(fn)`; rank 0 commits (the
     manifest, the rename, `latest`). `attempt` keeps a write's OSError instead of raising it, so

@@ -35,11 +35,17 @@ class TrainConfig:
     tune_mm_mlp_adapter: bool = False  # the original's stage-1 switch (= stage "pretrain")
     freeze_vision: bool = False
     prealigned_experts: str | None = None  # directory of {expert}.safetensors written by stage "prealign"
-    vision_tower_weights: str | None = field(default=None, metadata={"help": (
-        "where new experts' weights come from: 'expert=source;...', a source being a local file or directory, "
-        "a hub repo id, or repo:file, each optionally @revision (eagle_fast.train.expert_sources). The official "
-        "recipes name the original's encoders; 'none': random experts. Unused when model_name_or_path is an "
-        "Eagle checkpoint")})
+    vision_tower_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "where new experts' weights come from: 'expert=source;...', a source being a local file or directory, "
+                "a hub repo id, or repo:file, each optionally @revision (eagle_fast.train.expert_sources). The official "
+                "recipes name the original's encoders; 'none': random experts. Unused when model_name_or_path is an "
+                "Eagle checkpoint"
+            )
+        },
+    )
     tokenizer_name_or_path: str | None = None  # None: the checkpoint's, or the built-in Llama SentencePiece
     # LoRA on the LLM's linear layers (peft); the projector (and unfrozen experts) train fully
     lora_enable: bool = False
@@ -55,10 +61,16 @@ class TrainConfig:
     image_aspect_ratio: str = "pad"
     model_max_length: int = 2048
     group_by_modality_length: bool = False
-    packing: bool | None = field(default=None, metadata={"help": (
-        "pack each micro-batch's records into one row (varlen attention per record, positions restarting): "
-        "the same records per step and the same per-token loss as padded batches, without the padding's "
-        "compute. default None: on for the pretrain and sft stages, off for prealign")})
+    packing: bool | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "pack each micro-batch's records into one row (varlen attention per record, positions restarting): "
+                "the same records per step and the same per-token loss as padded batches, without the padding's "
+                "compute. default None: on for the pretrain and sft stages, off for prealign"
+            )
+        },
+    )
     dataloader_num_workers: int = 0
     max_bad_fraction: float = 0.01
     # optimisation
@@ -84,12 +96,24 @@ class TrainConfig:
     save_total_limit: int = 2
     resume: str | None = None  # "auto" or a checkpoint directory
     logging_steps: int = 1  # a metrics.jsonl row (losses averaged) every N optimizer steps, and the last
-    max_nonfinite_steps: int = field(default=10, metadata={"help": (
-        "a step whose loss or gradient norm is NaN / inf is skipped (weights and optimizer untouched) and "
-        "logged; more than this many in a row stop the run, `latest` left on the last good checkpoint")})
-    stop_timeout_s: float = field(default=600.0, metadata={"help": (
-        "after SIGTERM / SIGUSR1 the run finishes its step, saves and exits 0; if it has not exited this many "
-        "seconds after the signal (a lost rank, a hung collective) it exits with status 1. 0: no limit")})
+    max_nonfinite_steps: int = field(
+        default=10,
+        metadata={
+            "help": (
+                "a step whose loss or gradient norm is NaN / inf is skipped (weights and optimizer untouched) and "
+                "logged; more than this many in a row stop the run, `latest` left on the last good checkpoint"
+            )
+        },
+    )
+    stop_timeout_s: float = field(
+        default=600.0,
+        metadata={
+            "help": (
+                "after SIGTERM / SIGUSR1 the run finishes its step, saves and exits 0; if it has not exited this many "
+                "seconds after the signal (a lost rank, a hung collective) it exits with status 1. 0: no limit"
+            )
+        },
+    )
     deepspeed: str | None = None
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP, when run on several ranks without DeepSpeed
     device: str | None = None  # None: cuda:$LOCAL_RANK with CUDA, else cpu (eagle_fast.train.device)
@@ -133,27 +157,42 @@ class Recipe:
 DATA_WORDS = "data:words"  # tokenizer_name_or_path: built from the training records (train/builders.py)
 
 # The official scripts' settings; global batch = per-device x accumulation x 32 GPUs there
-_OFFICIAL = dict(vision_tower_weights=format_sources(OFFICIAL_SOURCES), model_max_length=2048, bf16=True, tf32=True,
-                 gradient_checkpointing=True, deepspeed="zero2", weight_decay=0.0, warmup_ratio=0.03,
-                 lr_scheduler_type="cosine", num_train_epochs=1.0, dataloader_num_workers=4, save_steps=24000,
-                 save_total_limit=2)  # the original keeps 1: nothing to fall back to past a damaged checkpoint
+_OFFICIAL = dict(
+    vision_tower_weights=format_sources(OFFICIAL_SOURCES),
+    model_max_length=2048,
+    bf16=True,
+    tf32=True,
+    gradient_checkpointing=True,
+    deepspeed="zero2",
+    weight_decay=0.0,
+    warmup_ratio=0.03,
+    lr_scheduler_type="cosine",
+    num_train_epochs=1.0,
+    dataloader_num_workers=4,
+    save_steps=24000,
+    save_total_limit=2,
+)  # the original keeps 1: nothing to fall back to past a damaged checkpoint
 _OFFICIAL_STAGES = {
     "pretrain": dict(learning_rate=1e-3, per_device_train_batch_size=8, image_aspect_ratio="square", version="plain"),
-    "sft": dict(learning_rate=2e-5, per_device_train_batch_size=4, image_aspect_ratio="pad",
-                group_by_modality_length=True),
+    "sft": dict(
+        learning_rate=2e-5, per_device_train_batch_size=4, image_aspect_ratio="pad", group_by_modality_length=True
+    ),
     "prealign": dict(learning_rate=1e-3, per_device_train_batch_size=8, image_aspect_ratio="pad"),
 }
-_TINY = dict(version="vicuna_v1", model_max_length=256, save_steps=50, per_device_train_batch_size=8,
-             warmup_ratio=0.05)
-_TINY_STAGES = {"pretrain": dict(learning_rate=3e-3, version="plain"), "sft": dict(learning_rate=1e-3),
-                "prealign": dict(learning_rate=3e-3)}
+_TINY = dict(version="vicuna_v1", model_max_length=256, save_steps=50, per_device_train_batch_size=8, warmup_ratio=0.05)
+_TINY_STAGES = {
+    "pretrain": dict(learning_rate=3e-3, version="plain"),
+    "sft": dict(learning_rate=1e-3),
+    "prealign": dict(learning_rate=3e-3),
+}
 # The demo: eagle-demo on the built-in easy-VQA set with a word-level tokenizer built from it, sized
 # to train both stages on a 2-core CPU in minutes; one multi-turn record per image (all its
 # questions), the 500 highest-id train images held out as the validation split its recipe is chosen on
-DEMO_STAGE = {"pretrain": dict(learning_rate=3e-3, version="plain", per_device_train_batch_size=32,
-                               num_train_epochs=1.0),
-              "sft": dict(learning_rate=2e-3, per_device_train_batch_size=32, num_train_epochs=2.0),
-              "prealign": dict(learning_rate=3e-3, per_device_train_batch_size=32)}
+DEMO_STAGE = {
+    "pretrain": dict(learning_rate=3e-3, version="plain", per_device_train_batch_size=32, num_train_epochs=1.0),
+    "sft": dict(learning_rate=2e-3, per_device_train_batch_size=32, num_train_epochs=2.0),
+    "prealign": dict(learning_rate=3e-3, per_device_train_batch_size=32),
+}
 
 RECIPES: dict[str, Recipe] = {
     "eagle-x4-7b": Recipe(dict(_OFFICIAL, preset="eagle-x4-7b", version="vicuna_v1"), _OFFICIAL_STAGES),
@@ -164,9 +203,19 @@ RECIPES: dict[str, Recipe] = {
     "eagle-x5-34b": Recipe(dict(_OFFICIAL, preset="eagle-x5-34b", version="chatml"), _OFFICIAL_STAGES),
     "tiny-x4": Recipe(dict(_TINY, preset="eagle-tiny-x4"), _TINY_STAGES, builtin_data={}),
     "tiny-x5": Recipe(dict(_TINY, preset="eagle-tiny-x5"), _TINY_STAGES, builtin_data={}),
-    "demo": Recipe(dict(preset="eagle-demo", tokenizer_name_or_path=DATA_WORDS, version="chatml", model_max_length=512,
-                        save_steps=0, warmup_ratio=0.05, weight_decay=0.0), DEMO_STAGE,
-                   builtin_data=dict(val_images=500)),
+    "demo": Recipe(
+        dict(
+            preset="eagle-demo",
+            tokenizer_name_or_path=DATA_WORDS,
+            version="chatml",
+            model_max_length=512,
+            save_steps=0,
+            warmup_ratio=0.05,
+            weight_decay=0.0,
+        ),
+        DEMO_STAGE,
+        builtin_data=dict(val_images=500),
+    ),
 }
 # recipes that train on the built-in easy-VQA set when data_path is None -> its builder's options
 BUILTIN_DATA: dict[str, dict[str, Any]] = {n: r.builtin_data for n, r in RECIPES.items() if r.builtin_data is not None}
@@ -183,5 +232,13 @@ def recipe(name: str, stage: str = "sft", **overrides: Any) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown training option(s) {unknown}")
     r = RECIPES[name]
-    return TrainConfig(**{"recipe": name, "stage": stage, "output_dir": f"runs/{name}-{stage}", **r.settings,
-                          **r.stages[stage], **overrides})
+    return TrainConfig(
+        **{
+            "recipe": name,
+            "stage": stage,
+            "output_dir": f"runs/{name}-{stage}",
+            **r.settings,
+            **r.stages[stage],
+            **overrides,
+        }
+    )

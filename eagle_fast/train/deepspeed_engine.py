@@ -26,10 +26,12 @@ def load_config(name_or_path: str) -> dict[str, Any]:
 
 def fill_auto(ds: dict[str, Any], cfg: TrainConfig, world: int) -> dict[str, Any]:
     """Replaces "auto" with the training config's values (as the HF Trainer integration does)."""
-    values = {"train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
-              "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-              "train_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world,
-              "gradient_clipping": cfg.max_grad_norm}
+    values = {
+        "train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world,
+        "gradient_clipping": cfg.max_grad_norm,
+    }
     out = json.loads(json.dumps(ds))
     for k, v in values.items():
         if out.get(k, "auto") == "auto":
@@ -46,8 +48,12 @@ def fill_auto(ds: dict[str, Any], cfg: TrainConfig, world: int) -> dict[str, Any
 def initialize(model, optimizer, scheduler, cfg: TrainConfig, world: int):
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=fill_auto(load_config(cfg.deepspeed), cfg, world))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=fill_auto(load_config(cfg.deepspeed), cfg, world),
+    )
     return engine
 
 

@@ -13,8 +13,9 @@ from collections.abc import Mapping
 import torch
 
 
-def resolve_device(requested: str | None, env: Mapping[str, str] | None = None,
-                   cuda_available: bool | None = None) -> torch.device:
+def resolve_device(
+    requested: str | None, env: Mapping[str, str] | None = None, cuda_available: bool | None = None
+) -> torch.device:
     """The rank's device: `requested` if given, else cuda:$LOCAL_RANK with CUDA, else cpu."""
     env = os.environ if env is None else env
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available

@@ -41,8 +41,14 @@ OFFICIAL_SOURCES: dict[str, str] = {
 }
 
 # what a hub repository's weights are called, tried in order (HF, sharded HF, open_clip, legacy)
-HUB_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "open_clip_model.safetensors",
-                    "pytorch_model.bin", "pytorch_model.bin.index.json", "open_clip_pytorch_model.bin")
+HUB_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "open_clip_model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "open_clip_pytorch_model.bin",
+)
 
 
 class SourceError(ValueError):
@@ -115,8 +121,10 @@ def _resolve_hub(src: Source) -> str:
         try:
             return _hub_file(src, src.filename)
         except Exception as exc:
-            raise SourceError(f"{src.expert}: {src.repo}@{src.revision or 'main'}: file {src.filename} not found "
-                              f"({type(exc).__name__}: {exc})") from None
+            raise SourceError(
+                f"{src.expert}: {src.repo}@{src.revision or 'main'}: file {src.filename} not found "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
     tried = []
     for name in HUB_WEIGHT_FILES:
         try:
@@ -131,8 +139,10 @@ def _resolve_hub(src: Source) -> str:
                 for shard in sorted(set(json.load(f)["weight_map"].values())):
                     _hub_file(src, shard)
         return os.path.dirname(path)
-    raise SourceError(f"{src.expert}: {src.repo}@{src.revision or 'main'}: no weights file found (tried "
-                      f"{', '.join(tried)}); with HF_HUB_OFFLINE=1 the files must already be in the cache")
+    raise SourceError(
+        f"{src.expert}: {src.repo}@{src.revision or 'main'}: no weights file found (tried "
+        f"{', '.join(tried)}); with HF_HUB_OFFLINE=1 the files must already be in the cache"
+    )
 
 
 def resolve(src: Source) -> tuple[str, dict[str, str]]:
@@ -140,11 +150,20 @@ def resolve(src: Source) -> tuple[str, dict[str, str]]:
     if src.path is not None:
         if not os.path.exists(src.path):
             raise SourceError(f"{src.expert}: {src.path}: no such file or directory")
-        files = [src.path] if os.path.isfile(src.path) else sorted(
-            os.path.join(src.path, f) for f in os.listdir(src.path)
-            if f.endswith((".safetensors", ".bin", ".pth", ".pt")))
-        digest = hashlib.sha256("".join(file_digest(f)[1] for f in files).encode()).hexdigest() if len(files) > 1 else (
-            file_digest(files[0])[1] if files else "")
+        files = (
+            [src.path]
+            if os.path.isfile(src.path)
+            else sorted(
+                os.path.join(src.path, f)
+                for f in os.listdir(src.path)
+                if f.endswith((".safetensors", ".bin", ".pth", ".pt"))
+            )
+        )
+        digest = (
+            hashlib.sha256("".join(file_digest(f)[1] for f in files).encode()).hexdigest()
+            if len(files) > 1
+            else (file_digest(files[0])[1] if files else "")
+        )
         return src.path, {"source": src.spec, "path": os.path.abspath(src.path), "sha256": digest}
     path = _resolve_hub(src)
     parts = os.path.normpath(path).split(os.sep)
@@ -155,8 +174,9 @@ def resolve(src: Source) -> tuple[str, dict[str, str]]:
     return path, record
 
 
-def resolve_all(sources: dict[str, Source], rank: int = 0, world: int = 1,
-                needed: bool = True) -> dict[str, tuple[str, dict]]:
+def resolve_all(
+    sources: dict[str, Source], rank: int = 0, world: int = 1, needed: bool = True
+) -> dict[str, tuple[str, dict]]:
     """Every source resolved. A collective with several ranks (every rank calls it): rank 0 first
     (it downloads), the others after a barrier (they find the files in the cache); `needed=False`
     (a rank that receives its weights from rank 0) only joins the barrier."""

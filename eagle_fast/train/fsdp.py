@@ -48,17 +48,21 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     return get_optimizer_state_dict(model, optimizer, options=_options())
 
 
-def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
-                    optim_state: dict[str, Any]) -> None:
+def load_full_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any], optim_state: dict[str, Any]
+) -> None:
     """Collective: rank 0's full states are broadcast and sharded onto every rank."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
-        set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     # not strict: parameters that never received a gradient (e.g. ConvNeXt's unused head) have no
     # Adam state yet, in the saved run as in this one
-    set_optimizer_state_dict(model, optimizer, optim_state,
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
+    set_optimizer_state_dict(
+        model,
+        optimizer,
+        optim_state,
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False),
+    )
 
 
 def enabled(cfg: TrainConfig, world: int) -> bool:

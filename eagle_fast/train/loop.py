@@ -27,20 +27,35 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from eagle_fast.constants import IGNORE_INDEX
 from eagle_fast.data import EagleCollator, EagleDataset, ModalityLengthSampler
 from eagle_fast.data.collate import to_device
-from eagle_fast.constants import IGNORE_INDEX
 from eagle_fast.train import deepspeed_engine as ds
-from eagle_fast.train import fsdp, materialize
-from eagle_fast.train import signals
-from eagle_fast.train.checkpoint import TRAINER_STATE, choose_resume, estimate_bytes, load_model_weights, rng_state, \
-    safe_load, save_collective, set_rng_state, write_model
-from eagle_fast.train.metrics import open_metrics
-from eagle_fast.train.nonfinite import Tracker, finite
+from eagle_fast.train import fsdp, materialize, signals
+from eagle_fast.train.builders import (
+    TokenizerFiles,
+    build_data,
+    build_model,
+    build_tokenizer,
+    export_prealigned,
+    freeze_for_stage,
+    projector_state,
+)
+from eagle_fast.train.checkpoint import (
+    TRAINER_STATE,
+    choose_resume,
+    estimate_bytes,
+    load_model_weights,
+    rng_state,
+    safe_load,
+    save_collective,
+    set_rng_state,
+    write_model,
+)
 from eagle_fast.train.config import TrainConfig
 from eagle_fast.train.device import resolve_device, setup_device
-from eagle_fast.train.builders import TokenizerFiles, build_data, build_model, build_tokenizer, export_prealigned, \
-    freeze_for_stage, projector_state
+from eagle_fast.train.metrics import open_metrics
+from eagle_fast.train.nonfinite import Tracker, finite
 
 
 def _dist() -> tuple[int, int]:
@@ -62,8 +77,9 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any
         elif ".vision_tower." in name and cfg.vision_tower_lr is not None:
             lr = cfg.vision_tower_lr
         groups.setdefault((no_decay, lr), []).append(p)
-    return [{"params": ps, "lr": lr, "weight_decay": 0.0 if nd else cfg.weight_decay}
-            for (nd, lr), ps in groups.items()]
+    return [
+        {"params": ps, "lr": lr, "weight_decay": 0.0 if nd else cfg.weight_decay} for (nd, lr), ps in groups.items()
+    ]
 
 
 class Trainer:
@@ -77,8 +93,9 @@ class Trainer:
         # once per job, not once per rank: ranks > 0 build shapes only and receive rank 0's weights
         self.construction = materialize.construction(cfg, self.rank, self.world)
         self._zero3 = materialize.zero3_hold(cfg, self.world) if self.construction == "zero3" else None
-        self.model, self.processor = build_model(cfg, self.tokenizer, meta=self.construction == "meta",
-                                                 rank=self.rank, world=self.world)
+        self.model, self.processor = build_model(
+            cfg, self.tokenizer, meta=self.construction == "meta", rank=self.rank, world=self.world
+        )
         if self.world > 1:
             print(materialize.describe(self.construction, self.rank), flush=True)
         freeze_for_stage(self.model, cfg)
@@ -111,24 +128,30 @@ class Trainer:
         elif materialize.shared_from_rank0(cfg, self.world):
             materialize.broadcast_from_rank0(self.model)
         # fused: one kernel for every parameter's update on CUDA (the CPU has no fused AdamW path)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.learning_rate, betas=(0.9, 0.999),
-                                           fused=self.device.type == "cuda")
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg), lr=cfg.learning_rate, betas=(0.9, 0.999), fused=self.device.type == "cuda"
+        )
         self.micro_per_epoch = math.ceil(len(self.dataset) / (cfg.per_device_train_batch_size * self.world))
         steps_per_epoch = max(self.micro_per_epoch // cfg.gradient_accumulation_steps, 1)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
         from transformers import get_scheduler
 
-        self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer,
-                                       num_warmup_steps=int(cfg.warmup_ratio * self.total_steps),
-                                       num_training_steps=self.total_steps)
+        self.scheduler = get_scheduler(
+            cfg.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=int(cfg.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
         self.engine = None  # DeepSpeed: the engine owns optimizer steps, clipping and the schedule
         self.net = self.model
         if cfg.deepspeed:
             self.engine = self.net = ds.initialize(self.model, self.optimizer, self.scheduler, cfg, self.world)
         elif self.world > 1 and not self.fsdp:
             self.net = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True)
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
         if cfg.torch_compile:  # the wrapper compiles; self.model keeps the parameters and state-dict names
             if self.engine is not None:
                 self.engine.compile()
@@ -144,25 +167,30 @@ class Trainer:
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         cfg = self.cfg
         if cfg.group_by_modality_length:
-            sampler = ModalityLengthSampler(self.dataset.modality_lengths(), cfg.per_device_train_batch_size,
-                                            self.world, self.rank, cfg.seed)
+            sampler = ModalityLengthSampler(
+                self.dataset.modality_lengths(), cfg.per_device_train_batch_size, self.world, self.rank, cfg.seed
+            )
             sampler.set_epoch(epoch)
             order = sampler.indices()
         else:
             perm = np.random.default_rng([cfg.seed, epoch]).permutation(len(self.dataset))
             per_rank = -(-len(perm) // self.world)
             perm = np.concatenate([perm, perm[: per_rank * self.world - len(perm)]])  # even split
-            order = perm[self.rank::self.world].tolist()
+            order = perm[self.rank :: self.world].tolist()
         b = cfg.per_device_train_batch_size
-        return [order[i:i + b] for i in range(0, len(order), b)]
+        return [order[i : i + b] for i in range(0, len(order), b)]
 
     def _micro_batches(self):
         """Endless (epoch, position, batch) from the current position on; workers load ahead."""
         while True:
-            batches = self._epoch_batches(self.epoch)[self.position:]
-            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate,
-                                                 num_workers=self.cfg.dataloader_num_workers,
-                                                 pin_memory=self.device.type == "cuda")  # async host->device copies
+            batches = self._epoch_batches(self.epoch)[self.position :]
+            loader = torch.utils.data.DataLoader(
+                self.dataset,
+                batch_sampler=batches,
+                collate_fn=self.collate,
+                num_workers=self.cfg.dataloader_num_workers,
+                pin_memory=self.device.type == "cuda",
+            )  # async host->device copies
             for batch in loader:
                 self.position += 1
                 yield batch
@@ -173,9 +201,15 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def state(self) -> dict[str, Any]:
-        st = {"step": self.step, "epoch": self.epoch, "position": self.position, "config": asdict(self.cfg),
-              "skipped": dict(self.skipped), "world": self.world,
-              "nonfinite": self.nonfinite.state()}
+        st = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "position": self.position,
+            "config": asdict(self.cfg),
+            "skipped": dict(self.skipped),
+            "world": self.world,
+            "nonfinite": self.nonfinite.state(),
+        }
         if self.engine is None:  # DeepSpeed keeps these in its own checkpoint files
             st.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
         return st
@@ -219,6 +253,7 @@ class Trainer:
         """Every rank writes its part (DeepSpeed shards, its RNG) into the temporary directory;
         rank 0 writes the HF model and the trainer state, then commits. A write failing on any
         rank (a full disk) raises SaveError on all, `latest` unchanged (checkpoint.save_collective)."""
+
         def write(tmp: str, attempt) -> None:
             if self.engine is not None:
                 attempt(lambda: ds.save(self.engine, tmp))
@@ -226,16 +261,30 @@ class Trainer:
             model_state, optim_state = self._full_states()
             with ds.gathered(self.model, self.engine):
                 if self.rank == 0:
-                    attempt(lambda: write_model(self.model, tmp, savers=(TokenizerFiles(self.tokenizer), self.processor),
-                                                state_dict=model_state))
+                    attempt(
+                        lambda: write_model(
+                            self.model,
+                            tmp,
+                            savers=(TokenizerFiles(self.tokenizer), self.processor),
+                            state_dict=model_state,
+                        )
+                    )
             if self.rank == 0:
                 state = self.state()
                 if optim_state is not None:  # full, keyed by parameter name
                     state["optimizer"] = optim_state
                 attempt(lambda: torch.save(state, os.path.join(tmp, TRAINER_STATE)))
 
-        path = save_collective(self.cfg.output_dir, self.step, self.cfg.save_total_limit, self.rank, self.world,
-                               self.device, write, lambda: estimate_bytes(self.model, 3 if self.engine else 2))
+        path = save_collective(
+            self.cfg.output_dir,
+            self.step,
+            self.cfg.save_total_limit,
+            self.rank,
+            self.world,
+            self.device,
+            write,
+            lambda: estimate_bytes(self.model, 3 if self.engine else 2),
+        )
         self._saved_at = (self.step, self.epoch, self.position)
         return path
 
@@ -254,10 +303,12 @@ class Trainer:
                 self.resume(ckpt)
             metrics = bar = None
             if self.rank == 0:
-                metrics = open_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), self.step, self.epoch,
-                                       self.position)
-                bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.recipe} {cfg.stage}",
-                           dynamic_ncols=True)
+                metrics = open_metrics(
+                    os.path.join(cfg.output_dir, "metrics.jsonl"), self.step, self.epoch, self.position
+                )
+                bar = tqdm(
+                    total=self.total_steps, initial=self.step, desc=f"{cfg.recipe} {cfg.stage}", dynamic_ncols=True
+                )
             try:
                 losses, stopped = self._steps(stop, metrics, bar)
             finally:
@@ -270,10 +321,19 @@ class Trainer:
             if not stopped:
                 self._final()
             elif self.rank == 0:
-                print(f"stopped by {stop.received or 'a signal to another rank'} after step {self.step}: "
-                      f"checkpoint-{self.step} saved; --resume auto continues", file=sys.stderr, flush=True)
-        return {"steps": self.step, "losses": losses, "skipped": dict(self.skipped), "nonfinite_steps":
-                self.nonfinite.total, "stopped": (stop.received or "another rank") if stopped else None}
+                print(
+                    f"stopped by {stop.received or 'a signal to another rank'} after step {self.step}: "
+                    f"checkpoint-{self.step} saved; --resume auto continues",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        return {
+            "steps": self.step,
+            "losses": losses,
+            "skipped": dict(self.skipped),
+            "nonfinite_steps": self.nonfinite.total,
+            "stopped": (stop.received or "another rank") if stopped else None,
+        }
 
     def _steps(self, stop: signals.StopSignals, metrics, bar) -> tuple[list[float], bool]:
         """Optimizer steps until the last, or until a stop signal reached any rank (True)."""
@@ -303,8 +363,14 @@ class Trainer:
                 # FSDP2 with bf16 casts in its MixedPrecisionPolicy (bf16 all-gathers); others autocast
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and not self.fsdp):
                     packed = {"packed_seq_lens": batch["packed_seq_lens"]} if "packed_seq_lens" in batch else {}
-                    out = self.net(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
-                                   images=batch["images"], num_items_in_batch=n_items, **packed)
+                    out = self.net(
+                        batch["input_ids"],
+                        batch["attention_mask"],
+                        labels=batch["labels"],
+                        images=batch["images"],
+                        num_items_in_batch=n_items,
+                        **packed,
+                    )
                 loss = out.loss * self.world  # DDP / ZeRO average gradients over ranks; we want their sum
                 if self.engine is not None:  # it divides by the accumulation steps and steps at the boundary
                     self.engine.backward(loss * cfg.gradient_accumulation_steps)
@@ -334,8 +400,9 @@ class Trainer:
             if ok:
                 self.nonfinite.good()
             else:  # a row naming the batch's records; NonFiniteError after too many in a row
-                row, error = self.nonfinite.bad(micro, micro_losses, loss_sum, grad_norm, applied, self.step + 1,
-                                                self.epoch, self.position)
+                row, error = self.nonfinite.bad(
+                    micro, micro_losses, loss_sum, grad_norm, applied, self.step + 1, self.epoch, self.position
+                )
                 if metrics is not None:
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
@@ -351,16 +418,27 @@ class Trainer:
                 lr = self.scheduler.get_last_lr()[0]
                 if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
                     # as HF's Trainer: the loss averaged over the interval, the last step's grad norm
-                    rec = {"step": self.step, "loss": sum(w[0] for w in window) / len(window), "lr": lr,
-                           "grad_norm": float(grad_norm), "epoch": self.epoch, "steps": len(window),
-                           "samples": sum(w[1] for w in window), "tokens": sum(w[2] for w in window),
-                           "elapsed_s": round(time.time() - t0, 3)}
+                    rec = {
+                        "step": self.step,
+                        "loss": sum(w[0] for w in window) / len(window),
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "epoch": self.epoch,
+                        "steps": len(window),
+                        "samples": sum(w[1] for w in window),
+                        "tokens": sum(w[2] for w in window),
+                        "elapsed_s": round(time.time() - t0, 3),
+                    }
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
                     window.clear()
                 dt = max(time.time() - t0, 1e-9)
-                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", samples_s=f"{seen_samples / dt:.1f}",
-                                tokens_s=f"{seen_tokens / dt:.0f}")
+                bar.set_postfix(
+                    loss=f"{loss_sum:.4f}",
+                    lr=f"{lr:.2e}",
+                    samples_s=f"{seen_samples / dt:.1f}",
+                    tokens_s=f"{seen_tokens / dt:.0f}",
+                )
                 bar.update(1)
             if applied and cfg.save_steps > 0 and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
                 self.save()

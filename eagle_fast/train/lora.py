@@ -54,12 +54,20 @@ def quantize_llm(model: nn.Module, bits: int, compute_dtype: torch.dtype = torch
         lin: nn.Linear = getattr(owner, child)
         w, has_bias = lin.weight.detach(), lin.bias is not None
         if bits == 4:
-            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias, compute_dtype=compute_dtype,
-                                  compress_statistics=True, quant_type="nf4", device="meta")
+            q = bnb.nn.Linear4bit(
+                lin.in_features,
+                lin.out_features,
+                bias=has_bias,
+                compute_dtype=compute_dtype,
+                compress_statistics=True,
+                quant_type="nf4",
+                device="meta",
+            )
             q.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, compress_statistics=True, quant_type="nf4")
         else:
-            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=has_bias, has_fp16_weights=False,
-                                    threshold=6.0, device="meta")
+            q = bnb.nn.Linear8bitLt(
+                lin.in_features, lin.out_features, bias=has_bias, has_fp16_weights=False, threshold=6.0, device="meta"
+            )
             q.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
         if has_bias:
             q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
@@ -93,8 +101,14 @@ def apply_lora(model, cfg: TrainConfig):
         quantize_llm(model, cfg.bits, torch.bfloat16 if cfg.bf16 else torch.float32)
 
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias=cfg.lora_bias,
-                      target_modules=LLM_TARGETS, task_type="CAUSAL_LM")
+    lcfg = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        bias=cfg.lora_bias,
+        target_modules=LLM_TARGETS,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(model, lcfg)
     for n, p in model.named_parameters():  # everything trainable before, outside the LLM, stays trainable
         if n in trainable and ("mm_projector" in n or ".vision_tower." in n):
@@ -106,8 +120,11 @@ def _non_lora_state(peft_model) -> dict[str, torch.Tensor]:
     """Everything trained outside the adapters, and the whole projector and experts even when frozen:
     a base that is only an LLM (experts new) then still loads the same model."""
     base = peft_model.get_base_model()
-    return {n: p.detach().contiguous() for n, p in base.named_parameters()
-            if "lora_" not in n and (p.requires_grad or "mm_projector" in n or ".vision_tower." in n)}
+    return {
+        n: p.detach().contiguous()
+        for n, p in base.named_parameters()
+        if "lora_" not in n and (p.requires_grad or "mm_projector" in n or ".vision_tower." in n)
+    }
 
 
 def save_lora(peft_model, path: str) -> None:

@@ -11,7 +11,6 @@ large buffers), so a multi-GB checkpoint costs about a disk read.
 
 from __future__ import annotations
 
-
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,6 @@ from eagle_fast.hashing import file_digest
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-
 
 
 def _files(folder: str) -> list[str]:

@@ -35,7 +35,7 @@ def zero_stage_of(cfg: TrainConfig) -> int:
 
 
 def construction(cfg: TrainConfig, rank: int, world: int) -> str:
-    """"real" | "meta" | "zero3": how this rank builds the model (see the module docstring)."""
+    """ "real" | "meta" | "zero3": how this rank builds the model (see the module docstring)."""
     if world > 1 and cfg.deepspeed and zero_stage_of(cfg) == 3:
         return "zero3"
     if world == 1 or rank == 0 or cfg.bits != 16:
@@ -96,12 +96,13 @@ def fsdp_load_from_rank0(model: torch.nn.Module, full_state: dict[str, torch.Ten
     shards (the others pass {}), then the buffers, which FSDP2 does not shard, broadcast."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, full_state,
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     broadcast_from_rank0(model, buffers_only=True)
 
 
 def describe(kind: str, rank: int) -> str:
-    return {"real": f"rank {rank}: model built on the host",
-            "meta": f"rank {rank}: model built on the meta device, weights from rank 0",
-            "zero3": f"rank {rank}: model built partitioned (deepspeed.zero.Init)"}[kind]
+    return {
+        "real": f"rank {rank}: model built on the host",
+        "meta": f"rank {rank}: model built on the meta device, weights from rank 0",
+        "zero3": f"rank {rank}: model built partitioned (deepspeed.zero.Init)",
+    }[kind]

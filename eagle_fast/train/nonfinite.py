@@ -53,22 +53,44 @@ def _num(x: Any) -> float:
     return float(x)  # NaN / inf kept: json writes NaN / Infinity, and the loss plot leaves a gap
 
 
-def row(step: int, loss: float, grad_norm: Any, ids: list[Any], total: int, in_a_row: int, applied: bool,
-        epoch: int, position: int) -> dict[str, Any]:
+def row(
+    step: int,
+    loss: float,
+    grad_norm: Any,
+    ids: list[Any],
+    total: int,
+    in_a_row: int,
+    applied: bool,
+    epoch: int,
+    position: int,
+) -> dict[str, Any]:
     """metrics.jsonl's row for a non-finite step. `step`: the step the batch was for; (epoch,
     position): where the data stream stood after it, which tells a resume whether the row is
     before or past its checkpoint."""
-    return {"step": step, "loss": _num(loss), "grad_norm": _num(grad_norm), "nonfinite": True,
-            "step_skipped": not applied, "ids": ids, "nonfinite_total": total, "nonfinite_in_a_row": in_a_row,
-            "epoch": epoch, "position": position}
+    return {
+        "step": step,
+        "loss": _num(loss),
+        "grad_norm": _num(grad_norm),
+        "nonfinite": True,
+        "step_skipped": not applied,
+        "ids": ids,
+        "nonfinite_total": total,
+        "nonfinite_in_a_row": in_a_row,
+        "epoch": epoch,
+        "position": position,
+    }
 
 
 def describe(r: dict[str, Any]) -> str:
-    what = [f"loss {r['loss']}" if not math.isfinite(r["loss"]) else "",
-            f"gradient norm {r['grad_norm']}" if not math.isfinite(r["grad_norm"]) else ""]
+    what = [
+        f"loss {r['loss']}" if not math.isfinite(r["loss"]) else "",
+        f"gradient norm {r['grad_norm']}" if not math.isfinite(r["grad_norm"]) else "",
+    ]
     done = "optimizer step skipped" if r["step_skipped"] else "applied by DeepSpeed"
-    return (f"step {r['step']}: non-finite {' and '.join(w for w in what if w)} ({done}; "
-            f"{r['nonfinite_in_a_row']} in a row, {r['nonfinite_total']} in all); records {r['ids']}")
+    return (
+        f"step {r['step']}: non-finite {' and '.join(w for w in what if w)} ({done}; "
+        f"{r['nonfinite_in_a_row']} in a row, {r['nonfinite_total']} in all); records {r['ids']}"
+    )
 
 
 class Tracker:
@@ -87,8 +109,17 @@ class Tracker:
     def good(self) -> None:
         self.in_a_row = 0
 
-    def bad(self, micro: list[dict], micro_losses: list[torch.Tensor], loss: float, grad_norm: Any, applied: bool,
-            step: int, epoch: int, position: int) -> tuple[dict[str, Any], NonFiniteError | None]:
+    def bad(
+        self,
+        micro: list[dict],
+        micro_losses: list[torch.Tensor],
+        loss: float,
+        grad_norm: Any,
+        applied: bool,
+        step: int,
+        epoch: int,
+        position: int,
+    ) -> tuple[dict[str, Any], NonFiniteError | None]:
         """Collective (names the records over every rank): the step's metrics row, and past the
         limit the NonFiniteError to raise once the row is logged."""
         self.total += 1
@@ -102,7 +133,8 @@ class Tracker:
                 f"{self.in_a_row} optimizer steps in a row had a non-finite loss or gradient norm (more than "
                 f"--max_nonfinite_steps {self.limit}); the last: {describe(r)}. Stopping: `latest` still names "
                 f"{latest or 'no checkpoint'}. Check those records, or lower the learning rate, then resume "
-                f"with --resume auto")
+                f"with --resume auto"
+            )
         if self.rank == 0:
             print(describe(r), file=sys.stderr, flush=True)
         return r, None

@@ -21,8 +21,10 @@ def _llm_files(name_or_path: str) -> list[str]:
     """The LLM checkpoint's weight files (a local directory or a hub id, through transformers' cache)."""
     from transformers.utils.hub import cached_file
 
-    for index, single in (("model.safetensors.index.json", "model.safetensors"),
-                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+    for index, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
         path = cached_file(name_or_path, index, _raise_exceptions_for_missing_entries=False)
         if path:
             with open(path) as f:
@@ -43,8 +45,9 @@ def llm_state(name_or_path: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return state
 
 
-def expert_states(config: EagleLlamaConfig, resolved: dict[str, tuple[str, dict[str, Any]]],
-                  dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+def expert_states(
+    config: EagleLlamaConfig, resolved: dict[str, tuple[str, dict[str, Any]]], dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """({model key: tensor} of every expert with a source, {expert: record for the saved config}).
     Shapes come from a meta-device copy of the model (no memory)."""
     from eagle_fast.vision.weights import convert, read_native
@@ -62,13 +65,19 @@ def expert_states(config: EagleLlamaConfig, resolved: dict[str, tuple[str, dict[
         prefix = f"model.vision_tower.vision_towers.{i}."
         state.update({prefix + k: v.to(dtype) for k, v in conv.state.items()})
         print(f"{conv.summary()}  <- {record['source']}", flush=True)
-        records[name] = {**record, "loaded": len(conv.loaded), "new": conv.new, "mismatched": conv.mismatched,
-                         "unused": len(conv.unused)}
+        records[name] = {
+            **record,
+            "loaded": len(conv.loaded),
+            "new": conv.new,
+            "mismatched": conv.mismatched,
+            "unused": len(conv.unused),
+        }
     return state, records
 
 
-def assemble(config: EagleLlamaConfig, llm: str | None, resolved: dict[str, tuple[str, dict[str, Any]]],
-             dtype: torch.dtype) -> EagleLlamaForCausalLM:
+def assemble(
+    config: EagleLlamaConfig, llm: str | None, resolved: dict[str, tuple[str, dict[str, Any]]], dtype: torch.dtype
+) -> EagleLlamaForCausalLM:
     """The model from the LLM checkpoint `llm` (None: a new LLM, as a preset's) and the resolved
     expert sources, in `dtype`; the sources recorded as config.mm_vision_tower_sources."""
     state, records = expert_states(config, resolved, dtype)
@@ -78,4 +87,3 @@ def assemble(config: EagleLlamaConfig, llm: str | None, resolved: dict[str, tupl
     del state
     model.config.mm_vision_tower_sources = records
     return model
-

@@ -54,16 +54,24 @@ class StopSignals:
         if self.received is not None:  # srun forwards the same signal again: already stopping
             return
         self.received = signal.Signals(signum).name
-        print(f"{self.label}{self.received} received: finishing this optimizer step, then saving a checkpoint "
-              f"and exiting", file=sys.stderr, flush=True)
+        print(
+            f"{self.label}{self.received} received: finishing this optimizer step, then saving a checkpoint "
+            f"and exiting",
+            file=sys.stderr,
+            flush=True,
+        )
         if self.timeout_s > 0:
             self._timer = threading.Timer(self.timeout_s, self._expire)
             self._timer.daemon = True
             self._timer.start()
 
     def _expire(self) -> None:
-        print(f"{self.label}{self.received}: the run did not save and exit within {self.timeout_s:g} s "
-              f"(stop_timeout_s); exiting with status 1, `latest` unchanged", file=sys.stderr, flush=True)
+        print(
+            f"{self.label}{self.received}: the run did not save and exit within {self.timeout_s:g} s "
+            f"(stop_timeout_s); exiting with status 1, `latest` unchanged",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(1)
 
 

@@ -45,8 +45,10 @@ class VisionMixture(nn.Module):
                 return entry["flattened_patches"], entry["attention_mask"]
             return (entry,)
         except KeyError as exc:
-            raise ValueError(f"vision expert {name!r}: the image inputs lack {exc}; build them with an "
-                             f"EagleImageProcessor for this mixture") from None
+            raise ValueError(
+                f"vision expert {name!r}: the image inputs lack {exc}; build them with an "
+                f"EagleImageProcessor for this mixture"
+            ) from None
 
     def expert_maps(self, images: dict[str, Any]) -> list[torch.Tensor]:
         return [e(*self.expert_inputs(e, images)) for e in self.vision_towers]

@@ -80,7 +80,6 @@ class ImageProcessorConfig:
         parse_mixture(self.vision_towers)
 
 
-
 def image_digest(image: torch.Tensor) -> str:
     """Content digest of one decoded (H, W, 3) uint8 image: its shape and bytes, read on the host
     (an image already on a device is copied once; the processor's inputs are host images)."""
@@ -102,8 +101,11 @@ class EagleImageProcessor:
         **kwargs: Any,
     ) -> None:
         self.config = ImageProcessorConfig(
-            vision_towers=vision_towers, image_aspect_ratio=image_aspect_ratio, image_size=image_size,
-            dtype=dtype, **kwargs,
+            vision_towers=vision_towers,
+            image_aspect_ratio=image_aspect_ratio,
+            image_size=image_size,
+            dtype=dtype,
+            **kwargs,
         )
         self.experts = parse_mixture(self.config.vision_towers)
 
@@ -177,9 +179,14 @@ class EagleImageProcessor:
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
         experts = get("mm_expert_configs") or {}
         clip, p2s = experts.get("clip-448", {}), experts.get("pix2struct-1024", {})
-        kw = dict(vision_towers=get("mm_vision_tower"), image_aspect_ratio=get("image_aspect_ratio") or "pad",
-                  image_size=get("image_size") or 1024, clip_size=clip.get("image_size", 336),
-                  pix2struct_max_patches=p2s.get("max_patches", 2048), pix2struct_patch=p2s.get("patch_size", 16))
+        kw = dict(
+            vision_towers=get("mm_vision_tower"),
+            image_aspect_ratio=get("image_aspect_ratio") or "pad",
+            image_size=get("image_size") or 1024,
+            clip_size=clip.get("image_size", 336),
+            pix2struct_max_patches=p2s.get("max_patches", 2048),
+            pix2struct_patch=p2s.get("patch_size", 16),
+        )
         return cls(**{**kw, **overrides})
 
     @classmethod

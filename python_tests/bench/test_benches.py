@@ -13,11 +13,21 @@ def test_flops_convention():
 
 
 def test_tiny_cpu_sweep(tmp_path, capsys):
-    cfg = AttentionBenchConfig(device="cpu", dtype="float32", head_dims=(32,), causal=(True,), shapes=((1, 40),),
-                               width=64, repeats=1, threads=1, out_dir=str(tmp_path))
+    cfg = AttentionBenchConfig(
+        device="cpu",
+        dtype="float32",
+        head_dims=(32,),
+        causal=(True,),
+        shapes=((1, 40),),
+        width=64,
+        repeats=1,
+        threads=1,
+        out_dir=str(tmp_path),
+    )
     rows = run(cfg)
     assert {(r.provider, r.extra["mode"]) for r in rows} == {
-        (p, m) for p in ("eagle_fast", "sdpa", "math reference") for m in ("fwd", "bwd", "fwd_bwd")}
+        (p, m) for p in ("eagle_fast", "sdpa", "math reference") for m in ("fwd", "bwd", "fwd_bwd")
+    }
     assert all(r.median_ms > 0 and r.items_per_s > 0 for r in rows)
     main(cfg)
     assert "| B1 S40 H2 D32 causal | fwd | eagle_fast |" in capsys.readouterr().out
@@ -29,8 +39,11 @@ def test_tiny_cpu_sweep(tmp_path, capsys):
 def test_train_bench_runs(tmp_path):
     from eagle_fast.bench.train import WHAT, TrainBenchConfig, report, run
 
-    rows = run(TrainBenchConfig(presets=("eagle-tiny-x5",), batch_size=2, batches=1, repeats=1, threads=1,
-                                out_dir=str(tmp_path)))
+    rows = run(
+        TrainBenchConfig(
+            presets=("eagle-tiny-x5",), batch_size=2, batches=1, repeats=1, threads=1, out_dir=str(tmp_path)
+        )
+    )
     assert [r.provider for r in rows] == ["eagle_fast", "transformers", "reference ops"]
     assert all(r.items_per_s > 0 and r.shape == "eagle-tiny-x5 B2" for r in rows)
     by = {r.provider: r for r in rows}
@@ -63,8 +76,14 @@ def test_train_baseline_does_the_same_work():
         out = forward(s, b, p)
         out.loss.backward()
         losses[p] = out.loss.detach()
-        grads[p] = [w.grad.clone() for w in (s.model.lm_head.weight, s.model.model.mm_projector[0].weight,
-                                             s.model.model.layers[0].self_attn.q_proj.weight)]
+        grads[p] = [
+            w.grad.clone()
+            for w in (
+                s.model.lm_head.weight,
+                s.model.model.mm_projector[0].weight,
+                s.model.model.layers[0].self_attn.q_proj.weight,
+            )
+        ]
         s.model.zero_grad(set_to_none=True)
         if p == "transformers":  # the LM head ran over every spliced row
             assert out.logits.shape == (2, int(spliced_lengths(b, s.grid).max()), s.model.config.vocab_size)
@@ -88,17 +107,23 @@ def test_train_bench_small_preset_fits_the_recipe():
 
 
 def test_linear_cross_entropy_bench_runs(tmp_path, capsys):
-    from eagle_fast.bench.linear_cross_entropy import LinearCrossEntropyBenchConfig, main as lce_main
+    from eagle_fast.bench.linear_cross_entropy import LinearCrossEntropyBenchConfig
+    from eagle_fast.bench.linear_cross_entropy import main as lce_main
 
     for dtype in ("float32", "bfloat16"):
-        rows = lce_main(LinearCrossEntropyBenchConfig(repeats=1, threads=1, dtype=dtype, shapes=("small",),
-                                                      out_dir=str(tmp_path)))
+        rows = lce_main(
+            LinearCrossEntropyBenchConfig(repeats=1, threads=1, dtype=dtype, shapes=("small",), out_dir=str(tmp_path))
+        )
         assert {r.provider for r in rows} == {
-            f"{p} {s}" for p in ("eager reference", "eager learned rows", "eagle_fast") for s in ("fwd", "fwd+bwd")}
+            f"{p} {s}" for p in ("eager reference", "eager learned rows", "eagle_fast") for s in ("fwd", "fwd+bwd")
+        }
         assert all(r.median_ms > 0 and r.dtype == dtype for r in rows)
         labels = {r.provider.rsplit(" ", 1)[0]: r.extra["baseline"] for r in rows}
-        assert labels == {"eager reference": "eager F.linear over all rows + F.cross_entropy",
-                          "eager learned rows": "eager F.linear over learned rows + F.cross_entropy", "eagle_fast": ""}
+        assert labels == {
+            "eager reference": "eager F.linear over all rows + F.cross_entropy",
+            "eager learned rows": "eager F.linear over learned rows + F.cross_entropy",
+            "eagle_fast": "",
+        }
         fast = [r for r in rows if r.provider.startswith("eagle_fast")]
         assert all(r.extra["x_vs_eager_reference"] > 0 and r.extra["x_vs_eager_learned_rows"] > 0 for r in fast)
         out = capsys.readouterr().out
@@ -127,10 +152,12 @@ def test_linear_cross_entropy_baselines_compute_the_op():
 
 
 def test_chat_bench_runs(tmp_path, capsys):
-    from eagle_fast.bench.chat import ChatBenchConfig, main as chat_main
+    from eagle_fast.bench.chat import ChatBenchConfig
+    from eagle_fast.bench.chat import main as chat_main
 
-    rows = chat_main(ChatBenchConfig(presets=("eagle-tiny-x5",), reply_tokens=3, repeats=1, threads=1,
-                                     out_dir=str(tmp_path)))
+    rows = chat_main(
+        ChatBenchConfig(presets=("eagle-tiny-x5",), reply_tokens=3, repeats=1, threads=1, out_dir=str(tmp_path))
+    )
     assert [r.provider for r in rows] == ["turn 1", "turn 2 reuse", "turn 2 re-encode", "decode"]
     assert all(r.median_ms > 0 for r in rows)
     assert "| eagle-tiny-x5 prompt~" in capsys.readouterr().out and (tmp_path / "chat.png").stat().st_size > 0
@@ -152,8 +179,11 @@ def test_paged_attention_bench_runs(tmp_path, capsys):
     from eagle_fast.bench.paged_attention import PagedAttentionBenchConfig, heads, main
 
     assert heads("eagle-small-x5") == (9, 3, 64)  # SmolLM2-135M: 576 wide, 9 heads, 3 kv heads
-    rows = main(PagedAttentionBenchConfig(device="cpu", batches=(2,), context=40, repeats=1, min_sample_ms=0.0,
-                                          threads=1, out_dir=str(tmp_path)))
+    rows = main(
+        PagedAttentionBenchConfig(
+            device="cpu", batches=(2,), context=40, repeats=1, min_sample_ms=0.0, threads=1, out_dir=str(tmp_path)
+        )
+    )
     assert [r.provider for r in rows] == ["eagle_fast", "eagle_fast unchecked", "gather+sdpa", "reference"]
     assert all(r.median_ms > 0 and r.items_per_s > 0 for r in rows)
     # keys 40 + (37 b mod 64) - 32 for b = 0, 1: 8 and 45 rows of 3 kv heads x 64 fp32, K and V
@@ -187,13 +217,30 @@ def test_serve_images_are_distinct():
 
 
 def test_serve_bench_runs(tmp_path, capsys):
-    from eagle_fast.bench.serve import ServeBenchConfig, ideal_tokens_per_s, main as serve_main
+    from eagle_fast.bench.serve import ServeBenchConfig, ideal_tokens_per_s
+    from eagle_fast.bench.serve import main as serve_main
 
-    rows = serve_main(ServeBenchConfig(model="eagle-tiny-x5", concurrency=(1, 2), max_tokens=4, patterns=("burst",),
-                                       image_size=64, threads=1, prefill_repeats=1, decode_steps=2,
-                                       out_dir=str(tmp_path)))
+    rows = serve_main(
+        ServeBenchConfig(
+            model="eagle-tiny-x5",
+            concurrency=(1, 2),
+            max_tokens=4,
+            patterns=("burst",),
+            image_size=64,
+            threads=1,
+            prefill_repeats=1,
+            decode_steps=2,
+            out_dir=str(tmp_path),
+        )
+    )
     assert [(r.provider, r.extra["concurrency"]) for r in rows] == [
-        ("batch", 1), ("sequential", 1), ("ideal", 1), ("batch", 2), ("sequential", 2), ("ideal", 2)]
+        ("batch", 1),
+        ("sequential", 1),
+        ("ideal", 1),
+        ("batch", 2),
+        ("sequential", 2),
+        ("ideal", 2),
+    ]
     for r in rows:
         c, e = r.extra["concurrency"], r.extra
         assert r.items_per_s > 0 and 0 < e["mean_reply_tokens"] <= 4, r
@@ -210,10 +257,22 @@ def test_serve_bench_runs(tmp_path, capsys):
 
 
 def test_serve_bench_same_image(tmp_path):
-    from eagle_fast.bench.serve import ServeBenchConfig, main as serve_main
+    from eagle_fast.bench.serve import ServeBenchConfig
+    from eagle_fast.bench.serve import main as serve_main
 
-    rows = serve_main(ServeBenchConfig(model="eagle-tiny-x5", concurrency=(3,), max_tokens=2, patterns=("burst",),
-                                       schedulers=("batch",), same_image=True, ideal=False, image_size=64,
-                                       threads=1, out_dir=str(tmp_path)))
+    rows = serve_main(
+        ServeBenchConfig(
+            model="eagle-tiny-x5",
+            concurrency=(3,),
+            max_tokens=2,
+            patterns=("burst",),
+            schedulers=("batch",),
+            same_image=True,
+            ideal=False,
+            image_size=64,
+            threads=1,
+            out_dir=str(tmp_path),
+        )
+    )
     assert len(rows) == 1 and rows[0].shape == "eagle-tiny-x5 burst c3 N2 same-image"
     assert rows[0].extra["errors"] == 0 and rows[0].extra["encoder_runs"] == 1  # one image, encoded once

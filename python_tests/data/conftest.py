@@ -23,9 +23,19 @@ def _llama_tokenizer(folder, legacy: bool):
     from transformers import AutoTokenizer
 
     shutil.copy(sentencepiece_model_path(), folder / "tokenizer.model")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "legacy": legacy}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "legacy": legacy,
+            }
+        )
+    )
     return AutoTokenizer.from_pretrained(folder)
 
 
@@ -40,8 +50,15 @@ def vicuna_tokenizer(tmp_path_factory):
     return _llama_tokenizer(tmp_path_factory.mktemp("vicuna_tokenizer"), legacy=False)
 
 
-LLAMA3_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                 "<|im_start|>", "<|im_end|>"]
+LLAMA3_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|im_start|>",
+    "<|im_end|>",
+]
 
 
 @pytest.fixture(scope="session")
@@ -58,21 +75,28 @@ def tekken_tokenizer():
         data = json.load(f)
     cfg = data["config"]
     byte_char = bytes_to_unicode()
-    vocab = {"".join(byte_char[b] for b in base64.b64decode(t["token_bytes"])): t["rank"]
-             for t in data["vocab"][:cfg["default_vocab_size"] - cfg["default_num_special_tokens"]]}
+    vocab = {
+        "".join(byte_char[b] for b in base64.b64decode(t["token_bytes"])): t["rank"]
+        for t in data["vocab"][: cfg["default_vocab_size"] - cfg["default_num_special_tokens"]]
+    }
     merges = []  # tiktoken merges the pair whose result has the lowest rank
     for piece, rank in vocab.items():
         splits = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
         merges += [(rank, vocab[a], vocab[b], a, b) for a, b in splits]
     merges.sort()
     core = Tokenizer(models.BPE(vocab, [(a, b) for *_, a, b in merges], ignore_merges=True))
-    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(cfg["pattern"]), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(cfg["pattern"]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens(LLAMA3_TOKENS)
     bos = core.token_to_id("<|begin_of_text|>")
-    core.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
-                                                        special_tokens=[("<|begin_of_text|>", bos)])
+    core.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", bos)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
 
 

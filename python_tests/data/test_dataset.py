@@ -41,8 +41,11 @@ GOOD = [
     {"id": "g0", "image": "china.jpg", "conversations": _conv()},
     {"id": "g1", "image": "flower.png", "conversations": _conv("Colour?", "Red.")},
     {"id": "g2", "conversations": _conv("Hi?", "Hello.", image=False)},
-    {"id": "g3", "image": ["hopper.png", "rotated.jpg"],
-     "conversations": [{"from": "human", "value": "<image> and <image>: same?"}, {"from": "gpt", "value": "No."}]},
+    {
+        "id": "g3",
+        "image": ["hopper.png", "rotated.jpg"],
+        "conversations": [{"from": "human", "value": "<image> and <image>: same?"}, {"from": "gpt", "value": "No."}],
+    },
 ]
 BAD = [
     ({"id": "b0", "image": "nope.jpg", "conversations": _conv()}, "missing_image"),
@@ -51,9 +54,14 @@ BAD = [
     ({"id": "b3", "image": "../../etc/passwd", "conversations": _conv()}, "path_escape"),
     ({"id": "b4", "image": "/etc/hostname", "conversations": _conv()}, "path_escape"),
     ({"id": "b5", "image": "china.jpg", "conversations": [{"from": "gpt", "value": "x"}]}, "bad_roles"),
-    ({"id": "b6", "image": "china.jpg",
-      "conversations": [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}]},
-     "image_count_mismatch"),
+    (
+        {
+            "id": "b6",
+            "image": "china.jpg",
+            "conversations": [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}],
+        },
+        "image_count_mismatch",
+    ),
     ({"id": "b7", "conversations": [{"from": "human", "value": "anyone?"}]}, "no_supervised_tokens"),
     ({"id": "b8", "image": "china.jpg", "conversations": _conv(q="word " * 300)}, "too_long"),
 ]
@@ -128,7 +136,7 @@ def test_collator_pads_concatenates_images_and_reports_skips(tmp_path, folder, l
     assert p2s["flattened_patches"].shape[0] == 4 and p2s["attention_mask"].shape[0] == 4
     lens = batch["attention_mask"].sum(1)
     for i in range(4):
-        assert (batch["labels"][i, lens[i]:] == -100).all() and (batch["input_ids"][i, lens[i]:] == 0).all()
+        assert (batch["labels"][i, lens[i] :] == -100).all() and (batch["input_ids"][i, lens[i] :] == 0).all()
 
 
 def test_sampler_is_deterministic_and_balanced_across_two_ranks():
@@ -142,7 +150,7 @@ def test_sampler_is_deterministic_and_balanced_across_two_ranks():
     ranks[0].set_epoch(1)
     assert ranks[0].indices() != a  # a new order each epoch
     for r in (a, b):  # modality-pure batches, except the final leftover megabatch
-        batches = [r[i:i + 4] for i in range(0, len(r) - 8, 4)]
+        batches = [r[i : i + 4] for i in range(0, len(r) - 8, 4)]
         assert all(len({lengths[j] > 0 for j in bt}) == 1 for bt in batches)
 
 
@@ -156,10 +164,12 @@ def test_packing_gives_the_padded_batch_loss(tmp_path, folder, llama_tokenizer, 
     model.set_attn_implementation(attn)
     padded = EagleCollator(pad_token_id=0)(items)
     packed = EagleCollator(pack=True)(items)
-    loss_padded = model(padded["input_ids"], padded["attention_mask"], labels=padded["labels"],
-                        images=padded["images"]).loss
-    loss_packed = model(packed["input_ids"], labels=packed["labels"], images=packed["images"],
-                        packed_seq_lens=packed["packed_seq_lens"]).loss
+    loss_padded = model(
+        padded["input_ids"], padded["attention_mask"], labels=padded["labels"], images=padded["images"]
+    ).loss
+    loss_packed = model(
+        packed["input_ids"], labels=packed["labels"], images=packed["images"], packed_seq_lens=packed["packed_seq_lens"]
+    ).loss
     assert torch.allclose(loss_padded, loss_packed, atol=1e-5), (loss_padded, loss_packed)
 
 

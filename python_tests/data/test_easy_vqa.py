@@ -116,13 +116,15 @@ def test_questions_per_record_splits_each_conversation_in_order(tmp_path):
         for r in records:
             conv = r["conversations"]
             assert conv[0]["value"].startswith("<image>\n") and sum(t["value"].count("<image>") for t in conv) == 1
-            out.setdefault(r["image"], []).extend((conv[k]["value"].removeprefix("<image>\n"), conv[k + 1]["value"])
-                                                  for k in range(0, len(conv), 2))
+            out.setdefault(r["image"], []).extend(
+                (conv[k]["value"].removeprefix("<image>\n"), conv[k + 1]["value"]) for k in range(0, len(conv), 2)
+            )
         return out
 
     for n in (1, 3):
-        split = _load(easy_vqa_dataset(tmp_path / str(n), max_train_images=6, max_eval_images=1,
-                                       questions_per_record=n).sft)
+        split = _load(
+            easy_vqa_dataset(tmp_path / str(n), max_train_images=6, max_eval_images=1, questions_per_record=n).sft
+        )
         assert all(2 <= len(r["conversations"]) <= 2 * n for r in split)
         assert len({r["id"] for r in split}) == len(split)
         assert pairs(split) == pairs(whole)
@@ -152,13 +154,16 @@ def test_validation_split_is_held_out_by_image(tmp_path):
         easy_vqa_dataset(tmp_path / "x", max_train_images=12, val_images=12)
 
 
-@pytest.mark.parametrize("question,answer,kind", [
-    ("what is the red shape?", "triangle", "shape"),  # a 'what' question answered by a shape
-    ("what is the color of the triangle?", "red", "color"),  # names a shape, answered by a colour
-    ("does the image contain a circle?", "no", "yes/no shape"),
-    ("is there not a black shape in the image?", "yes", "yes/no color"),  # 'shape' is not a shape name
-    ("is no rectangle present?", "yes", "yes/no shape"),
-])
+@pytest.mark.parametrize(
+    "question,answer,kind",
+    [
+        ("what is the red shape?", "triangle", "shape"),  # a 'what' question answered by a shape
+        ("what is the color of the triangle?", "red", "color"),  # names a shape, answered by a colour
+        ("does the image contain a circle?", "no", "yes/no shape"),
+        ("is there not a black shape in the image?", "yes", "yes/no color"),  # 'shape' is not a shape name
+        ("is no rectangle present?", "yes", "yes/no shape"),
+    ],
+)
 def test_question_category(question, answer, kind):
     from eagle_fast.data.easy_vqa import category
 

@@ -36,8 +36,10 @@ def _conv(*messages):
 
 def _tail(tok, out, n):
     """The last n (token, learned) pairs."""
-    pairs = [("<image>" if i == IMG else tok.convert_ids_to_tokens(i), lab != IGN)
-             for i, lab in zip(out["input_ids"], out["labels"])]
+    pairs = [
+        ("<image>" if i == IMG else tok.convert_ids_to_tokens(i), lab != IGN)
+        for i, lab in zip(out["input_ids"], out["labels"])
+    ]
     return pairs[-n:]
 
 
@@ -49,13 +51,17 @@ def _learned(tok, out):
 # does not start with a word. preprocess_v1 masks len(tokenize("... ASSISTANT: ")) - 2 tokens (BOS,
 # and the "▁" of the trailing space), i.e. everything up to ":"; all that follows is learned.
 
-@pytest.mark.parametrize("reply, learned", [
-    ("2", ["▁", "2", "</s>"]),
-    ("猫", ["▁", "猫", "</s>"]),
-    ("🐶", ["▁", "<0xF0>", "<0x9F>", "<0x90>", "<0xB6>", "</s>"]),
-    (" 2", ["▁▁", "2", "</s>"]),
-    ("\t2", ["▁", "<0x09>", "2", "</s>"]),
-])
+
+@pytest.mark.parametrize(
+    "reply, learned",
+    [
+        ("2", ["▁", "2", "</s>"]),
+        ("猫", ["▁", "猫", "</s>"]),
+        ("🐶", ["▁", "<0xF0>", "<0x9F>", "<0x90>", "<0xB6>", "</s>"]),
+        (" 2", ["▁▁", "2", "</s>"]),
+        ("\t2", ["▁", "<0x09>", "2", "</s>"]),
+    ],
+)
 @pytest.mark.parametrize("legacy", [True, False])
 def test_vicuna_learns_the_token_after_the_colon(llama_tokenizer, vicuna_tokenizer, legacy, reply, learned):
     tok = llama_tokenizer if legacy else vicuna_tokenizer
@@ -71,22 +77,32 @@ def test_vicuna_later_rounds_learn_the_same_token(llama_tokenizer, vicuna_tokeni
     # after "</s>" the slow tokenizer writes "▁US ER" when legacy, "USER" (one piece) when not
     user = ["▁US", "ER"] if legacy else ["USER"]
     assert _tail(tok, out, len(user) + 12) == (
-        [("</s>", True)] + [(t, False) for t in user + [":", "▁And", "▁now", "?", "▁ASS", "IST", "ANT", ":"]]
-        + [("▁", True), ("3", True), ("</s>", True)])
+        [("</s>", True)]
+        + [(t, False) for t in user + [":", "▁And", "▁now", "?", "▁ASS", "IST", "ANT", ":"]]
+        + [("▁", True), ("3", True), ("</s>", True)]
+    )
     assert _learned(tok, out) == ["▁Two", ".", "</s>", "▁", "3", "</s>"]
 
 
 def test_plain_learns_all_but_bos_and_image(llama_tokenizer):
     # preprocess_plain masks len(tokenizer_image_token("<image>")) = 2 tokens: BOS and the image
     out = tokenize_conversation(_conv("<image>\nDescribe.", "2"), llama_tokenizer, "plain")
-    assert _tail(llama_tokenizer, out, 5) == [("<s>", False), ("<image>", False), ("▁", True), ("2", True),
-                                              ("<0x0A>", True)]
+    assert _tail(llama_tokenizer, out, 5) == [
+        ("<s>", False),
+        ("<image>", False),
+        ("▁", True),
+        ("2", True),
+        ("<0x0A>", True),
+    ]
 
 
-@pytest.mark.parametrize("template, header", [
-    ("llama3", [("<|end_header_id|>", False), ("ĊĊ", False)]),
-    ("chatml", [("istant", False), ("Ċ", False)]),
-])
+@pytest.mark.parametrize(
+    "template, header",
+    [
+        ("llama3", [("<|end_header_id|>", False), ("ĊĊ", False)]),
+        ("chatml", [("istant", False), ("Ċ", False)]),
+    ],
+)
 def test_header_templates_learn_a_space_led_reply_from_its_first_token(tekken_tokenizer, template, header):
     # the instruction ends with the assistant header; its tokens, counted alone, are masked
     out = tokenize_conversation(_conv("<image>\nWhat is it?", " 2"), tekken_tokenizer, template)
@@ -98,22 +114,38 @@ def test_header_templates_learn_a_space_led_reply_from_its_first_token(tekken_to
 # masks len(tokenize(instruction)) tokens, the instruction ending in "\n\n" (one token), so the
 # merged token is masked and the reply's next token is the first one learned.
 
+
 def test_llama3_masks_the_header_newline_merged_with_the_reply(tekken_tokenizer):
     out = tokenize_conversation(_conv("<image>\nWhat is it?", "\nA cat."), tekken_tokenizer, "llama3")
     assert _tail(tekken_tokenizer, out, 9) == [
-        ("<|start_header_id|>", False), ("ass", False), ("istant", False), ("<|end_header_id|>", False),
-        ("ĊĊĊ", False), ("A", True), ("Ġcat", True), (".", True), ("<|eot_id|>", True)]
+        ("<|start_header_id|>", False),
+        ("ass", False),
+        ("istant", False),
+        ("<|end_header_id|>", False),
+        ("ĊĊĊ", False),
+        ("A", True),
+        ("Ġcat", True),
+        (".", True),
+        ("<|eot_id|>", True),
+    ]
 
 
 def test_chatml_masks_the_header_newline_merged_with_the_reply(tekken_tokenizer):
     out = tokenize_conversation(_conv("<image>\nWhat is it?", "\nA cat."), tekken_tokenizer, "chatml")
     assert _tail(tekken_tokenizer, out, 7) == [
-        ("ass", False), ("istant", False), ("ĊĊ", False), ("A", True), ("Ġcat", True), (".", True),
-        ("<|im_end|>", True)]
+        ("ass", False),
+        ("istant", False),
+        ("ĊĊ", False),
+        ("A", True),
+        ("Ġcat", True),
+        (".", True),
+        ("<|im_end|>", True),
+    ]
 
 
 # 3. Empty messages render as Conversation.get_prompt renders them; a record the original masks
 # entirely is a counted DataError.
+
 
 def test_empty_reply_renders_as_the_original(llama_tokenizer):
     tpl = get_template("vicuna_v1")
@@ -124,18 +156,23 @@ def test_empty_reply_renders_as_the_original(llama_tokenizer):
     assert _learned(llama_tokenizer, out) == ["▁Yes", ".", "</s>"]  # nothing for the empty turn
     chatml = get_template("chatml")
     text = "".join(s.text for s in chatml.render(normalize_turns(_conv("<image>\nQ?", "", "And?", "Yes."), 1, chatml)))
-    assert text == ("<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nQ?<|im_end|>"
-                    "<|im_start|>assistant\n<|im_start|>user\nAnd?<|im_end|><|im_start|>assistant\nYes.<|im_end|>")
+    assert text == (
+        "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nQ?<|im_end|>"
+        "<|im_start|>assistant\n<|im_start|>user\nAnd?<|im_end|><|im_start|>assistant\nYes.<|im_end|>"
+    )
     assert normalize_turns(_conv("<image>", "x"), 1, tpl)[0] == ("user", "<image>")  # stripped, no "\n"
 
 
-@pytest.mark.parametrize("template, conv", [
-    ("vicuna_v1", _conv("<image>\nQ?", "A", "And?", "")),  # last round lacks " ASSISTANT: "
-    ("vicuna_v1", _conv("<image>\nQ?")),  # no reply at all
-    ("vicuna_v1", _conv("<image>\nQ?", "I said ASSISTANT: hi")),  # the marker twice in one round
-    ("llama3", _conv("<image>\nQ?", "A", "And?", "")),  # counts one <|eot_id|> too many
-    ("chatml", _conv("<image>\nQ?", "", "And?", "Yes.")),  # the next round has no assistant marker
-])
+@pytest.mark.parametrize(
+    "template, conv",
+    [
+        ("vicuna_v1", _conv("<image>\nQ?", "A", "And?", "")),  # last round lacks " ASSISTANT: "
+        ("vicuna_v1", _conv("<image>\nQ?")),  # no reply at all
+        ("vicuna_v1", _conv("<image>\nQ?", "I said ASSISTANT: hi")),  # the marker twice in one round
+        ("llama3", _conv("<image>\nQ?", "A", "And?", "")),  # counts one <|eot_id|> too many
+        ("chatml", _conv("<image>\nQ?", "", "And?", "Yes.")),  # the next round has no assistant marker
+    ],
+)
 def test_records_the_original_masks_entirely_are_data_errors(tekken_tokenizer, llama_tokenizer, template, conv):
     tok = llama_tokenizer if template == "vicuna_v1" else tekken_tokenizer
     with pytest.raises(DataError) as e:
@@ -145,8 +182,10 @@ def test_records_the_original_masks_entirely_are_data_errors(tekken_tokenizer, l
 
 def test_dataset_counts_an_empty_last_reply(tmp_path, llama_tokenizer):
     path = tmp_path / "data.jsonl"
-    records = [{"id": "ok", "conversations": _conv("Hi?", "Hello.")},
-               {"id": "empty", "conversations": _conv("Hi?", "Hello.", "And?", "")}]
+    records = [
+        {"id": "ok", "conversations": _conv("Hi?", "Hello.")},
+        {"id": "empty", "conversations": _conv("Hi?", "Hello.", "And?", "")},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     ds = EagleDataset(path, tmp_path, llama_tokenizer, None, "vicuna_v1", max_bad_fraction=1.0)
     good, bad = ds[0], ds[1]
@@ -156,17 +195,51 @@ def test_dataset_counts_an_empty_last_reply(tmp_path, llama_tokenizer):
 
 # 4. SentencePiece ids are sentencepiece's (the slow tokenizer's), not the converted fast tokenizer's.
 
+
 def test_runs_of_spaces_and_a_leading_space_are_sentencepiece_ids(llama_tokenizer, vicuna_tokenizer):
     for tok in (llama_tokenizer, vicuna_tokenizer):
         ids, _ = encode_prompt("A  cat.", tok)
         assert tok.convert_ids_to_tokens(ids) == ["<s>", "▁A", "▁", "▁cat", "."]
         out = tokenize_conversation(_conv("<image>\nDescribe.", " A cat."), tok, "plain")
-        assert _tail(tok, out, 7) == [("<s>", False), ("<image>", False), ("▁", True), ("▁A", True),
-                                      ("▁cat", True), (".", True), ("<0x0A>", True)]
+        assert _tail(tok, out, 7) == [
+            ("<s>", False),
+            ("<image>", False),
+            ("▁", True),
+            ("▁A", True),
+            ("▁cat", True),
+            (".", True),
+            ("<0x0A>", True),
+        ]
 
 
-PIECES = [" ", "  ", "   ", "\n", "\n\n", "\t", " \n", "a", "A", "cat", "Hello", "2", "10", "3.5", "猫", "です",
-          "🐶", ".", ",", "?", "'", "-", "<", ">", "ASSISTANT:", "USER"]
+PIECES = [
+    " ",
+    "  ",
+    "   ",
+    "\n",
+    "\n\n",
+    "\t",
+    " \n",
+    "a",
+    "A",
+    "cat",
+    "Hello",
+    "2",
+    "10",
+    "3.5",
+    "猫",
+    "です",
+    "🐶",
+    ".",
+    ",",
+    "?",
+    "'",
+    "-",
+    "<",
+    ">",
+    "ASSISTANT:",
+    "USER",
+]
 
 
 def _texts(seed, n):
@@ -185,7 +258,8 @@ def test_ids_are_sentencepiece_ids_on_generated_text(llama_tokenizer, vicuna_tok
         # leading bytes of a byte-fallback character cover nothing: (0, 0), as special tokens)
         spans = [(a, b) for a, b in offsets if b > a]
         assert "".join(text[a:b] for a, b in spans) == text and all(
-            b1 <= a2 for (_, b1), (a2, _) in zip(spans, spans[1:])), repr(text)
+            b1 <= a2 for (_, b1), (a2, _) in zip(spans, spans[1:])
+        ), repr(text)
 
 
 def _slow_ids(text, legacy):
@@ -201,7 +275,7 @@ def _slow_ids(text, legacy):
         if legacy or j == 0:
             ids += SP.encode(chunk)
         elif chunk.startswith(" "):
-            ids += SP0.encode("<unk>" + chunk)[len(SP0.encode("<unk>")):]
+            ids += SP0.encode("<unk>" + chunk)[len(SP0.encode("<unk>")) :]
         else:
             ids += SP0.encode(chunk)
     return ids
@@ -237,7 +311,7 @@ def _original_v1(text, legacy):
         if i != 0 and not legacy:  # tokenizers >= 0.14 and a non-legacy tokenizer
             round_len -= 1
             instruction_len -= 1
-        target[cur:cur + instruction_len] = [IGN] * len(target[cur:cur + instruction_len])
+        target[cur : cur + instruction_len] = [IGN] * len(target[cur : cur + instruction_len])
         cur += round_len
     target[cur:] = [IGN] * len(target[cur:])
     if cur != len(ids):
@@ -245,8 +319,20 @@ def _original_v1(text, legacy):
     return ids, [IGN if t == IMG else t for t in target]
 
 
-REPLIES = ["2", " 2", "10 dogs.", "猫です", "🐶!", "\nA cat.", "Yes.", "A  cat.", "  spaced", "It's 3.5 m.", "\t2",
-           ""]  # "": rounds the original masks whole
+REPLIES = [
+    "2",
+    " 2",
+    "10 dogs.",
+    "猫です",
+    "🐶!",
+    "\nA cat.",
+    "Yes.",
+    "A  cat.",
+    "  spaced",
+    "It's 3.5 m.",
+    "\t2",
+    "",
+]  # "": rounds the original masks whole
 QUESTIONS = ["How many?", "What is it?", "And  now?", "猫?", "Count: 3", "Why\nnot?"]
 
 
@@ -291,7 +377,7 @@ def _original_mpt_style(text, tok, template):
     ids = tii(text)
     target = list(ids)
     rounds = text.split(tpl.sep)
-    re_rounds = [tpl.sep.join(rounds[:3])] + [tpl.sep.join(rounds[j:j + 2]) for j in range(3, len(rounds), 2)]
+    re_rounds = [tpl.sep.join(rounds[:3])] + [tpl.sep.join(rounds[j : j + 2]) for j in range(3, len(rounds), 2)]
     sep = tpl.sep + tpl.assistant
     cur = 0 if template == "llama3" else 1
     target[:cur] = [IGN] * cur
@@ -308,7 +394,7 @@ def _original_mpt_style(text, tok, template):
                 round_len, instruction_len = round_len - 1, instruction_len - 1
         else:  # no `legacy` attribute on a tokenizers-only tokenizer: no +1
             round_len, instruction_len = len(tii(rou)), len(tii(parts[0])) - 1
-        target[cur:cur + instruction_len] = [IGN] * len(target[cur:cur + instruction_len])
+        target[cur : cur + instruction_len] = [IGN] * len(target[cur : cur + instruction_len])
         cur += round_len
     target[cur:] = [IGN] * len(target[cur:])
     if cur != len(ids):

@@ -11,10 +11,12 @@ from eagle_fast.data.tokenize import DataError, normalize_turns, sequence_length
 from python_tests.data.conftest import sentencepiece_model_path
 
 IMG, IGN = -200, -100
-CONV = [{"from": "human", "value": "What is in the picture?\n<image>"},
-        {"from": "gpt", "value": "A red cube."},
-        {"from": "human", "value": "And its size?"},
-        {"from": "gpt", "value": "Small."}]
+CONV = [
+    {"from": "human", "value": "What is in the picture?\n<image>"},
+    {"from": "gpt", "value": "A red cube."},
+    {"from": "human", "value": "And its size?"},
+    {"from": "gpt", "value": "Small."},
+]
 
 
 def _original_vicuna_ids(text):
@@ -39,8 +41,10 @@ def _learned_text(tok, out):
 
 def test_vicuna_ids_equal_the_original_and_only_replies_are_learned(llama_tokenizer):
     out = tokenize_conversation(CONV, llama_tokenizer, "vicuna_v1")
-    text = (f"{VICUNA_SYSTEM} USER: <image>\nWhat is in the picture? ASSISTANT: A red cube.</s>"
-            f"USER: And its size? ASSISTANT: Small.</s>")
+    text = (
+        f"{VICUNA_SYSTEM} USER: <image>\nWhat is in the picture? ASSISTANT: A red cube.</s>"
+        f"USER: And its size? ASSISTANT: Small.</s>"
+    )
     assert out["input_ids"] == _original_vicuna_ids(text)
     assert out["input_ids"].count(IMG) == 1
     labels = out["labels"]
@@ -85,8 +89,9 @@ def test_llama3_template_adds_no_second_bos(llama_tokenizer):
     """The llama3 text starts with its own <|begin_of_text|>; the tokenizer's BOS is not added on
     top (the original's double BOS)."""
     tok = copy.deepcopy(llama_tokenizer)  # with Llama-3's header tokens as special tokens
-    tok.add_special_tokens({"additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>",
-                                                          "<|end_header_id|>", "<|eot_id|>"]})
+    tok.add_special_tokens(
+        {"additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+    )
     out = tokenize_conversation(CONV, tok, "llama3")
     assert out["input_ids"][0] == tok.convert_tokens_to_ids("<|begin_of_text|>")
     assert tok.bos_token_id not in out["input_ids"]
@@ -133,9 +138,11 @@ def test_truncation_counts_image_rows(llama_tokenizer):
 def test_bpe_ids_equal_the_original_chunked_tokenization(smollm_tokenizer):
     """GPT-2-style BPE: the ids are the tokenizer's own on each <image> chunk of the rendered text."""
     out = tokenize_conversation(CONV, smollm_tokenizer, "chatml")
-    text = ("<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nWhat is in the picture?"
-            "<|im_end|><|im_start|>assistant\nA red cube.<|im_end|><|im_start|>user\nAnd its size?<|im_end|>"
-            "<|im_start|>assistant\nSmall.<|im_end|>")
+    text = (
+        "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nWhat is in the picture?"
+        "<|im_end|><|im_start|>assistant\nA red cube.<|im_end|><|im_start|>user\nAnd its size?<|im_end|>"
+        "<|im_start|>assistant\nSmall.<|im_end|>"
+    )
     want = []
     for k, chunk in enumerate(text.split("<image>")):
         if k:

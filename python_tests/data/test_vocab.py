@@ -8,8 +8,17 @@ import pytest
 
 from eagle_fast.data.templates import get_template
 from eagle_fast.data.tokenize import IMAGE_TOKEN, encode_prompt, tokenize_conversation
-from eagle_fast.data.vocab import (BOS, EOS, RENDERED, UNK, read_records, rendered_texts, template_markers,
-                                   words_tokenizer, words_tokenizer_dir)
+from eagle_fast.data.vocab import (
+    BOS,
+    EOS,
+    RENDERED,
+    UNK,
+    read_records,
+    rendered_texts,
+    template_markers,
+    words_tokenizer,
+    words_tokenizer_dir,
+)
 from eagle_fast.model.splice import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 pytest.importorskip("easy_vqa")
@@ -64,8 +73,10 @@ def test_rendered_prompts_have_no_unknown_pieces(tok, records, template):
     for text in rendered_texts(records, [template]):
         ids, _ = encode_prompt(text, tok, tpl.adds_bos)
         assert tok.unk_token_id not in ids, text
-        assert tok.decode([i for i in ids if i != IMAGE_TOKEN_INDEX], skip_special_tokens=False) \
-            .removeprefix(BOS) == text.replace(IMAGE_TOKEN, "").lower()
+        assert (
+            tok.decode([i for i in ids if i != IMAGE_TOKEN_INDEX], skip_special_tokens=False).removeprefix(BOS)
+            == text.replace(IMAGE_TOKEN, "").lower()
+        )
 
 
 def test_unknown_words_become_unk(tok):
@@ -93,8 +104,10 @@ def test_vocabulary_is_a_function_of_the_text(records):
     texts = rendered_texts(records)
     assert words_tokenizer(texts).get_vocab() == words_tokenizer(list(reversed(texts))).get_vocab()
     rare = words_tokenizer(texts + ["platypus"])
-    assert "platypus" in rare.get_vocab() and "platypus" not in words_tokenizer(texts + ["platypus"],
-                                                                                 min_count=2).get_vocab()
+    assert (
+        "platypus" in rare.get_vocab()
+        and "platypus" not in words_tokenizer(texts + ["platypus"], min_count=2).get_vocab()
+    )
 
 
 @pytest.mark.parametrize("template", ["vicuna_v1", "chatml"])

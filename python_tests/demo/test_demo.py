@@ -12,9 +12,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _demo(out):
-    res = subprocess.run([sys.executable, "-m", "eagle_fast.demo", "--out", str(out), "--max-steps", "3",
-                          "--eval-limit", "24"], capture_output=True, text=True, timeout=900, cwd=ROOT,
-                         env=dict(os.environ, PYTHONPATH=ROOT))
+    res = subprocess.run(
+        [sys.executable, "-m", "eagle_fast.demo", "--out", str(out), "--max-steps", "3", "--eval-limit", "24"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res.stdout
 
@@ -41,5 +46,6 @@ def test_shortened_demo(tmp_path):
     again = _demo(tmp_path / "demo")  # finished stages are reused, not retrained
     assert "stage 1: reusing" in again and "shape pass: reusing" in again and "stage 2: reusing" in again
     shapes = [json.loads(x) for x in open(tmp_path / "demo" / "data" / "sft-shapes.jsonl")]
-    assert shapes and all(t["value"] in ("circle", "rectangle", "triangle") for r in shapes
-                          for t in r["conversations"][1::2])
+    assert shapes and all(
+        t["value"] in ("circle", "rectangle", "triangle") for r in shapes for t in r["conversations"][1::2]
+    )

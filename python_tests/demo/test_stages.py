@@ -9,14 +9,25 @@ import sys
 from eagle_fast.demo_stages import MANIFEST, Stage, run_stage
 
 # a stand-in trainer: counts its runs in <folder>/runs.log and writes the stage's output
-FAKE = [sys.executable, "-c",
-        "import os,sys; d=sys.argv[1]; open(os.path.join(d,'runs.log'),'a').write('x');"
-        " os.makedirs(os.path.join(d,'final'),exist_ok=True); open(os.path.join(d,'final','done'),'w').close()"]
+FAKE = [
+    sys.executable,
+    "-c",
+    "import os,sys; d=sys.argv[1]; open(os.path.join(d,'runs.log'),'a').write('x');"
+    " os.makedirs(os.path.join(d,'final'),exist_ok=True); open(os.path.join(d,'final','done'),'w').close()",
+]
 
 
 def _stage(folder, **kw):
-    args = dict(name="stage 2", folder=str(folder), args=[str(folder)], done_file="final/done", recipe_stage="sft",
-                steps=3, seed=0, data="d0")
+    args = dict(
+        name="stage 2",
+        folder=str(folder),
+        args=[str(folder)],
+        done_file="final/done",
+        recipe_stage="sft",
+        steps=3,
+        seed=0,
+        data="d0",
+    )
     args.update(kw)
     return Stage(**args)
 

@@ -52,15 +52,25 @@ def questions(tmp_path_factory):
     path = d / "q.jsonl"
     with open(path, "w") as f:
         for k in range(7):
-            f.write(json.dumps({"question_id": f"q{k}", "image": os.path.basename(paths[ids[k]]), "text": qs[k],
-                                "answer": answers[k]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "question_id": f"q{k}",
+                        "image": os.path.basename(paths[ids[k]]),
+                        "text": qs[k],
+                        "answer": answers[k],
+                    }
+                )
+                + "\n"
+            )
     return str(path), os.path.dirname(paths[ids[0]])
 
 
 def _cfg(tmp_path, ckpt, questions, **kw):
     data, folder = questions
-    return EvalConfig(task="easy-vqa", data=data, out=str(tmp_path / "out"), model=ckpt, image_folder=folder,
-                      batch_size=3, **kw)
+    return EvalConfig(
+        task="easy-vqa", data=data, out=str(tmp_path / "out"), model=ckpt, image_folder=folder, batch_size=3, **kw
+    )
 
 
 def _preds(path):
@@ -70,9 +80,21 @@ def _preds(path):
 
 def test_question_layouts_and_errors(tmp_path):
     p = tmp_path / "q.jsonl"
-    p.write_text(json.dumps({"id": "a", "image": "x.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat shape?"}, {"from": "gpt", "value": "circle"}]}) + "\n\n"
-        + json.dumps({"question_id": 7, "text": "Q?", "answers": ["x"]}) + "\n")
+    p.write_text(
+        json.dumps(
+            {
+                "id": "a",
+                "image": "x.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat shape?"},
+                    {"from": "gpt", "value": "circle"},
+                ],
+            }
+        )
+        + "\n\n"
+        + json.dumps({"question_id": 7, "text": "Q?", "answers": ["x"]})
+        + "\n"
+    )
     a, b = load_questions(str(p))
     assert (a["question_id"], a["text"], a["answer"]) == ("a", "What shape?", "circle") and b["question_id"] == 7
     p.write_text(json.dumps({"question_id": 1, "text": "a"}) + "\n{broken\n")
@@ -111,8 +133,11 @@ def test_shards_merge_to_the_single_run(tmp_path, ckpt, questions):
     run(cfg(1))
     merged = run(cfg(0, merge=True))
     assert merged["n"] == 7
-    got = {r["question_id"]: r["prediction"] for k in range(3)
-           for r in _preds(tmp_path / "sh" / "out" / f"easy-vqa.shard{k}of3.jsonl")}
+    got = {
+        r["question_id"]: r["prediction"]
+        for k in range(3)
+        for r in _preds(tmp_path / "sh" / "out" / f"easy-vqa.shard{k}of3.jsonl")
+    }
     assert got == {r["question_id"]: r["prediction"] for r in single}
 
 
@@ -144,16 +169,50 @@ def test_a_broken_image_is_reported_and_the_run_goes_on(tmp_path, ckpt, question
 
 
 def test_cli_builtin_easy_vqa(tmp_path, ckpt):
-    res = subprocess.run([sys.executable, "-m", "eagle_fast.eval", "--model", ckpt, "--task", "easy-vqa",
-                          "--limit", "5", "--out", str(tmp_path), "--batch-size", "5"], capture_output=True,
-                         text=True, timeout=600, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eagle_fast.eval",
+            "--model",
+            ckpt,
+            "--task",
+            "easy-vqa",
+            "--limit",
+            "5",
+            "--out",
+            str(tmp_path),
+            "--batch-size",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "| easy-vqa | accuracy (%), majority baseline" in res.stdout
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["n"] == 5 and summary["errors"] == 0
     # another template into the same folder: refused from the command line, replaced with --overwrite
-    again = [sys.executable, "-m", "eagle_fast.eval", "--model", ckpt, "--task", "easy-vqa", "--limit", "5",
-             "--out", str(tmp_path), "--batch_size", "5", "--template", "chatml"]
+    again = [
+        sys.executable,
+        "-m",
+        "eagle_fast.eval",
+        "--model",
+        ckpt,
+        "--task",
+        "easy-vqa",
+        "--limit",
+        "5",
+        "--out",
+        str(tmp_path),
+        "--batch_size",
+        "5",
+        "--template",
+        "chatml",
+    ]
     env = dict(os.environ, PYTHONPATH=ROOT)
     res = subprocess.run(again, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert res.returncode != 0 and "--overwrite" in res.stderr and "template" in res.stderr, res.stderr[-2000:]
@@ -220,11 +279,13 @@ def test_other_settings_or_questions_are_refused_naming_them(tmp_path, ckpt, que
     recs = [json.loads(x) for x in open(questions[0])]
     recs[6]["text"] += " Answer in one word."  # same ids, same count: only the content tells
     edited.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    for kw, what in [(dict(template="chatml"), "template ('vicuna_v1' there, 'chatml' now)"),
-                     (dict(max_new_tokens=4), "generation settings (max_new_tokens: 8 there, 4 now)"),
-                     (dict(dtype="bfloat16"), "generation settings (dtype: 'float32' there, 'bfloat16' now)"),
-                     (dict(limit=6), "limit (5 there, 6 now)"),
-                     (dict(data=str(edited)), "question file (content)")]:
+    for kw, what in [
+        (dict(template="chatml"), "template ('vicuna_v1' there, 'chatml' now)"),
+        (dict(max_new_tokens=4), "generation settings (max_new_tokens: 8 there, 4 now)"),
+        (dict(dtype="bfloat16"), "generation settings (dtype: 'float32' there, 'bfloat16' now)"),
+        (dict(limit=6), "limit (5 there, 6 now)"),
+        (dict(data=str(edited)), "question file (content)"),
+    ]:
         data = kw.pop("data", questions[0])
         with pytest.raises(PredictionsMismatch) as e:
             run(_cfg(tmp_path, ckpt, (data, questions[1]), **{"limit": 5, "dtype": "float32", **kw}))
@@ -249,10 +310,15 @@ def test_shards_of_different_models_refuse_to_merge(tmp_path, ckpt, ckpt2, quest
     cfg = lambda k, model=ckpt, **kw: _cfg(tmp_path, model, questions, num_shards=2, shard=k, **kw)
     run(cfg(0))
     run(cfg(1, ckpt2))  # its own file: nothing to refuse yet
-    for merging in (cfg(0, merge=True), EvalConfig(task="easy-vqa", data=None, out=str(tmp_path / "out"),
-                                                   num_shards=2, score_only=True)):
-        with pytest.raises(PredictionsMismatch, match=r"easy-vqa\.shard1of2\.jsonl \(shard 1\) was made with "
-                                                      r"another model .*weights \(model\.safetensors\)"):
+    for merging in (
+        cfg(0, merge=True),
+        EvalConfig(task="easy-vqa", data=None, out=str(tmp_path / "out"), num_shards=2, score_only=True),
+    ):
+        with pytest.raises(
+            PredictionsMismatch,
+            match=r"easy-vqa\.shard1of2\.jsonl \(shard 1\) was made with "
+            r"another model .*weights \(model\.safetensors\)",
+        ):
             run(merging)
     assert not (tmp_path / "out" / "easy-vqa.results.json").exists()
     run(cfg(1, overwrite=True))
@@ -291,8 +357,11 @@ def test_weights_fingerprint_sees_one_changed_tensor_and_ignores_the_path(tmp_pa
     name = min((k for k in tensors if "mm_projector" in k), key=lambda k: tensors[k].numel())
     for d, change in (("same", 0.0), ("changed", 1e-3)):
         os.makedirs(tmp_path / d)
-        save_file({**tensors, name: tensors[name] + change}, str(tmp_path / d / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {**tensors, name: tensors[name] + change},
+            str(tmp_path / d / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         shutil.copy(os.path.join(ckpt, "config.json"), tmp_path / d)
     weights = lambda d: _model_dir(str(d))[1]["model.safetensors"]
     assert weights(tmp_path / "same") == weights(ckpt) != weights(tmp_path / "changed")

@@ -26,8 +26,14 @@ def workload(tiny):
     _, _, proc = tiny
     rng = np.random.default_rng(0)
     imgs = [proc([rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)]) for _ in range(3)]
-    prompts = [[1, 5, 6, -200, 7, 8, 9], [1, 10, 11, 12, 13], [1, -200, 20, 21], [1, 5, 6, -200, 7, 8, 9, 30],
-               [1, -200, 40, 41, 42, 43, 44, 45, 46, 47, 48], [1, 50]]
+    prompts = [
+        [1, 5, 6, -200, 7, 8, 9],
+        [1, 10, 11, 12, 13],
+        [1, -200, 20, 21],
+        [1, 5, 6, -200, 7, 8, 9, 30],
+        [1, -200, 40, 41, 42, 43, 44, 45, 46, 47, 48],
+        [1, 50],
+    ]
     images = [imgs[0], None, imgs[1], imgs[0], imgs[2], None]
     return prompts, images
 
@@ -42,7 +48,7 @@ def _near_ties(tiny, prompt, images, tokens) -> list[float]:
     model, _, _ = tiny
     ids = torch.tensor([prompt + tokens])
     with torch.no_grad():
-        logits = model(input_ids=ids, images=images).logits[0, -len(tokens) - 1:-1]
+        logits = model(input_ids=ids, images=images).logits[0, -len(tokens) - 1 : -1]
     top = logits.float().topk(2, -1).values
     return (top[:, 0] - top[:, 1]).tolist()
 
@@ -56,14 +62,18 @@ def _compare(tiny, prompts, images, ref, out) -> int:
             continue
         k = next((j for j, (a, b) in enumerate(zip(r, o)) if a != b), min(len(r), len(o)))
         gap = _near_ties(tiny, prompts[i], images[i], r)[k] if k < len(r) else float("inf")
-        assert gap < TIE, f"prompt {i}: token {k} differs ({r[k:k+3]} vs {o[k:k+3]}), one-at-a-time gap {gap:.2e}"
+        assert gap < TIE, (
+            f"prompt {i}: token {k} differs ({r[k : k + 3]} vs {o[k : k + 3]}), one-at-a-time gap {gap:.2e}"
+        )
         ties += 1
     return ties
 
 
-@pytest.mark.parametrize("config", [EngineConfig(), EngineConfig(block_size=4, max_batched_tokens=7),
-                                    EngineConfig(block_size=4, max_num_seqs=2)],
-                         ids=["default", "chunked-prefill", "two-at-once"])
+@pytest.mark.parametrize(
+    "config",
+    [EngineConfig(), EngineConfig(block_size=4, max_batched_tokens=7), EngineConfig(block_size=4, max_num_seqs=2)],
+    ids=["default", "chunked-prefill", "two-at-once"],
+)
 def test_greedy_equals_one_at_a_time(tiny, workload, config):
     model, tok, _ = tiny
     prompts, images = workload

@@ -23,10 +23,12 @@ def test_greedy_engine_equals_hf_generate(tiny):
     model, tok, proc = tiny
     ids = [1, -200, 523, 880, 28804]
     images = proc([_img()])
-    ours = list(Engine(model, tok).stream(ids, images, GenerationConfig(max_new_tokens=8, do_sample=False,
-                                                                          stop_ids=())))
-    hf = model.generate(torch.tensor([ids]), images=images, max_new_tokens=8, do_sample=False,
-                        eos_token_id=None, pad_token_id=0)
+    ours = list(
+        Engine(model, tok).stream(ids, images, GenerationConfig(max_new_tokens=8, do_sample=False, stop_ids=()))
+    )
+    hf = model.generate(
+        torch.tensor([ids]), images=images, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     assert ours == hf[0].tolist()
 
 
@@ -69,7 +71,7 @@ def test_utf8_deltas_on_real_byte_tokens(tiny):
         text = tok.decode(ids[:n])
         cut = safe_text_length(text, ())
         if cut > len(emitted):
-            pieces.append(text[len(emitted):cut])
+            pieces.append(text[len(emitted) : cut])
             emitted = text[:cut]
     assert all("\ufffd" not in p for p in pieces) and "".join(pieces) == tok.decode(ids)
 
@@ -77,8 +79,11 @@ def test_utf8_deltas_on_real_byte_tokens(tiny):
 def test_context_overflow_is_an_error(tiny):
     model, tok, proc = tiny
     with pytest.raises(ValueError, match="exceeds the context"):
-        list(Engine(model, tok, context_length=30).stream([1, -200, 5], proc([_img()]),
-                                                         GenerationConfig(max_new_tokens=20)))
+        list(
+            Engine(model, tok, context_length=30).stream(
+                [1, -200, 5], proc([_img()]), GenerationConfig(max_new_tokens=20)
+            )
+        )
 
 
 @pytest.fixture(scope="module")
@@ -99,16 +104,35 @@ def _cli(args, stdin=None):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    res = subprocess.run([sys.executable, "-m", "eagle_fast.chat", *args], input=stdin, capture_output=True,
-                         text=True, timeout=300, env=dict(os.environ, PYTHONPATH=root), cwd=root)
+    res = subprocess.run(
+        [sys.executable, "-m", "eagle_fast.chat", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=root),
+        cwd=root,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     return res.stdout
 
 
 def test_cli_one_shot_on_a_saved_checkpoint(tiny, saved_cli):
     model, tok, proc = tiny
-    out = _cli(["--model", str(saved_cli / "ckpt"), "--image", str(saved_cli / "img.png"), "--prompt",
-                "What is this?", "--max-new-tokens", "6", "--temperature", "0"])
+    out = _cli(
+        [
+            "--model",
+            str(saved_cli / "ckpt"),
+            "--image",
+            str(saved_cli / "img.png"),
+            "--prompt",
+            "What is this?",
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0",
+        ]
+    )
     chat = ChatSession(model, tok, proc)
     want = chat.send("What is this?", images=[_img()], max_new_tokens=6, temperature=0)
     assert out.rstrip("\n") == want
@@ -118,8 +142,10 @@ def test_cli_interactive_commands(tiny, saved_cli):
     """/image attaches to the next message, a bad path is reported and the session goes on,
     /reset starts over, /quit ends; answers equal the Python API's."""
     model, tok, proc = tiny
-    script = (f"/image {saved_cli / 'img.png'}\n/image {saved_cli / 'missing.png'}\nWhat is this?\n"
-              "And now?\n/reset\nHello\n/quit\nnever read\n")
+    script = (
+        f"/image {saved_cli / 'img.png'}\n/image {saved_cli / 'missing.png'}\nWhat is this?\n"
+        "And now?\n/reset\nHello\n/quit\nnever read\n"
+    )
     out = _cli(["--model", str(saved_cli / "ckpt"), "--max-new-tokens", "5", "--temperature", "0"], stdin=script)
     chat = ChatSession(model, tok, proc, max_new_tokens=5, temperature=0)
     first = chat.send("What is this?", images=[_img()])
@@ -138,8 +164,9 @@ def test_images_as_file_paths(tiny, tmp_path):
 
     model, tok, proc = tiny
     Image.fromarray(_img()).save(tmp_path / "a.png")
-    by_path = ChatSession(model, tok, proc).send("What is this?", images=[str(tmp_path / "a.png")],
-                                                 max_new_tokens=6, temperature=0)
+    by_path = ChatSession(model, tok, proc).send(
+        "What is this?", images=[str(tmp_path / "a.png")], max_new_tokens=6, temperature=0
+    )
     by_array = ChatSession(model, tok, proc).send("What is this?", images=[_img()], max_new_tokens=6, temperature=0)
     assert by_path == by_array
     with pytest.raises(ValueError, match="no such file"):

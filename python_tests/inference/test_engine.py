@@ -124,8 +124,9 @@ def test_batch_generation_equals_one_by_one(tiny):
     assert eng.generate_batch(prompts, images, gen) == one
     # stop ids end rows at different steps; the others continue unaffected
     stop = GenerationConfig(max_new_tokens=12, do_sample=False, stop_ids=(one[1][3],))
-    assert eng.generate_batch(prompts, images, stop) == [list(eng.stream(p, im, stop))
-                                                         for p, im in zip(prompts, images)]
+    assert eng.generate_batch(prompts, images, stop) == [
+        list(eng.stream(p, im, stop)) for p, im in zip(prompts, images)
+    ]
 
 
 def test_batch_overflow_names_the_prompt(tiny):
@@ -175,5 +176,8 @@ def test_chat_preprocesses_on_the_model_device(tiny, monkeypatch):
     assert seen == [model.device]
     moved = to_device(proc([_img(1)]), "meta")
     assert moved["pixel_values"].device.type == "meta" and isinstance(moved["image_digests"][0], str)
-    assert all(t.device.type == "meta" for v in moved["expert_inputs"].values()
-               for t in (v.values() if isinstance(v, dict) else [v]))
+    assert all(
+        t.device.type == "meta"
+        for v in moved["expert_inputs"].values()
+        for t in (v.values() if isinstance(v, dict) else [v])
+    )

@@ -61,8 +61,9 @@ def test_missing_and_unexpected_keys_are_named(saved, tmp_path):
     with pytest.raises(ValueError, match=r"unexpected 1 key\(s\): model\.extra_head\.weight"):
         load_model(str(extra))
     # buffers older exports stored (rotary inv_freq) are not errors
-    legacy = _edited_copy(path, tmp_path / "legacy",
-                          lambda s: s.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
+    legacy = _edited_copy(
+        path, tmp_path / "legacy", lambda s: s.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)})
+    )
     load_model(str(legacy))
 
 

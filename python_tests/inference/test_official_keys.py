@@ -38,8 +38,11 @@ def official_rope_keys(dtype=torch.float32) -> dict[str, torch.Tensor]:
     win, glb = original_rope(HALF_HEAD_DIM, PT_SEQ, WINDOW), original_rope(HALF_HEAD_DIM, PT_SEQ, GRID)
     tables = {"rope_win": win, "rope_glb": glb}
     tables.update({f"blocks.{i}.attn.rope": win if i in WINDOWED_BLOCKS else glb for i in range(DEPTH)})
-    return {f"{EVA}{name}.freqs_{fn}": pair[j].to(dtype).clone()
-            for name, pair in tables.items() for j, fn in enumerate(("cos", "sin"))}
+    return {
+        f"{EVA}{name}.freqs_{fn}": pair[j].to(dtype).clone()
+        for name, pair in tables.items()
+        for j, fn in enumerate(("cos", "sin"))
+    }
 
 
 def test_original_formula_by_hand():
@@ -51,8 +54,9 @@ def test_original_formula_by_hand():
     want_cos = [c4, c4, c04, c04, c004, c004, c0004, c0004] + [1.0] * 8
     assert torch.allclose(cos[4], torch.tensor(want_cos), atol=1e-6)
     s4, s04, s004, s0004 = -0.7568024953079282, 0.3894183423086505, 0.03998933418663416, 0.003999989333341867
-    assert torch.allclose(sin[1], torch.tensor([0.0] * 8 + [s4, s4, s04, s04, s004, s004, s0004, s0004]),
-                          atol=1e-6)  # token 1: row 0, column 1
+    assert torch.allclose(
+        sin[1], torch.tensor([0.0] * 8 + [s4, s4, s04, s04, s004, s004, s0004, s0004]), atol=1e-6
+    )  # token 1: row 0, column 1
 
 
 @pytest.mark.parametrize("ft", [16, 64])
@@ -124,16 +128,28 @@ def _swap(keys, key, value):
     ("edit", "bad_key", "match"),
     [
         # block 1 is global: the 4x4-window table there is another geometry (16 rows, not 64)
-        (lambda k: _swap(k, f"{EVA}blocks.1.attn.rope.freqs_cos", k[f"{EVA}rope_win.freqs_cos"]),
-         "blocks.1.attn.rope.freqs_cos", "has shape"),
+        (
+            lambda k: _swap(k, f"{EVA}blocks.1.attn.rope.freqs_cos", k[f"{EVA}rope_win.freqs_cos"]),
+            "blocks.1.attn.rope.freqs_cos",
+            "has shape",
+        ),
         # same shape, other values: sin where cos belongs
-        (lambda k: _swap(k, f"{EVA}rope_glb.freqs_cos", k[f"{EVA}rope_glb.freqs_sin"]),
-         "rope_glb.freqs_cos", "differs from the RoPE table"),
+        (
+            lambda k: _swap(k, f"{EVA}rope_glb.freqs_cos", k[f"{EVA}rope_glb.freqs_sin"]),
+            "rope_glb.freqs_cos",
+            "differs from the RoPE table",
+        ),
         # rope_win without the original's position interpolation (positions 0..3, not 0, 4, 8, 12)
-        (lambda k: _swap(k, f"{EVA}rope_win.freqs_sin", original_rope(HALF_HEAD_DIM, WINDOW, WINDOW)[1]),
-         "rope_win.freqs_sin", "differs from the RoPE table"),
-        (lambda k: _swap(k, f"{EVA}blocks.7.attn.rope.freqs_sin", k[f"{EVA}rope_glb.freqs_sin"]),
-         "blocks.7.attn.rope.freqs_sin", "block 7 does not exist"),
+        (
+            lambda k: _swap(k, f"{EVA}rope_win.freqs_sin", original_rope(HALF_HEAD_DIM, WINDOW, WINDOW)[1]),
+            "rope_win.freqs_sin",
+            "differs from the RoPE table",
+        ),
+        (
+            lambda k: _swap(k, f"{EVA}blocks.7.attn.rope.freqs_sin", k[f"{EVA}rope_glb.freqs_sin"]),
+            "blocks.7.attn.rope.freqs_sin",
+            "block 7 does not exist",
+        ),
     ],
 )
 def test_wrong_rope_table_is_an_error_naming_the_key(saved, tmp_path, edit, bad_key, match):

@@ -3,7 +3,6 @@ cases, official key layout of every full preset (meta device), save / reload thr
 AutoModelForCausalLM, fast path vs reference ops, generation, training steps."""
 
 import json
-import os
 import re
 
 import pytest
@@ -12,8 +11,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from eagle_fast import EagleImageProcessor
-from eagle_fast.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, EagleLlamaForCausalLM
-from eagle_fast.model import presets
+from eagle_fast.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, EagleLlamaForCausalLM, presets
 from eagle_fast.model.projector import build_projector
 from eagle_fast.model.splice import splice
 
@@ -43,7 +41,7 @@ def test_mixture_equals_the_original_algorithm():
     maps = mixture.expert_maps(images)
     parts = []
     for expert, m in zip(mixture.vision_towers, maps):
-        assert m.dim() == 4 and m.shape[1] * expert.spec.unshuffle ** 2 == expert.hidden_size
+        assert m.dim() == 4 and m.shape[1] * expert.spec.unshuffle**2 == expert.hidden_size
         if expert.spec.unshuffle > 1:
             m = F.pixel_unshuffle(m, expert.spec.unshuffle)
         m = F.interpolate(m.float(), size=(4, 4), mode="bilinear", align_corners=True)
@@ -56,8 +54,9 @@ def test_mixture_equals_the_original_algorithm():
 
 @pytest.mark.parametrize("order", ["pix2struct-1024;clip-448", "det-1024", "sam-1024;det-1024;clip-448"])
 def test_any_subset_and_order_of_experts(order):
-    cfg = presets.get("eagle-tiny-x5", mm_vision_tower=order,
-                      mm_expert_configs={n: presets.TINY_EXPERTS[n] for n in order.split(";")})
+    cfg = presets.get(
+        "eagle-tiny-x5", mm_vision_tower=order, mm_expert_configs={n: presets.TINY_EXPERTS[n] for n in order.split(";")}
+    )
     model = EagleLlamaForCausalLM(cfg).eval()
     assert model.model.vision_tower.names == order.split(";")
     feats = model.encode_images(_processor(model)(_images(1)))
@@ -118,25 +117,29 @@ def test_splice_count_mismatch_names_the_sample():
 
 FAMILIES = {  # official key families (the NVEagle checkpoint layout), expert keys after the tower prefix
     "llm": r"(model\.(embed_tokens|norm)\.weight|model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj"
-           r"|input_layernorm|post_attention_layernorm)\.weight|lm_head\.weight)",
+    r"|input_layernorm|post_attention_layernorm)\.weight|lm_head\.weight)",
     "projector": r"model\.mm_projector\.[02]\.(weight|bias)",
     "clip-448": r"vision_model\.(embeddings\.(class_embedding|patch_embedding\.weight|position_embedding\.weight)"
-                r"|pre_layrnorm\.\w+|post_layernorm\.\w+|encoder\.layers\.\d+\.(self_attn\.[qkv]_proj|self_attn"
-                r"\.out_proj|layer_norm[12]|mlp\.fc[12])\.\w+)",
+    r"|pre_layrnorm\.\w+|post_layernorm\.\w+|encoder\.layers\.\d+\.(self_attn\.[qkv]_proj|self_attn"
+    r"\.out_proj|layer_norm[12]|mlp\.fc[12])\.\w+)",
     "convnext-1024": r"(stem\.[01]\.\w+|stages\.\d\.downsample\.[01]\.\w+|stages\.\d\.blocks\.\d+\.(conv_dw\.\w+"
-                     r"|norm\.\w+|mlp\.fc[12]\.\w+|weight)|head\.(norm|fc)\.\w+)",
+    r"|norm\.\w+|mlp\.fc[12]\.\w+|weight)|head\.(norm|fc)\.\w+)",
     "sam-1024": r"(patch_embed\.projection\.\w+|pos_embed|layers\.\d+\.(layer_norm[12]\.\w+|attn\.(qkv|proj)\.\w+"
-                r"|attn\.rel_pos_[hw]|mlp\.lin[12]\.\w+)|neck\.conv1\.weight|neck\.layer_norm1\.\w+)",
+    r"|attn\.rel_pos_[hw]|mlp\.lin[12]\.\w+)|neck\.conv1\.weight|neck\.layer_norm1\.\w+)",
     "det-1024": r"(patch_embed\.proj\.\w+|pos_embed|blocks\.\d+\.(norm[12]\.\w+|attn\.[qkv]_proj\.weight"
-                r"|attn\.[qv]_bias|attn\.proj\.\w+|mlp\.(w[123]|ffn_ln)\.\w+))",
+    r"|attn\.[qv]_bias|attn\.proj\.\w+|mlp\.(w[123]|ffn_ln)\.\w+))",
     "pix2struct-1024": r"(embeddings\.(patch_projection|row_embedder|column_embedder)\.\w+|encoder\.layer\.\d+\."
-                       r"(pre_attention_layer_norm|pre_mlp_layer_norm)\.weight|encoder\.layer\.\d+\.attention\."
-                       r"(query|key|value|output)\.weight|encoder\.layer\.\d+\.mlp\.(wi_0|wi_1|wo)\.weight"
-                       r"|layernorm\.weight)",
+    r"(pre_attention_layer_norm|pre_mlp_layer_norm)\.weight|encoder\.layer\.\d+\.attention\."
+    r"(query|key|value|output)\.weight|encoder\.layer\.\d+\.mlp\.(wi_0|wi_1|wo)\.weight"
+    r"|layernorm\.weight)",
 }
-LAYERS = {"clip-448": (r"vision_model\.encoder\.layers\.(\d+)\.", 24), "convnext-1024": (r"stages\.2\.blocks\.(\d+)\.", 30),
-          "sam-1024": (r"layers\.(\d+)\.", 24), "det-1024": (r"blocks\.(\d+)\.", 24),
-          "pix2struct-1024": (r"encoder\.layer\.(\d+)\.", 18)}
+LAYERS = {
+    "clip-448": (r"vision_model\.encoder\.layers\.(\d+)\.", 24),
+    "convnext-1024": (r"stages\.2\.blocks\.(\d+)\.", 30),
+    "sam-1024": (r"layers\.(\d+)\.", 24),
+    "det-1024": (r"blocks\.(\d+)\.", 24),
+    "pix2struct-1024": (r"encoder\.layer\.(\d+)\.", 18),
+}
 
 
 @pytest.mark.parametrize("name", [n for n in presets.PRESETS if not presets.PRESETS[n].get("mm_expert_configs")])
@@ -161,13 +164,16 @@ def test_full_presets_have_the_official_key_set(name):
     assert all(seen.values()), seen
     for k, expert in enumerate(experts):
         pattern, n = LAYERS[expert]
-        layers = {int(m[1]) for key in keys for m in [re.search(rf"vision_towers\.{k}\.vision_tower\.{pattern}", key)]
-                  if m}
+        layers = {
+            int(m[1]) for key in keys for m in [re.search(rf"vision_towers\.{k}\.vision_tower\.{pattern}", key)] if m
+        }
         assert layers == set(range(n)), expert
     assert keys["model.mm_projector.0.weight"].shape == (cfg.hidden_size, cfg.mm_hidden_size)
     assert cfg.mm_hidden_size == {5: 7680, 4: 6656}[len(experts)]
-    assert len([k for k in keys if re.fullmatch(r"model\.layers\.\d+\.input_layernorm\.weight", k)]) == \
-        cfg.num_hidden_layers
+    assert (
+        len([k for k in keys if re.fullmatch(r"model\.layers\.\d+\.input_layernorm\.weight", k)])
+        == cfg.num_hidden_layers
+    )
 
 
 # ----------------------------------------------------------------------------- model behaviour
@@ -175,8 +181,8 @@ def test_full_presets_have_the_official_key_set(name):
 
 def _batch(model, n_rows=2):
     images = _processor(model)(_images(3))
-    ids = torch.tensor([[1, 7, IMG, 9, 10, 11, 12], [0, 1, IMG, 5, IMG, 6, 7], [1, 2, 3, 4, 5, 6, 7]])[:n_rows + 1]
-    mask = torch.tensor([[1] * 7, [0, 1, 1, 1, 1, 1, 1], [1] * 7])[:n_rows + 1]
+    ids = torch.tensor([[1, 7, IMG, 9, 10, 11, 12], [0, 1, IMG, 5, IMG, 6, 7], [1, 2, 3, 4, 5, 6, 7]])[: n_rows + 1]
+    mask = torch.tensor([[1] * 7, [0, 1, 1, 1, 1, 1, 1], [1] * 7])[: n_rows + 1]
     labels = ids.clamp(min=0).masked_fill(mask == 0, IGNORE_INDEX)
     return ids, mask, labels, images
 
@@ -251,8 +257,9 @@ def test_generate_greedy_and_sampling_with_an_image():
     logits = model(prompt, images=proc(_images(1))).logits
     assert greedy[0, 0] == logits[0, -1].argmax()
     torch.manual_seed(0)
-    sampled = model.generate(prompt, images=proc(_images(1)), max_new_tokens=6, do_sample=True, temperature=0.7,
-                             top_p=0.9)
+    sampled = model.generate(
+        prompt, images=proc(_images(1)), max_new_tokens=6, do_sample=True, temperature=0.7, top_p=0.9
+    )
     assert sampled.shape == (1, 6)
     text_only = model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=3, do_sample=False)
     assert text_only.shape == (1, 6)  # prompt + new tokens, as HF does for input_ids
@@ -265,8 +272,9 @@ def test_sharded_checkpoint_with_official_config_reloads(tmp_path):
     assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").exists()
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["model_type"] == "eagle_llama" and cfg["architectures"] == ["EagleLlamaForCausalLM"]
-    cfg.update(transformers_version="4.37.2", torch_dtype="bfloat16", mm_vision_tower_lr=None,
-               unfreeze_mm_vision_tower=True)  # fields of the original writer we do not use
+    cfg.update(
+        transformers_version="4.37.2", torch_dtype="bfloat16", mm_vision_tower_lr=None, unfreeze_mm_vision_tower=True
+    )  # fields of the original writer we do not use
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "model.safetensors.index_old.json").write_text("{broken")  # stray files of some repos
     (tmp_path / (shards[0].replace(".safetensors", "_old.safetensors"))).write_bytes(b"junk")

@@ -27,8 +27,12 @@ def _naive_in_dtype(q, k, v, causal, scale, cu_seqlens=None):
     the same dtype, the yardstick of the 2x rule (the larger of their two errors)."""
     if cu_seqlens is not None:
         cu = cu_seqlens.tolist()
-        return torch.cat([_naive_in_dtype(q[None, a:b], k[None, a:b], v[None, a:b], causal, scale)[0]
-                          for a, b in zip(cu[:-1], cu[1:])])
+        return torch.cat(
+            [
+                _naive_in_dtype(q[None, a:b], k[None, a:b], v[None, a:b], causal, scale)[0]
+                for a, b in zip(cu[:-1], cu[1:])
+            ]
+        )
     group = q.shape[2] // k.shape[2]
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     kt, vt = kt.repeat_interleave(group, 1), vt.repeat_interleave(group, 1)
@@ -50,13 +54,26 @@ def _run(fn, q, k, v, dout):
 def _assert_two_x_rule(backend, q, k, v, causal, cu_seqlens=None, atol=1e-6):
     scale = 1.0 / math.sqrt(q.shape[-1])
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(q.device)
-    want = _run(lambda a, b, c: _attention_reference(a, b, c, causal, scale, cu_seqlens), *(x.double() for x in (q, k, v)),
-                dout.double())
+    want = _run(
+        lambda a, b, c: _attention_reference(a, b, c, causal, scale, cu_seqlens),
+        *(x.double() for x in (q, k, v)),
+        dout.double(),
+    )
     naive = _run(lambda a, b, c: _naive_in_dtype(a, b, c, causal, scale, cu_seqlens), q, k, v, dout.to(q.dtype))
-    sdpa = _run(lambda a, b, c: attention(a, b, c, causal=causal, cu_seqlens=cu_seqlens, backend="sdpa"), q, k, v,
-                dout.to(q.dtype))
-    got = _run(lambda a, b, c: attention(a, b, c, causal=causal, cu_seqlens=cu_seqlens, backend=backend), q, k, v,
-               dout.to(q.dtype))
+    sdpa = _run(
+        lambda a, b, c: attention(a, b, c, causal=causal, cu_seqlens=cu_seqlens, backend="sdpa"),
+        q,
+        k,
+        v,
+        dout.to(q.dtype),
+    )
+    got = _run(
+        lambda a, b, c: attention(a, b, c, causal=causal, cu_seqlens=cu_seqlens, backend=backend),
+        q,
+        k,
+        v,
+        dout.to(q.dtype),
+    )
     for name, g, p1, p2, w in zip(("out", "dq", "dk", "dv"), got, naive, sdpa, want):
         assert g.shape == w.shape and g.dtype == q.dtype, name
         err = (g.double() - w).abs().max().item()
@@ -164,8 +181,11 @@ def test_backend_context_and_errors():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", CASES + [(2, 300, 300, 8, 2, 96, True), (1, 257, 257, 2, 2, 256, False)],
-                         ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize(
+    "case",
+    CASES + [(2, 300, 300, 8, 2, 96, True), (1, 257, 257, 2, 2, 256, False)],
+    ids=lambda c: "x".join(map(str, c)),
+)
 def test_cuda_triton_kernels(dtype, case):
     """On a GPU: the dispatcher's CUDA kernel (compiled Triton) under the same rule."""
     b, sq, sk, h, hk, d, causal = case

@@ -7,9 +7,8 @@ import copy
 import pytest
 import torch
 
-from eagle_fast.ops import attention_backend
+from eagle_fast.ops import attention_backend, attention_hf
 from eagle_fast.ops.attention import _attention_reference
-from eagle_fast.ops import attention_hf
 from eagle_fast.ops.attention_hf import eagle_attention_forward, register_transformers_attention
 
 
@@ -33,8 +32,15 @@ def _grads(model):
 def _llama(kind):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    kw = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128)
+    kw = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(0)
     if kind == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**kw))
@@ -43,6 +49,7 @@ def _llama(kind):
 
 def _no_sdpa(monkeypatch):
     """Makes any call of scaled_dot_product_attention (ours or transformers') fail the test."""
+
     def boom(*args, **kwargs):
         raise AssertionError("scaled_dot_product_attention was called")
 
@@ -56,7 +63,7 @@ def _padding(b, s, side, gen):
         n = int(torch.randint(1, s - 1, (1,), generator=gen))
         mask[i, :n] = 0 if side == "left" else 1
         if side == "right":
-            mask[i, s - n:] = 0
+            mask[i, s - n :] = 0
     return mask
 
 
@@ -80,8 +87,9 @@ def test_padded_call_runs_varlen_and_matches_sdpa(monkeypatch, side, causal, bac
     if causal:
         allowed = allowed & torch.ones(s, s, dtype=torch.bool).tril()
     allowed = allowed | torch.eye(s, dtype=torch.bool)
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.2,
-                                                            enable_gqa=True).transpose(1, 2)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed, scale=0.2, enable_gqa=True
+    ).transpose(1, 2)
     want_grads = torch.autograd.grad((want * w)[keep].sum(), (q, k, v))
     module = torch.nn.Module()
     module.is_causal = causal
@@ -189,8 +197,15 @@ def test_pix2struct_padded_patches_run_varlen(monkeypatch):
     from transformers import Pix2StructVisionConfig, Pix2StructVisionModel
 
     torch.manual_seed(0)
-    cfg = Pix2StructVisionConfig(hidden_size=64, patch_embed_hidden_size=12, d_ff=96, d_kv=16, num_attention_heads=4,
-                                 num_hidden_layers=2, seq_len=64)
+    cfg = Pix2StructVisionConfig(
+        hidden_size=64,
+        patch_embed_hidden_size=12,
+        d_ff=96,
+        d_kv=16,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        seq_len=64,
+    )
     ref, ours = _pair(Pix2StructVisionModel(cfg))
     patches = torch.randn(2, 40, 2 + 12)
     patches[:, :, :2] = torch.arange(1, 41).float()[:, None]  # row / col ids
@@ -209,8 +224,9 @@ def test_clip_vision_encoder_non_causal():
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(0)
-    cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=56, patch_size=14)
+    cfg = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14
+    )
     ref, ours = _pair(CLIPVisionModel(cfg))
     pixels = torch.randn(2, 3, 56, 56)
     want = ref(pixels).last_hidden_state
@@ -225,8 +241,11 @@ def test_packed_sequences_via_flash_kwargs():
     g = torch.Generator().manual_seed(4)
     lengths = [5, 12, 1]
     cu = torch.tensor([0, 5, 17, 18], dtype=torch.int32)
-    q, k, v = torch.randn(1, 4, 18, 32, generator=g), torch.randn(1, 2, 18, 32, generator=g), torch.randn(
-        1, 2, 18, 32, generator=g)
+    q, k, v = (
+        torch.randn(1, 4, 18, 32, generator=g),
+        torch.randn(1, 2, 18, 32, generator=g),
+        torch.randn(1, 2, 18, 32, generator=g),
+    )
     module = torch.nn.Module()
     module.is_causal = True
     out, _ = eagle_attention_forward(module, q, k, v, None, scaling=0.25, cu_seq_lens_q=cu, max_length_q=max(lengths))

@@ -142,7 +142,9 @@ def test_cpu_kernel_on_real_photos_mixed_batch(real_photos):
         assert torch.equal(single.flattened_patches[0], got.flattened_patches[i])
 
 
-@pytest.mark.parametrize("canvas,clip,patches,patch", [(64, 24, 16, 8), (33, 7, 10, 4), (48, 0, 0, 16), (40, 40, 9, 3), (100, 12, 9, 32)])
+@pytest.mark.parametrize(
+    "canvas,clip,patches,patch", [(64, 24, 16, 8), (33, 7, 10, 4), (48, 0, 0, 16), (40, 40, 9, 3), (100, 12, 9, 32)]
+)
 def test_cpu_kernel_small_canvases_and_skips(canvas, clip, patches, patch):
     images = [_rand_image(h, w, seed=h) for h, w in [(7, 5), (13, 29), (1, 1), (40, 40), (100, 70)]]
     for pad in (True, False):
@@ -161,16 +163,23 @@ def test_non_contiguous_input_is_accepted():
     view = base.permute(1, 0, 2)  # (90, 60, 3), non-contiguous
     assert not view.is_contiguous()
     got = fused_preprocess([view], canvas_size=64, clip_size=24, pix2struct_max_patches=16, pix2struct_patch=8)
-    want = fused_preprocess([view.contiguous()], canvas_size=64, clip_size=24, pix2struct_max_patches=16,
-                            pix2struct_patch=8, backend="reference")
+    want = fused_preprocess(
+        [view.contiguous()],
+        canvas_size=64,
+        clip_size=24,
+        pix2struct_max_patches=16,
+        pix2struct_patch=8,
+        backend="reference",
+    )
     _compare(got, want, torch.float32)
 
 
 def test_fake_kernel_and_opcheck():
     images = [_rand_image(9, 14), _rand_image(20, 3, seed=1)]
     args = (images, 32, True, list(PAD_FILL), list(CLIP_MEAN), list(CLIP_STD), 12, 8, 4, torch.float32)
-    torch.library.opcheck(torch.ops.eagle_fast.fused_preprocess.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.eagle_fast.fused_preprocess.default, args, test_utils=("test_schema", "test_faketensor")
+    )
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode() as mode:
@@ -186,8 +195,11 @@ def test_outputs_are_fresh_contiguous_tensors_as_the_fake_kernel_says(clip, patc
     no input and no other output, and the fake kernel predicts its metadata (shape, strides, dtype)."""
     images = [_rand_image(9, 14), _rand_image(20, 3, seed=1), _rand_image(16, 16, seed=2)]
     args = (images, 16, True, list(PAD_FILL), list(CLIP_MEAN), list(CLIP_STD), clip, patches, 4, dtype)
-    torch.library.opcheck(torch.ops.eagle_fast.fused_preprocess.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(
+        torch.ops.eagle_fast.fused_preprocess.default,
+        args,
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
     out = torch.ops.eagle_fast.fused_preprocess(*args)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -272,7 +284,8 @@ def test_triton_op_kernel_gives_every_skipped_output_its_own_tensor(clip, patche
     args = (images, 16, True, list(PAD_FILL), list(CLIP_MEAN), list(CLIP_STD), clip, patches, 4, torch.float32)
     got = fused_preprocess_triton(*args)
     assert len({id(o) for o in got}) == 4
-    assert [tuple(o.shape) for o in got[1 + (clip > 0):]] == [(0,)] * (3 - (clip > 0))
-    want = fused_preprocess(images, canvas_size=16, clip_size=clip, pix2struct_max_patches=patches,
-                            pix2struct_patch=4, backend="reference")
+    assert [tuple(o.shape) for o in got[1 + (clip > 0) :]] == [(0,)] * (3 - (clip > 0))
+    want = fused_preprocess(
+        images, canvas_size=16, clip_size=clip, pix2struct_max_patches=patches, pix2struct_patch=4, backend="reference"
+    )
     _compare(type(want)(*(t.cpu() for t in got)), want, torch.float32)

@@ -19,7 +19,7 @@ def _problem(B, T, H, V, learned=0.5, dtype=torch.float32, seed=0, device="cpu")
     with about `learned` of the positions carrying a token and the others IGNORE."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T, H, generator=g)
-    weight = torch.randn(V, H, generator=g) * (2.0 / H ** 0.5)
+    weight = torch.randn(V, H, generator=g) * (2.0 / H**0.5)
     labels = torch.randint(0, V, (B, T), generator=g)
     labels[torch.rand(B, T, generator=g) >= learned] = IGNORE
     return hidden.to(device, dtype), weight.to(device, dtype), labels.to(device)
@@ -82,7 +82,10 @@ def test_half_precision_within_twice_the_references_error(dtype):
 def test_non_contiguous_hidden_and_shift_off():
     hidden, weight, labels = _problem(3, 20, 16, 257, 0.7, seed=2)
     wide = torch.randn(20, 3, 32, generator=torch.Generator().manual_seed(3))
-    views = {"transposed": hidden.transpose(0, 1).contiguous().transpose(0, 1), "strided": wide.transpose(0, 1)[..., ::2]}
+    views = {
+        "transposed": hidden.transpose(0, 1).contiguous().transpose(0, 1),
+        "strided": wide.transpose(0, 1)[..., ::2],
+    }
     for name, h in views.items():
         assert not h.is_contiguous(), name
         for shift in (True, False):
@@ -175,10 +178,21 @@ def test_opcheck_registered_op():
     "args,kw,match",
     [
         ((torch.zeros(4), torch.zeros(3, 4), torch.zeros(4, dtype=torch.long)), {}, "hidden must be"),
-        ((torch.zeros(2, 4), torch.zeros(3, 5), torch.zeros(2, dtype=torch.long)), {}, "weight must be .V, H. with H = 4"),
-        ((torch.zeros(2, 4), torch.zeros(3, 4, dtype=torch.float64), torch.zeros(2, dtype=torch.long)), {},
-         "weight has dtype torch.float64"),
-        ((torch.zeros(2, 4), torch.zeros(3, 4, device="meta"), torch.zeros(2, dtype=torch.long)), {}, "weight is on meta"),
+        (
+            (torch.zeros(2, 4), torch.zeros(3, 5), torch.zeros(2, dtype=torch.long)),
+            {},
+            "weight must be .V, H. with H = 4",
+        ),
+        (
+            (torch.zeros(2, 4), torch.zeros(3, 4, dtype=torch.float64), torch.zeros(2, dtype=torch.long)),
+            {},
+            "weight has dtype torch.float64",
+        ),
+        (
+            (torch.zeros(2, 4), torch.zeros(3, 4, device="meta"), torch.zeros(2, dtype=torch.long)),
+            {},
+            "weight is on meta",
+        ),
         ((torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(3, dtype=torch.long)), {}, "labels must have shape"),
         ((torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(2)), {}, "labels must be int64 or int32"),
         ((torch.zeros(2, 4), torch.zeros(3, 4), torch.tensor([0, 3])), dict(shift=False), "labels hold 3"),
@@ -224,10 +238,13 @@ def test_reference_equals_transformers_loss():
 
     hidden, weight, labels = _problem(2, 17, 8, 64, 0.6, seed=12)
     logits = F.linear(hidden, weight)
-    assert torch.equal(linear_cross_entropy(hidden, weight, labels, backend="reference"),
-                       ForCausalLMLoss(logits, labels, 64))
-    assert torch.equal(linear_cross_entropy(hidden, weight, labels, num_items=torch.tensor(40), backend="reference"),
-                       ForCausalLMLoss(logits, labels, 64, num_items_in_batch=torch.tensor(40)))
+    assert torch.equal(
+        linear_cross_entropy(hidden, weight, labels, backend="reference"), ForCausalLMLoss(logits, labels, 64)
+    )
+    assert torch.equal(
+        linear_cross_entropy(hidden, weight, labels, num_items=torch.tensor(40), backend="reference"),
+        ForCausalLMLoss(logits, labels, 64, num_items_in_batch=torch.tensor(40)),
+    )
 
 
 @pytest.mark.cuda

@@ -79,8 +79,9 @@ def _assert_two_x_rule(impl, case, atol=1e-6):
     got = _run(impl, q, kc, vc, table, cu, lk)
     assert got.shape == q.shape and got.dtype == q.dtype and got.is_contiguous()
     dense64 = _dense_sdpa(q, keys, values, cu, dtype=torch.float64)
-    ref64 = _paged_attention_reference(q.double(), kc.double(), vc.double(), table, cu, lk, 0,
-                                       1 / math.sqrt(q.shape[-1]))
+    ref64 = _paged_attention_reference(
+        q.double(), kc.double(), vc.double(), table, cu, lk, 0, 1 / math.sqrt(q.shape[-1])
+    )
     assert (ref64 - dense64).abs().max() <= 1e-12  # the two oracles agree
     sdpa_err = (_dense_sdpa(q, keys, values, cu).double() - dense64).abs().max().item()
     for name, want in (("dense", dense64), ("reference", ref64)):
@@ -118,8 +119,9 @@ def test_hand_computed_values():
     """q = 0: every visible key scores 0, so each row is the plain mean of the values it sees.
     Keys 0..2 of one sequence (block_size 2) sit in physical blocks [1, 0] (out of order):
     v0 = (1, 2), v1 = (3, 4) in block 1; v2 = (5, 7) in block 0, slot 0."""
-    v_cache = torch.tensor([[[[5.0, 7.0]], [[float("nan"), float("nan")]]],
-                            [[[1.0, 2.0]], [[3.0, 4.0]]]])  # (2 blocks, 2 slots, 1 head, 2)
+    v_cache = torch.tensor(
+        [[[[5.0, 7.0]], [[float("nan"), float("nan")]]], [[[1.0, 2.0]], [[3.0, 4.0]]]]
+    )  # (2 blocks, 2 slots, 1 head, 2)
     k_cache = torch.ones(2, 2, 1, 2)
     k_cache[0, 1] = float("nan")  # the unused slot
     table = torch.tensor([[1, 0]], dtype=torch.int32)
@@ -175,8 +177,7 @@ def test_strided_q_and_caches(impl):
     q_s = torch.stack([q, torch.zeros_like(q)], -1).flatten(-2)[..., ::2]
     kv = torch.stack([kc, vc], 1)  # (num_blocks, 2, block_size, Hkv, D)
     head_major = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (kc, vc)]
-    assert not (q_t.is_contiguous() or q_s.is_contiguous() or kv[:, 0].is_contiguous()
-                or head_major[0].is_contiguous())
+    assert not (q_t.is_contiguous() or q_s.is_contiguous() or kv[:, 0].is_contiguous() or head_major[0].is_contiguous())
     for qq, k, v in ((q_t, kc, vc), (q_s, kc, vc), (q, kv[:, 0], kv[:, 1]), (q, *head_major)):
         got = _run(impl, qq, k, v, table, cu, lk)
         assert (got - want).abs().max() <= 1e-5
@@ -215,12 +216,16 @@ def test_reference_ops_context_and_validate_false():
 
 def test_opcheck():
     args = _build([1, 5, 2], [9, 21, 2], 4, 6, 2, 32, seed=8)[:6]
-    torch.library.opcheck(torch.ops.eagle_fast.paged_attention.default, (*args, 5, 0.2),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    torch.library.opcheck(
+        torch.ops.eagle_fast.paged_attention.default,
+        (*args, 5, 0.2),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+    )
 
 
 def _bad_inputs():
     """(what is wrong, the error's text): every failure names the argument."""
+
     def mutate(**changes):
         q, kc, vc, table, cu, lk = _build([1, 3], [10, 5], 4, 4, 2, 32, seed=9)[:6]
         args = dict(q=q, k_cache=kc, v_cache=vc, block_table=table, cu_seqlens_q=cu, seqlens_k=lk)
@@ -241,8 +246,10 @@ def _bad_inputs():
         (mutate(cu_seqlens_q=lambda x: torch.tensor([0, 3, 5], dtype=torch.int32)), "cu_seqlens_q must rise from 0"),
         (mutate(seqlens_k=lambda x: bad_lengths), "sequence 1: seqlens_k 2 < its 3 query rows"),
         (mutate(seqlens_k=lambda x: torch.tensor([10, 17], dtype=torch.int32)), "sequence 1: seqlens_k 17 exceeds"),
-        (mutate(block_table=lambda x: x.index_fill(1, torch.tensor([1]), 99)),
-         "sequence 0: block_table holds block 99"),
+        (
+            mutate(block_table=lambda x: x.index_fill(1, torch.tensor([1]), 99)),
+            "sequence 0: block_table holds block 99",
+        ),
         (mutate(block_table=lambda x: x.index_fill(1, torch.tensor([0]), -1)), "block_table holds block -1"),
     ]
 

@@ -94,8 +94,9 @@ def test_bf16_within_twice_torch_error(case):
 def test_backward_is_deterministic_across_thread_counts():
     shapes, grid, unshuffle = CASES["x5"]
     feats = _features(shapes, seed=7)
-    grad = torch.randn(2, grid * grid, sum(f.shape[-1] if f.dim() == 3 else f.shape[1] * u * u
-                                            for f, u in zip(feats, unshuffle)))
+    grad = torch.randn(
+        2, grid * grid, sum(f.shape[-1] if f.dim() == 3 else f.shape[1] * u * u for f, u in zip(feats, unshuffle))
+    )
     maps = _as_maps(feats)
     threads = torch.get_num_threads()
     try:
@@ -205,8 +206,16 @@ def test_gpu_kernels_match_reference(backend, dtype):
         feats = [f.requires_grad_(True) for f in _features(shapes, dtype=dtype, device="cuda", seed=5)]
         out = resize_concat(feats, grid, unshuffle, backend=backend)
         ref = resize_concat(feats, grid, unshuffle, backend="reference")
-        tol = 1e-5 if dtype == torch.float32 else 2 * (ref.float() - resize_concat(
-            [f.float() for f in feats], grid, unshuffle, backend="reference")).abs().max().item() + 1e-6
+        tol = (
+            1e-5
+            if dtype == torch.float32
+            else 2
+            * (ref.float() - resize_concat([f.float() for f in feats], grid, unshuffle, backend="reference"))
+            .abs()
+            .max()
+            .item()
+            + 1e-6
+        )
         assert (out.float() - ref.float()).abs().max() <= max(tol, 1e-5)
         grad = torch.randn_like(ref)
         maps = _as_maps(feats)
@@ -216,8 +225,9 @@ def test_gpu_kernels_match_reference(backend, dtype):
             from eagle_fast.triton_kernels.vision.resize_concat import resize_concat_backward_triton
 
             got = resize_concat_backward_triton(grad, maps, grid, unshuffle or [1] * len(maps))
-        want = _resize_concat_backward_reference(grad.float(), [m.float() for m in maps], grid,
-                                                 unshuffle or [1] * len(maps))
+        want = _resize_concat_backward_reference(
+            grad.float(), [m.float() for m in maps], grid, unshuffle or [1] * len(maps)
+        )
         for g, w in zip(got, want):
             assert (g.float() - w).abs().max() <= (1e-5 if dtype == torch.float32 else 5e-2)
 

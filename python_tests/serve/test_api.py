@@ -20,8 +20,14 @@ from eagle_fast.serve.errors import APIError
 from .conftest import data_url, png_bytes, serving, user_message, wait_idle
 
 CONTEXT = 512
-CONFIG = dict(model="eagle-tiny-x5", max_images=3, max_image_bytes=512 << 10, max_body_bytes=2 << 20,
-              max_tokens=16, context_length=CONTEXT)
+CONFIG = dict(
+    model="eagle-tiny-x5",
+    max_images=3,
+    max_image_bytes=512 << 10,
+    max_body_bytes=2 << 20,
+    max_tokens=16,
+    context_length=CONTEXT,
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +49,7 @@ def stream_events(base, messages, **kw) -> list[str]:
     assert raw.endswith("data: [DONE]\n\n")
     events = raw.split("\n\n")[:-1]
     assert all(e.startswith("data: ") and "\n" not in e for e in events), events  # one line each
-    return [e[len("data: "):] for e in events]
+    return [e[len("data: ") :] for e in events]
 
 
 def streamed_text(payloads: list[str]) -> tuple[str, list[dict]]:
@@ -72,8 +78,9 @@ def test_answer_equals_chat_session_and_stream_equals_whole(server, tiny):
     msgs = [user_message("What is this?", img)]
     whole = chat(server, msgs, temperature=0, max_tokens=12).json()
     text = whole["choices"][0]["message"]["content"]
-    expected = ChatSession(model, tok, proc).send("What is this?", images=[Image.open(io.BytesIO(img))],
-                                                  max_new_tokens=12, temperature=0)
+    expected = ChatSession(model, tok, proc).send(
+        "What is this?", images=[Image.open(io.BytesIO(img))], max_new_tokens=12, temperature=0
+    )
     assert text == expected and text
     streamed, chunks = streamed_text(stream_events(server, msgs, temperature=0, max_tokens=12))
     assert streamed == text
@@ -86,14 +93,19 @@ def test_answer_equals_chat_session_and_stream_equals_whole(server, tiny):
 
 def test_usage_counts_image_rows(server, tiny):
     model, tok, _ = tiny
-    rows = model.config.mm_grid ** 2
+    rows = model.config.mm_grid**2
     ids = prompt_ids("vicuna_v1", [("user", "<image><image>\nCompare.")], tok)
     r = chat(server, [user_message("Compare.", png_bytes(), png_bytes(20, 64))], temperature=0, max_tokens=5).json()
     assert r["usage"]["prompt_tokens"] == len(ids) - 2 + 2 * rows
     assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 5
     assert r["usage"]["total_tokens"] == r["usage"]["prompt_tokens"] + 5
-    payloads = stream_events(server, [user_message("Compare.", png_bytes(), png_bytes(20, 64))], temperature=0,
-                             max_tokens=5, stream_options={"include_usage": True})
+    payloads = stream_events(
+        server,
+        [user_message("Compare.", png_bytes(), png_bytes(20, 64))],
+        temperature=0,
+        max_tokens=5,
+        stream_options={"include_usage": True},
+    )
     _, chunks = streamed_text(payloads)
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == r["usage"]
     assert all(c["usage"] is None for c in chunks[:-1])
@@ -117,8 +129,12 @@ def test_stop_strings_seed_and_max_completion_tokens(server):
 
 def test_system_prompt_and_multi_turn(server, tiny):
     _, tok, _ = tiny
-    msgs = [{"role": "system", "content": "Be brief."}, user_message("Hi", png_bytes()),
-            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Again?"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        user_message("Hi", png_bytes()),
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Again?"},
+    ]
     r = chat(server, msgs, temperature=0, max_tokens=4).json()
     turns = [("user", "<image>\nHi"), ("assistant", "Hello."), ("user", "Again?")]
     from dataclasses import replace
@@ -136,8 +152,9 @@ def _bomb() -> bytes:
 
 
 def _image_msg(url: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": "hi"}]}]
+    return [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]}
+    ]
 
 
 ERRORS = {
@@ -148,10 +165,18 @@ ERRORS = {
     "too_many_images": (lambda: [user_message("hi", *[png_bytes()] * 4)], {}, 400, "too_many_images"),
     "remote_url": (lambda: _image_msg("http://example.com/a.png"), {}, 400, "remote_images_disabled"),
     "prompt_too_long": (lambda: [{"role": "user", "content": "hello " * 600}], {}, 400, "context_length_exceeded"),
-    "max_tokens_too_many": (lambda: [{"role": "user", "content": "hi"}], {"max_tokens": 600}, 400,
-                            "context_length_exceeded"),
-    "assistant_last": (lambda: [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], {}, 400,
-                       "invalid_value"),
+    "max_tokens_too_many": (
+        lambda: [{"role": "user", "content": "hi"}],
+        {"max_tokens": 600},
+        400,
+        "context_length_exceeded",
+    ),
+    "assistant_last": (
+        lambda: [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+        {},
+        400,
+        "invalid_value",
+    ),
     "bad_role": (lambda: [{"role": "tool", "content": "a"}], {}, 400, "invalid_value"),
     "bad_temperature": (lambda: [{"role": "user", "content": "a"}], {"temperature": 3}, 400, "invalid_value"),
     "n_2": (lambda: [{"role": "user", "content": "a"}], {"n": 2}, 400, "invalid_value"),
@@ -200,8 +225,11 @@ def test_client_leaving_a_whole_reply_stops_it(server, tiny):
     slow = tiny[0].register_forward_pre_hook(lambda module, args: time.sleep(0.01))  # 400 tokens: > 4 s
     try:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{server}/v1/chat/completions", timeout=httpx.Timeout(60, read=0.5),
-                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "temperature": 0})
+            httpx.post(
+                f"{server}/v1/chat/completions",
+                timeout=httpx.Timeout(60, read=0.5),
+                json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "temperature": 0},
+            )
         after = wait_idle(server)
     finally:
         slow.remove()
@@ -211,16 +239,24 @@ def test_client_leaving_a_whole_reply_stops_it(server, tiny):
 def test_api_key(tiny):
     with serving(ServeConfig(model="eagle-tiny-x5", api_key="s3cret"), tiny) as (base, _):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
-            for r in (httpx.get(f"{base}/v1/models", headers=headers),
-                      httpx.post(f"{base}/v1/chat/completions", headers=headers,
-                                 json={"messages": [{"role": "user", "content": "hi"}]})):
+            for r in (
+                httpx.get(f"{base}/v1/models", headers=headers),
+                httpx.post(
+                    f"{base}/v1/chat/completions",
+                    headers=headers,
+                    json={"messages": [{"role": "user", "content": "hi"}]},
+                ),
+            ):
                 assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(f"{base}/health").status_code == 200
         assert httpx.get(f"{base}/").status_code == 200  # the page loads, then asks for the key
         ok = {"Authorization": "Bearer s3cret"}
         assert httpx.get(f"{base}/v1/models", headers=ok).status_code == 200
-        r = httpx.post(f"{base}/v1/chat/completions", headers=ok,
-                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        r = httpx.post(
+            f"{base}/v1/chat/completions",
+            headers=ok,
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
 
 
@@ -232,8 +268,9 @@ def test_decoded_image_equals_library_input():
     im = load_image_url(data_url(jpeg, "image/jpeg"), "p", ServeConfig(model="x"))
     ref = to_rgb_batch([Image.open(io.BytesIO(jpeg))])[0]
     assert im.size == (33, 21) and (to_rgb_batch([im])[0] == ref).all()
-    wrapped = "data:image/jpeg;base64," + "\n".join(base64.b64encode(jpeg).decode()[i:i + 76]
-                                                   for i in range(0, 4000, 76))
+    wrapped = "data:image/jpeg;base64," + "\n".join(
+        base64.b64encode(jpeg).decode()[i : i + 76] for i in range(0, 4000, 76)
+    )
     assert load_image_url(wrapped, "p", ServeConfig(model="x")).size == (33, 21)
     for fmt in ("PNG", "WEBP", "GIF"):
         im = load_image_url(data_url(png_bytes(9, 7, fmt=fmt), f"image/{fmt.lower()}"), "p", ServeConfig(model="x"))
@@ -255,6 +292,10 @@ def test_cli_flags_build_the_config(monkeypatch):
     assert (cfg.max_tokens, cfg.temperature, cfg.top_p) == (gen.max_new_tokens, gen.temperature, gen.top_p)
     monkeypatch.setenv("EAGLE_FAST_API_KEY", "k")
     assert parse(["--model", "m"]).api_key == "k"
-    for bad in (["--model", "m", "--port", "80x"], ["--model", "m", "--parallel", "0"], ["--model", "m", "--max-tok", "9"]):
+    for bad in (
+        ["--model", "m", "--port", "80x"],
+        ["--model", "m", "--parallel", "0"],
+        ["--model", "m", "--max-tok", "9"],
+    ):
         with pytest.raises(SystemExit):
             parse(bad)

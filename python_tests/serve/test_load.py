@@ -30,9 +30,14 @@ def _messages(i: int) -> list[dict]:
 
 
 async def _client(http: httpx.AsyncClient, base: str, i: int, quit_early: bool):
-    body = {"model": "m", "messages": _messages(i), "stream": True, "temperature": 0,
-            # a quitter asks for a long answer: it is still generating when the client hangs up
-            "max_tokens": 400 if quit_early else MAX_TOKENS}
+    body = {
+        "model": "m",
+        "messages": _messages(i),
+        "stream": True,
+        "temperature": 0,
+        # a quitter asks for a long answer: it is still generating when the client hangs up
+        "max_tokens": 400 if quit_early else MAX_TOKENS,
+    }
     text, finishes = "", []
     async with http.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
@@ -59,8 +64,11 @@ async def _crowd(base: str):
 def test_many_streams_with_disconnects(server):
     expected = {}
     for k in range(len(PROMPTS)):
-        r = httpx.post(f"{server}/v1/chat/completions", timeout=60,
-                       json={"messages": _messages(k), "temperature": 0, "max_tokens": MAX_TOKENS}).json()
+        r = httpx.post(
+            f"{server}/v1/chat/completions",
+            timeout=60,
+            json={"messages": _messages(k), "temperature": 0, "max_tokens": MAX_TOKENS},
+        ).json()
         expected[k] = (r["choices"][0]["message"]["content"], [r["choices"][0]["finish_reason"]])
     before = wait_idle(server)
 

@@ -18,8 +18,9 @@ def client(tiny):
 def test_models_and_whole_reply(client):
     c, _ = client
     assert [m.id for m in c.models.list()] == ["eagle-tiny-x5"]
-    r = c.chat.completions.create(model="eagle-tiny-x5", messages=[user_message("What is it?", png_bytes())],
-                                  temperature=0, max_tokens=10)
+    r = c.chat.completions.create(
+        model="eagle-tiny-x5", messages=[user_message("What is it?", png_bytes())], temperature=0, max_tokens=10
+    )
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.content
     assert r.usage.prompt_tokens > 16 and r.usage.completion_tokens <= 10
@@ -27,14 +28,19 @@ def test_models_and_whole_reply(client):
 
 def test_streamed_reply_equals_whole(client):
     c, base = client
-    kw = dict(model="eagle-tiny-x5", messages=[user_message("What is it?", png_bytes(64, 48, (0, 0, 255)))],
-              temperature=0, max_tokens=10)
+    kw = dict(
+        model="eagle-tiny-x5",
+        messages=[user_message("What is it?", png_bytes(64, 48, (0, 0, 255)))],
+        temperature=0,
+        max_tokens=10,
+    )
     whole = c.chat.completions.create(**kw)
     chunks = list(c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == whole.choices[0].message.content
-    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == \
-        [whole.choices[0].finish_reason]
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == [
+        whole.choices[0].finish_reason
+    ]
     assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
     # a stream the client abandons early is stopped on the server
     stream = c.chat.completions.create(stream=True, **dict(kw, max_tokens=400))

@@ -25,9 +25,16 @@ if not REQUIRED:
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-quic", "--no-first-run", "--disable-sync",
-        "--disable-dev-shm-usage"]  # containers often have a small /dev/shm
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]  # containers often have a small /dev/shm
 # records every length the last answer's text takes, as the page renders it
 WATCH = """() => {
   window.lengths = [];
@@ -106,7 +113,8 @@ def test_stream_and_stop(browser, slow_tiny, tmp_path):
 
 
 def _drop_and_paste(page, data: bytes) -> None:
-    page.evaluate("""(bytes) => {
+    page.evaluate(
+        """(bytes) => {
       const file = () => new File([new Uint8Array(bytes)], 'a.png', {type: 'image/png'});
       const drop = new DataTransfer();
       drop.items.add(file());
@@ -115,7 +123,9 @@ def _drop_and_paste(page, data: bytes) -> None:
       paste.items.add(file());
       document.getElementById('prompt').dispatchEvent(
         new ClipboardEvent('paste', {clipboardData: paste, bubbles: true}));
-    }""", list(data))
+    }""",
+        list(data),
+    )
 
 
 def test_api_key_drop_paste_and_errors(browser, tiny):

@@ -4,8 +4,8 @@ recomputed in the backward pass, and the gradients equal those of the plain mode
 import numpy as np
 import torch
 
-from eagle_fast.train.config import recipe
 from eagle_fast.train.builders import build_model, build_tokenizer
+from eagle_fast.train.config import recipe
 
 
 def _model(tmp_path, on: bool):
@@ -32,12 +32,13 @@ def _layers(model):
 def _grads_and_calls(model, proc):
     calls = {}
     # hooks on a block's first child: recomputation may call the block's forward without its hooks
-    hooks = [next(m.children()).register_forward_hook(lambda *_, k=k: calls.__setitem__(k, calls.get(k, 0) + 1))
-             for k, m in _layers(model).items()]
+    hooks = [
+        next(m.children()).register_forward_hook(lambda *_, k=k: calls.__setitem__(k, calls.get(k, 0) + 1))
+        for k, m in _layers(model).items()
+    ]
     img = np.random.default_rng(0).integers(0, 256, (50, 60, 3), dtype=np.uint8)
     ids = torch.tensor([[1, -200, 330, 1179, 523, 880]])
-    out = model(ids, torch.ones_like(ids), labels=torch.tensor([[-100, -100, 330, 1179, 523, 880]]),
-                images=proc([img]))
+    out = model(ids, torch.ones_like(ids), labels=torch.tensor([[-100, -100, 330, 1179, 523, 880]]), images=proc([img]))
     out.loss.backward()
     for h in hooks:
         h.remove()

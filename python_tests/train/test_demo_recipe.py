@@ -10,8 +10,8 @@ import torch
 
 from eagle_fast.model import presets
 from eagle_fast.train.__main__ import main, parse
-from eagle_fast.train.config import DATA_WORDS, recipe
 from eagle_fast.train.builders import build_model, build_tokenizer
+from eagle_fast.train.config import DATA_WORDS, recipe
 
 pytest.importorskip("easy_vqa")
 
@@ -32,8 +32,9 @@ def test_demo_recipe_stages():
     assert pre.tokenizer_name_or_path == sft.tokenizer_name_or_path == DATA_WORDS
     assert pre.version == "plain" and sft.version == "chatml"
     assert pre.data_path is None and sft.data_path is None  # the built-in easy-VQA set
-    cli = parse(["--recipe", "demo", "--stage", "sft", "--pretrain_mm_mlp_adapter", "d1/mm_projector.bin",
-                 "--output_dir", "d2"])
+    cli = parse(
+        ["--recipe", "demo", "--stage", "sft", "--pretrain_mm_mlp_adapter", "d1/mm_projector.bin", "--output_dir", "d2"]
+    )
     assert cli == sft.replace(pretrain_mm_mlp_adapter="d1/mm_projector.bin", output_dir="d2")
 
 
@@ -55,9 +56,27 @@ def test_two_stage_chain_runs_from_the_cli(tmp_path):
     d1, d2 = str(tmp_path / "d1"), str(tmp_path / "d2")
     assert main(["--recipe", "demo", "--stage", "pretrain", "--output_dir", d1, "--max_steps", "2"]) == 0
     adapter = os.path.join(d1, "mm_projector.bin")
-    assert main(["--recipe", "demo", "--stage", "sft", "--pretrain_mm_mlp_adapter", adapter, "--output_dir", d2,
-                 "--max_steps", "2"]) == 0
-    with open(os.path.join(d1, "final", "tokenizer.json")) as f1, open(os.path.join(d2, "final", "tokenizer.json")) as f2:
+    assert (
+        main(
+            [
+                "--recipe",
+                "demo",
+                "--stage",
+                "sft",
+                "--pretrain_mm_mlp_adapter",
+                adapter,
+                "--output_dir",
+                d2,
+                "--max_steps",
+                "2",
+            ]
+        )
+        == 0
+    )
+    with (
+        open(os.path.join(d1, "final", "tokenizer.json")) as f1,
+        open(os.path.join(d2, "final", "tokenizer.json")) as f2,
+    ):
         assert json.load(f1)["model"]["vocab"] == json.load(f2)["model"]["vocab"]
     from safetensors.torch import load_file
 

@@ -9,8 +9,14 @@ import sys
 
 import pytest
 
-from eagle_fast.train.expert_sources import OFFICIAL_SOURCES, Source, SourceError, format_sources, parse_sources, \
-    resolve
+from eagle_fast.train.expert_sources import (
+    OFFICIAL_SOURCES,
+    Source,
+    SourceError,
+    format_sources,
+    parse_sources,
+    resolve,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NAMES = tuple(OFFICIAL_SOURCES)
@@ -19,21 +25,31 @@ NAMES = tuple(OFFICIAL_SOURCES)
 def test_entries_parse_into_local_paths_hub_repos_files_and_revisions(tmp_path):
     local = tmp_path / "eva.pth"
     local.write_bytes(b"x")
-    got = parse_sources(f"clip-448=openai/clip-vit-large-patch14-336@abc123; det-1024={local};"
-                        "sam-1024=org/repo:sub/dir/w.pth;pix2struct-1024=./rel/dir", NAMES)
-    assert got["clip-448"] == Source("clip-448", "openai/clip-vit-large-patch14-336@abc123",
-                                     repo="openai/clip-vit-large-patch14-336", revision="abc123")
+    got = parse_sources(
+        f"clip-448=openai/clip-vit-large-patch14-336@abc123; det-1024={local};"
+        "sam-1024=org/repo:sub/dir/w.pth;pix2struct-1024=./rel/dir",
+        NAMES,
+    )
+    assert got["clip-448"] == Source(
+        "clip-448",
+        "openai/clip-vit-large-patch14-336@abc123",
+        repo="openai/clip-vit-large-patch14-336",
+        revision="abc123",
+    )
     assert got["det-1024"].path == str(local) and got["det-1024"].repo is None
     assert got["sam-1024"].repo == "org/repo" and got["sam-1024"].filename == "sub/dir/w.pth"
     assert got["pix2struct-1024"].path == "./rel/dir"
 
 
-@pytest.mark.parametrize("text, match", [
-    ("clip-999=a/b", "unknown expert 'clip-999'"),
-    ("clip-448=a/b;clip-448=c/d", "'clip-448' given twice"),
-    ("clip-448", "expected expert=source"),
-    ("clip-448=notahubid", "not a local path, nor a hub id"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("clip-999=a/b", "unknown expert 'clip-999'"),
+        ("clip-448=a/b;clip-448=c/d", "'clip-448' given twice"),
+        ("clip-448", "expected expert=source"),
+        ("clip-448=notahubid", "not a local path, nor a hub id"),
+    ],
+)
 def test_bad_entries_are_clear_errors(text, match):
     with pytest.raises(SourceError, match=match):
         parse_sources(text, NAMES)
@@ -68,10 +84,12 @@ def _hub_cache(root, repo, commit, files):
 
 
 def _resolve_offline(cache, spec, expert="clip-448"):
-    code = ("import json,sys; from eagle_fast.train.expert_sources import parse_sources, resolve, OFFICIAL_SOURCES\n"
-            f"src = parse_sources({f'{expert}={spec}'!r}, tuple(OFFICIAL_SOURCES))[{expert!r}]\n"
-            "try:\n    print(json.dumps(list(resolve(src))))\n"
-            "except Exception as e:\n    print(json.dumps({'error': f'{type(e).__name__}: {e}'}))\n")
+    code = (
+        "import json,sys; from eagle_fast.train.expert_sources import parse_sources, resolve, OFFICIAL_SOURCES\n"
+        f"src = parse_sources({f'{expert}={spec}'!r}, tuple(OFFICIAL_SOURCES))[{expert!r}]\n"
+        "try:\n    print(json.dumps(list(resolve(src))))\n"
+        "except Exception as e:\n    print(json.dumps({'error': f'{type(e).__name__}: {e}'}))\n"
+    )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -82,10 +100,18 @@ def test_hub_ids_resolve_from_the_cache_offline_with_their_commit(tmp_path):
     commit = "0123456789abcdef0123456789abcdef01234567"
     _hub_cache(tmp_path, "org/clip", commit, {"model.safetensors": b"w", "config.json": b"{}"})
     _hub_cache(tmp_path, "org/eva", commit, {"det/eva.pth": b"e"})
-    _hub_cache(tmp_path, "org/sharded", commit, {
-        "model.safetensors.index.json": json.dumps({"weight_map": {"a": "s1.safetensors",
-                                                                   "b": "s2.safetensors"}}).encode(),
-        "s1.safetensors": b"1", "s2.safetensors": b"2"})
+    _hub_cache(
+        tmp_path,
+        "org/sharded",
+        commit,
+        {
+            "model.safetensors.index.json": json.dumps(
+                {"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}
+            ).encode(),
+            "s1.safetensors": b"1",
+            "s2.safetensors": b"2",
+        },
+    )
     path, record = _resolve_offline(tmp_path, "org/clip")
     assert path.endswith(f"snapshots/{commit}") and os.path.isfile(os.path.join(path, "model.safetensors"))
     assert record == {"source": "org/clip", "repo": "org/clip", "revision": commit}

@@ -5,15 +5,23 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from eagle_fast.model import presets
-from eagle_fast.train.config import recipe
 from eagle_fast.train.builders import build_model, build_tokenizer, builtin_tokenizer_dir
+from eagle_fast.train.config import recipe
 
 
 def test_llm_base_gets_the_presets_vision_side(tmp_path):
     tok_dir = builtin_tokenizer_dir(str(tmp_path))
     torch.manual_seed(0)
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2))
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32000,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     llm.save_pretrained(tmp_path / "llm")
     from transformers import AutoTokenizer
 
@@ -33,12 +41,25 @@ def test_new_experts_on_an_llm_start_initialized_and_saved_values_load(tmp_path)
     and a saved Eagle checkpoint's trained values are loaded, not re-initialized."""
     from eagle_fast.model import EagleLlamaConfig, EagleLlamaForCausalLM
 
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=2, num_key_value_heads=1))
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     llm.save_pretrained(tmp_path / "llm")
     demo = presets.PRESETS["eagle-demo"]
-    eagle = EagleLlamaConfig(**{**llm.config.to_dict(), **{k: demo[k] for k in (
-        "mm_vision_tower", "mm_grid", "image_size", "mm_expert_configs")}, "model_type": "eagle_llama"})
+    eagle = EagleLlamaConfig(
+        **{
+            **llm.config.to_dict(),
+            **{k: demo[k] for k in ("mm_vision_tower", "mm_grid", "image_size", "mm_expert_configs")},
+            "model_type": "eagle_llama",
+        }
+    )
     model = EagleLlamaForCausalLM.from_pretrained(tmp_path / "llm", config=eagle)
     (convnext,) = [e for e in model.model.vision_tower.vision_towers if e.spec.name == "convnext-1024"]
     scales = [b.weight for st in convnext.vision_tower.stages for b in st.blocks]

@@ -15,23 +15,26 @@ def _cfg(tmp_path, **kw):
     return TrainConfig(recipe="tiny-x5", output_dir=str(tmp_path), **kw)
 
 
-@pytest.mark.parametrize("kw, rank, world, want", [
-    ({}, 0, 1, "real"),
-    ({}, 0, 2, "real"),
-    ({}, 1, 2, "meta"),
-    ({"fsdp": True}, 3, 8, "meta"),
-    ({"deepspeed": "zero2"}, 1, 2, "meta"),
-    ({"deepspeed": "zero3"}, 0, 2, "zero3"),
-    ({"deepspeed": "zero3"}, 1, 2, "zero3"),
-    ({"deepspeed": "zero3"}, 0, 1, "real"),  # one process: nothing to partition across
-    ({"lora_enable": True, "bits": 4}, 1, 2, "real"),  # quantization needs the weights on every rank
-])
+@pytest.mark.parametrize(
+    "kw, rank, world, want",
+    [
+        ({}, 0, 1, "real"),
+        ({}, 0, 2, "real"),
+        ({}, 1, 2, "meta"),
+        ({"fsdp": True}, 3, 8, "meta"),
+        ({"deepspeed": "zero2"}, 1, 2, "meta"),
+        ({"deepspeed": "zero3"}, 0, 2, "zero3"),
+        ({"deepspeed": "zero3"}, 1, 2, "zero3"),
+        ({"deepspeed": "zero3"}, 0, 1, "real"),  # one process: nothing to partition across
+        ({"lora_enable": True, "bits": 4}, 1, 2, "real"),  # quantization needs the weights on every rank
+    ],
+)
 def test_which_ranks_build_on_the_meta_device(tmp_path, kw, rank, world, want):
     cfg = _cfg(tmp_path, **kw)
     assert materialize.construction(cfg, rank, world) == want
-    assert materialize.shared_from_rank0(cfg, world) == (want == "meta" or (world > 1 and want == "real"
-                                                                            and cfg.bits == 16
-                                                                            and not kw.get("deepspeed") == "zero3"))
+    assert materialize.shared_from_rank0(cfg, world) == (
+        want == "meta" or (world > 1 and want == "real" and cfg.bits == 16 and not kw.get("deepspeed") == "zero3")
+    )
 
 
 def test_a_user_deepspeed_file_is_read_for_its_stage(tmp_path):
@@ -66,4 +69,4 @@ def test_a_meta_built_model_with_rank0_tensors_is_the_same_model(tmp_path, tie):
     with torch.no_grad():
         a = real(input_ids=ids, images=images).logits
         b = meta(input_ids=ids, images=images).logits
-    assert a.shape[1] == 4 + config.mm_grid ** 2 and torch.equal(a, b)
+    assert a.shape[1] == 4 + config.mm_grid**2 and torch.equal(a, b)

@@ -27,8 +27,16 @@ RTOL, RTOL_DDP = 1e-6, 1e-5
 
 def _cfg(tmp_path, small_data, name, **kw):
     data, images, _ = small_data
-    base = dict(output_dir=str(tmp_path / name), data_path=data, image_folder=images, per_device_train_batch_size=2,
-                gradient_accumulation_steps=2, max_steps=3, save_steps=0, model_max_length=96)
+    base = dict(
+        output_dir=str(tmp_path / name),
+        data_path=data,
+        image_folder=images,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        save_steps=0,
+        model_max_length=96,
+    )
     base.update(kw)
     return recipe("tiny-x5", "sft", **base)
 
@@ -66,17 +74,48 @@ def test_two_ddp_ranks_packed_match_one_process_padded(tmp_path, small_data):
     """torchrun, 2 CPU ranks (gloo), each packing its 2 records per step into one row == one process
     padding 4 records per step: the per-token loss is the mean over every rank's learned tokens."""
     data, images, _ = small_data
-    common = ["--recipe", "tiny-x5", "--data_path", data, "--image_folder", images, "--max_steps", "2",
-              "--model_max_length", "96", "--save_steps", "0"]
+    common = [
+        "--recipe",
+        "tiny-x5",
+        "--data_path",
+        data,
+        "--image_folder",
+        images,
+        "--max_steps",
+        "2",
+        "--model_max_length",
+        "96",
+        "--save_steps",
+        "0",
+    ]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    runs = {"two": [*torchrun, "-m", "eagle_fast.train", *common, "--per_device_train_batch_size", "2", "--packing",
-                    "true"],
-            "one": [sys.executable, "-m", "eagle_fast.train", *common, "--per_device_train_batch_size", "4",
-                    "--packing", "false"]}
+    runs = {
+        "two": [
+            *torchrun,
+            "-m",
+            "eagle_fast.train",
+            *common,
+            "--per_device_train_batch_size",
+            "2",
+            "--packing",
+            "true",
+        ],
+        "one": [
+            sys.executable,
+            "-m",
+            "eagle_fast.train",
+            *common,
+            "--per_device_train_batch_size",
+            "4",
+            "--packing",
+            "false",
+        ],
+    }
     for name, cmd in runs.items():
-        r = subprocess.run([*cmd, "--output_dir", str(tmp_path / name)], env=env, cwd=ROOT, capture_output=True,
-                           text=True, timeout=600)
+        r = subprocess.run(
+            [*cmd, "--output_dir", str(tmp_path / name)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+        )
         assert r.returncode == 0, r.stderr[-3000:]
     la, lb = ([json.loads(x)["loss"] for x in open(tmp_path / n / "metrics.jsonl")] for n in ("one", "two"))
     assert len(la) == 2 and _close(la, lb, RTOL_DDP), (la, lb)

@@ -42,20 +42,30 @@ def test_handlers_are_the_runs_own_and_restored_after_it():
         assert stop.received == "SIGUSR1"
     assert {s: signal.getsignal(s) for s in before} == before
     # importing the trainer installs nothing
-    code = ("import signal; a = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1); "
-            "import eagle_fast.train.loop, eagle_fast.train.__main__; "
-            "assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == a")
+    code = (
+        "import signal; a = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1); "
+        "import eagle_fast.train.loop, eagle_fast.train.__main__; "
+        "assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == a"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT)).returncode == 0
 
 
 def test_a_run_that_cannot_finish_after_the_signal_exits_1_at_the_timeout():
-    code = ("import os, signal, time; from eagle_fast.train.signals import StopSignals\n"
-            "with StopSignals(timeout_s=0.5):\n"
-            "    os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    time.sleep(60)  # a save that never ends\n")
+    code = (
+        "import os, signal, time; from eagle_fast.train.signals import StopSignals\n"
+        "with StopSignals(timeout_s=0.5):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(60)  # a save that never ends\n"
+    )
     t0 = time.time()
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 1 and time.time() - t0 < 30, run.stderr
     assert "SIGTERM: the run did not save and exit within 0.5 s (stop_timeout_s)" in run.stderr
 
@@ -76,8 +86,15 @@ class _SignalAt(torch.nn.Module):
 
 def test_sigterm_mid_step_saves_once_and_the_resumed_run_ends_bitwise_equal(tmp_path, small_data):
     data, images, _ = small_data
-    kw = dict(data_path=data, image_folder=images, per_device_train_batch_size=2, max_steps=6, save_steps=0,
-              model_max_length=96, gradient_accumulation_steps=2)
+    kw = dict(
+        data_path=data,
+        image_folder=images,
+        per_device_train_batch_size=2,
+        max_steps=6,
+        save_steps=0,
+        model_max_length=96,
+        gradient_accumulation_steps=2,
+    )
     Trainer(recipe("tiny-x5", "sft", output_dir=str(tmp_path / "full"), **kw)).train()
     before = signal.getsignal(signal.SIGTERM)
     cut = Trainer(recipe("tiny-x5", "sft", output_dir=str(tmp_path / "cut"), **kw))
@@ -121,12 +138,35 @@ def test_two_ranks_stop_together_when_one_is_signalled_and_resume_bitwise(tmp_pa
     checkpoint, the launch exits 0; the resumed run ends equal to an uninterrupted one."""
     data, images, _ = small_data
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    args = ["-m", "eagle_fast.train", "--recipe", "tiny-x5", "--data_path", data, "--image_folder", images,
-            "--max_steps", "8", "--model_max_length", "96", "--save_steps", "0", "--per_device_train_batch_size", "2"]
+    args = [
+        "-m",
+        "eagle_fast.train",
+        "--recipe",
+        "tiny-x5",
+        "--data_path",
+        data,
+        "--image_folder",
+        images,
+        "--max_steps",
+        "8",
+        "--model_max_length",
+        "96",
+        "--save_steps",
+        "0",
+        "--per_device_train_batch_size",
+        "2",
+    ]
 
     def launch(out, *extra):
-        return subprocess.Popen([*TORCHRUN_2, *args, "--output_dir", str(out), *extra], env=env, cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        return subprocess.Popen(
+            [*TORCHRUN_2, *args, "--output_dir", str(out), *extra],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
 
     full = launch(tmp_path / "full")
     assert full.wait(timeout=600) == 0, full.stderr.read()[-3000:]
@@ -160,19 +200,28 @@ def _fake_cluster(tmp_path):
     bin_dir.mkdir()
     scripts = {
         "srun": 'echo "srun $*" >> "$LOG"\nwhile [ "$1" != bash ]; do shift; done\n'
-                'SLURM_PROCID=9 SLURM_LOCALID=1 SLURM_NTASKS=32 "$@"\n',
+        'SLURM_PROCID=9 SLURM_LOCALID=1 SLURM_NTASKS=32 "$@"\n',
         "scontrol": 'if [ "$1" = show ]; then echo node-a; echo node-b; else echo "scontrol $*" >> "$LOG"; fi\n',
         "python": 'echo "python RANK=$RANK LOCAL_RANK=$LOCAL_RANK WORLD_SIZE=$WORLD_SIZE $*" >> "$LOG"\n'
-                  'sleep "${FAKE_SLEEP:-0}"\nif [ -n "${FAKE_FINISH:-}" ]; then case "$*" in\n'
-                  '  *"--stage pretrain"*) mkdir -p "$OUT/pretrain"; touch "$OUT/pretrain/mm_projector.bin";;\n'
-                  '  *) mkdir -p "$OUT/sft/final";; esac; fi\n',
+        'sleep "${FAKE_SLEEP:-0}"\nif [ -n "${FAKE_FINISH:-}" ]; then case "$*" in\n'
+        '  *"--stage pretrain"*) mkdir -p "$OUT/pretrain"; touch "$OUT/pretrain/mm_projector.bin";;\n'
+        '  *) mkdir -p "$OUT/sft/final";; esac; fi\n',
     }
     for name, body in scripts.items():
         path = bin_dir / name
         path.write_text("#!/bin/bash\n" + body)
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", LOG=str(log), LLM="/m", DATA="/d",
-               OUT=str(tmp_path / "out"), SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node-[a-b]", SLURM_NNODES="2")
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        LOG=str(log),
+        LLM="/m",
+        DATA="/d",
+        OUT=str(tmp_path / "out"),
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="node-[a-b]",
+        SLURM_NNODES="2",
+    )
     return env, log
 
 
@@ -188,8 +237,9 @@ def test_slurm_example_requeues_a_stopped_stage_and_survives_the_signal_itself(t
     assert run.returncode == 0 and "signal received" in stdout, stdout
     lines = log.read_text().splitlines()
     assert [x.split()[0] for x in lines] == ["srun", "python", "scontrol"], lines
-    assert lines[1].startswith("python RANK=9 LOCAL_RANK=1 WORLD_SIZE=32 -m eagle_fast.train --recipe eagle-x5-7b "
-                               "--stage pretrain")
+    assert lines[1].startswith(
+        "python RANK=9 LOCAL_RANK=1 WORLD_SIZE=32 -m eagle_fast.train --recipe eagle-x5-7b --stage pretrain"
+    )
     assert lines[2] == "scontrol requeue 4242"
     # both stages finishing: no requeue
     log.unlink()

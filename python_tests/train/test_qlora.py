@@ -15,9 +15,21 @@ bnb = pytest.importorskip("bitsandbytes")
 
 def _cfg(out, small_data, bits, **kw):
     data, images, _ = small_data
-    base = dict(output_dir=str(out), data_path=data, image_folder=images, per_device_train_batch_size=4, max_steps=3,
-                save_steps=0, model_max_length=96, lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                learning_rate=1e-2, bits=bits)
+    base = dict(
+        output_dir=str(out),
+        data_path=data,
+        image_folder=images,
+        per_device_train_batch_size=4,
+        max_steps=3,
+        save_steps=0,
+        model_max_length=96,
+        lora_enable=True,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        learning_rate=1e-2,
+        bits=bits,
+    )
     base.update(kw)
     return recipe("tiny-x5", "sft", **base)
 
@@ -53,11 +65,13 @@ def test_qlora_trains_adapters_on_a_quantized_llm_and_reloads(tmp_path, small_da
     quantize_llm(requant, bits)
     again = load_lora(requant, str(tmp_path / "run" / "final")).eval()
     assert torch.allclose(_logits(again, batch), want, atol=1e-5, rtol=0)  # the training-time model exactly
-    full = load_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "base"),
-                     str(tmp_path / "run" / "final")).eval()
+    full = load_lora(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "base"), str(tmp_path / "run" / "final")
+    ).eval()
     full_logits = _logits(full, batch)
-    merged = merge_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "base"),
-                        str(tmp_path / "run" / "final")).eval()
+    merged = merge_lora(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "base"), str(tmp_path / "run" / "final")
+    ).eval()
     assert type(merged).__name__ == "EagleLlamaForCausalLM"
     assert (_logits(merged, batch) - full_logits).abs().max() < 1e-4
     # the quantized model is an approximation of the full-precision one, not the same model

@@ -8,8 +8,14 @@ from eagle_fast.train.config import RECIPES, Recipe, recipe
 
 
 def test_a_recipe_is_its_settings_then_its_stage_then_the_overrides(monkeypatch):
-    monkeypatch.setitem(RECIPES, "mine", Recipe(dict(preset="eagle-tiny-x5", learning_rate=0.5, seed=3),
-                                                {"pretrain": dict(learning_rate=0.25), "sft": {}, "prealign": {}}))
+    monkeypatch.setitem(
+        RECIPES,
+        "mine",
+        Recipe(
+            dict(preset="eagle-tiny-x5", learning_rate=0.5, seed=3),
+            {"pretrain": dict(learning_rate=0.25), "sft": {}, "prealign": {}},
+        ),
+    )
     assert recipe("mine", "sft").learning_rate == 0.5
     assert recipe("mine", "pretrain").learning_rate == 0.25
     assert recipe("mine", "pretrain", learning_rate=0.125, seed=4).learning_rate == 0.125

@@ -24,8 +24,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def _cfg(out, small_data, **kw):
     data, images, _ = small_data
-    base = dict(output_dir=str(out), data_path=data, image_folder=images, per_device_train_batch_size=2,
-                max_steps=6, save_steps=2, model_max_length=96)
+    base = dict(
+        output_dir=str(out),
+        data_path=data,
+        image_folder=images,
+        per_device_train_batch_size=2,
+        max_steps=6,
+        save_steps=2,
+        model_max_length=96,
+    )
     base.update(kw)
     return recipe("tiny-x5", "sft", **base)
 
@@ -56,7 +63,9 @@ def test_two_checkpoints_kept_by_default():
 def test_truncated_newest_checkpoint_falls_back_and_resumes_exactly(tmp_path, small_data, capsys):
     full = Trainer(_cfg(tmp_path / "run", small_data)).train()
     assert full["steps"] == 6 and sorted(d for d in os.listdir(tmp_path / "run") if d.startswith("checkpoint")) == [
-        "checkpoint-4", "checkpoint-6"]
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
     want = _weights(tmp_path / "run" / "final")
     bad = tmp_path / "run" / "checkpoint-6" / "model.safetensors"
     with open(bad, "r+b") as f:  # a copy or a write cut short
@@ -87,10 +96,15 @@ def test_bit_flip_is_caught_and_nothing_to_fall_back_to_names_every_bad_file(tmp
     _flip_bit(flipped, os.path.getsize(flipped) // 2)  # same size: only the hash can tell
     logged = []
     assert find_resume(out, "auto", log=logged.append) == os.path.join(out, "checkpoint-1")
-    assert logged[0] == f"skipping checkpoint {out}/checkpoint-2: {flipped}: sha256 differs from the manifest " \
-                        f"(corrupted)", logged
-    with pytest.raises(CheckpointError, match=re.escape(f"--resume {out}/checkpoint-2: the checkpoint fails "
-                                                       f"verification:\n  {flipped}: sha256 differs")):
+    assert (
+        logged[0] == f"skipping checkpoint {out}/checkpoint-2: {flipped}: sha256 differs from the manifest (corrupted)"
+    ), logged
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape(
+            f"--resume {out}/checkpoint-2: the checkpoint fails verification:\n  {flipped}: sha256 differs"
+        ),
+    ):
         find_resume(out, os.path.join(out, "checkpoint-2"))  # an explicit path is checked too
     truncated = os.path.join(out, "checkpoint-1", checkpoint.TRAINER_STATE)
     with open(truncated, "r+b") as f:
@@ -122,10 +136,32 @@ def test_the_cli_reports_bad_checkpoints_without_a_traceback(tmp_path, small_dat
         f.truncate(64)
     data, images, _ = small_data
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "eagle_fast.train", "--recipe", "tiny-x5", "--data_path", data,
-                          "--image_folder", images, "--output_dir", out, "--resume", "auto", "--max_steps", "2",
-                          "--model_max_length", "96"], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eagle_fast.train",
+            "--recipe",
+            "tiny-x5",
+            "--data_path",
+            data,
+            "--image_folder",
+            images,
+            "--output_dir",
+            out,
+            "--resume",
+            "auto",
+            "--max_steps",
+            "2",
+            "--model_max_length",
+            "96",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 1, run.stderr[-2000:]
     assert f"error: --resume auto: no checkpoint in {out} verifies; bad files:\n  {bad}: 64 bytes" in run.stderr
     assert "Traceback" not in run.stderr
@@ -170,10 +206,13 @@ class _Poison(torch.nn.Module):
     def forward(self, *a, **kw):
         self.calls += 1
         t = self.trainer
-        opt = {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()} for k, s in
-               enumerate(t.optimizer.state.values())}
-        self.seen.append(({n: p.detach().clone() for n, p in t.model.named_parameters()}, opt,
-                          t.scheduler.state_dict()))
+        opt = {
+            k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}
+            for k, s in enumerate(t.optimizer.state.values())
+        }
+        self.seen.append(
+            ({n: p.detach().clone() for n, p in t.model.named_parameters()}, opt, t.scheduler.state_dict())
+        )
         out = self.inner(*a, **kw)
         if self.calls in self.poisoned:
             out.loss = out.loss * float("nan")
@@ -201,8 +240,7 @@ def test_a_nan_step_is_skipped_counted_and_named(tmp_path, small_data):
     assert net.calls == 5 and out["steps"] == 4 and len(out["losses"]) == 4 and out["nonfinite_steps"] == 1
     (w3, o3, s3), (w4, o4, s4) = net.seen[2], net.seen[3]  # before the NaN batch, and after it
     assert _equal(w3, w4) and s3 == s4
-    assert o3.keys() == o4.keys() and all(
-        all(torch.equal(o3[k][n], o4[k][n]) for n in o3[k]) for k in o3)
+    assert o3.keys() == o4.keys() and all(all(torch.equal(o3[k][n], o4[k][n]) for n in o3[k]) for k in o3)
     assert all(float(s["step"]) == 4 for s in trainer.optimizer.state.values())  # AdamW's count: 4, not 5
     assert trainer.scheduler.last_epoch == 4
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
@@ -221,8 +259,9 @@ def test_too_many_nan_steps_in_a_row_stop_the_run_with_latest_on_the_last_good(t
         trainer.train()
     run = tmp_path / "run"
     msg = str(e.value)
-    assert msg.startswith("3 optimizer steps in a row had a non-finite loss or gradient norm (more than "
-                          "--max_nonfinite_steps 2)")
+    assert msg.startswith(
+        "3 optimizer steps in a row had a non-finite loss or gradient norm (more than --max_nonfinite_steps 2)"
+    )
     assert f"records {ids[4]}" in msg and f"`latest` still names {run / 'checkpoint-2'}" in msg
     assert (run / "latest").read_text().strip() == "checkpoint-2"
     assert sorted(d for d in os.listdir(run) if d.startswith("checkpoint")) == ["checkpoint-2"]
@@ -262,8 +301,10 @@ def test_the_manifest_covers_sub_folders_such_as_deepspeeds_shards(tmp_path):
     assert sorted(written["files"]) == ["deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt", "trainer_state.pt"]
     assert written["files"]["trainer_state.pt"]["bytes"] == 10
     # sha256 of ten b"s", as `printf 'ssssssssss' | sha256sum` gives it
-    assert written["files"]["trainer_state.pt"]["sha256"] == \
-        "4b179810791a19af3bfeafbdcf0aca274d9ac7d5f063b8e0b75189360c0cf3a3"
+    assert (
+        written["files"]["trainer_state.pt"]["sha256"]
+        == "4b179810791a19af3bfeafbdcf0aca274d9ac7d5f063b8e0b75189360c0cf3a3"
+    )
     assert manifest.verify(str(folder), required=("trainer_state.pt",)) == []
     shard.write_bytes(b"o" * 99)
     assert manifest.verify(str(folder)) == [f"{shard}: 99 bytes, the manifest says 100 (truncated or overwritten)"]
@@ -287,8 +328,11 @@ def test_pruning_keeps_the_newest_and_drops_checkpoints_past_it(tmp_path, small_
     out = str(tmp_path)
     for step in (1, 2, 3, 4):
         save_checkpoint(out, step, small_model, {"step": step}, keep=3)
-    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-3",
-                                                                                  "checkpoint-4"]
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == [
+        "checkpoint-2",
+        "checkpoint-3",
+        "checkpoint-4",
+    ]
     # resumed from checkpoint-2 and saved step 3 again: checkpoint-4 belongs to the abandoned history
     save_checkpoint(out, 3, small_model, {"step": 3}, keep=3)
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-3"]

@@ -6,8 +6,8 @@ import filecmp
 import os
 
 from eagle_fast.data.tokenize import encode_prompt
-from eagle_fast.train.config import recipe
 from eagle_fast.train.builders import TokenizerFiles, build_tokenizer
+from eagle_fast.train.config import recipe
 
 
 def test_saved_tokenizers_carry_their_sentencepiece_model_and_reload_to_the_same_ids(tmp_path):

@@ -23,8 +23,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def _cfg(tmp_path, small_data, **kw):
     data, images, _ = small_data
-    base = dict(output_dir=str(tmp_path / "run"), data_path=data, image_folder=images, per_device_train_batch_size=4,
-                max_steps=30, save_steps=0, model_max_length=96)
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        data_path=data,
+        image_folder=images,
+        per_device_train_batch_size=4,
+        max_steps=30,
+        save_steps=0,
+        model_max_length=96,
+    )
     base.update(kw)
     return recipe("tiny-x5", "sft", **base)
 
@@ -49,8 +56,12 @@ def test_pretrain_trains_only_the_projector_and_feeds_sft(tmp_path, small_data):
     assert changed and all(k.startswith("model.mm_projector.") for k in changed), sorted(changed)[:5]
     bin_path = tmp_path / "run" / "mm_projector.bin"
     saved = torch.load(bin_path, weights_only=True)
-    assert set(saved) == {"model.mm_projector.0.weight", "model.mm_projector.0.bias", "model.mm_projector.2.weight",
-                          "model.mm_projector.2.bias"}
+    assert set(saved) == {
+        "model.mm_projector.0.weight",
+        "model.mm_projector.0.bias",
+        "model.mm_projector.2.weight",
+        "model.mm_projector.2.bias",
+    }
     sft = Trainer(_cfg(tmp_path / "sft", small_data, max_steps=1, pretrain_mm_mlp_adapter=str(bin_path)))
     for k, v in saved.items():
         assert torch.equal(sft.model.state_dict()[k], v)
@@ -59,14 +70,36 @@ def test_pretrain_trains_only_the_projector_and_feeds_sft(tmp_path, small_data):
 def _run(args, env_extra=None):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     env.update(env_extra or {})
-    return subprocess.Popen([sys.executable, "-m", "eagle_fast.train", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "eagle_fast.train", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_resume_after_kill_9_is_bitwise_exact(tmp_path, small_data):
     data, images, _ = small_data
-    common = ["--recipe", "tiny-x5", "--data_path", data, "--image_folder", images, "--per_device_train_batch_size",
-              "2", "--max_steps", "8", "--model_max_length", "96", "--save_steps", "2", "--save_total_limit", "2"]
+    common = [
+        "--recipe",
+        "tiny-x5",
+        "--data_path",
+        data,
+        "--image_folder",
+        images,
+        "--per_device_train_batch_size",
+        "2",
+        "--max_steps",
+        "8",
+        "--model_max_length",
+        "96",
+        "--save_steps",
+        "2",
+        "--save_total_limit",
+        "2",
+    ]
     full = _run(common + ["--output_dir", str(tmp_path / "full")])
     assert full.wait(timeout=600) == 0, full.stderr.read()
     victim = _run(common + ["--output_dir", str(tmp_path / "cut")])
@@ -136,8 +169,10 @@ def init_checkpoint(tmp_path_factory, small_data):
 def one_process_run(tmp_path_factory, small_data, init_checkpoint):
     data, images, _ = small_data
     out = tmp_path_factory.mktemp("one")
-    one = _run(_DIST_COMMON(data, images) + ["--per_device_train_batch_size", "4", "--output_dir", str(out),
-                                             "--model_name_or_path", str(init_checkpoint)])
+    one = _run(
+        _DIST_COMMON(data, images)
+        + ["--per_device_train_batch_size", "4", "--output_dir", str(out), "--model_name_or_path", str(init_checkpoint)]
+    )
     assert one.wait(timeout=600) == 0, one.stderr.read()
     return out
 
@@ -148,8 +183,20 @@ TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--
 
 
 def _DIST_COMMON(data, images):
-    return ["--recipe", "tiny-x5", "--data_path", data, "--image_folder", images, "--max_steps", "4",
-            "--model_max_length", "96", "--save_steps", "0"]
+    return [
+        "--recipe",
+        "tiny-x5",
+        "--data_path",
+        data,
+        "--image_folder",
+        images,
+        "--max_steps",
+        "4",
+        "--model_max_length",
+        "96",
+        "--save_steps",
+        "0",
+    ]
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero2", "zero3"])
@@ -170,9 +217,23 @@ def test_two_ranks_agree_with_one_process(tmp_path, small_data, init_checkpoint,
     common = _DIST_COMMON(data, images) + {"ddp": [], "fsdp": ["--fsdp", "true"]}.get(engine, ["--deepspeed", engine])
     common += ["--model_name_or_path", str(init_checkpoint)]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    two = subprocess.run([*TORCHRUN_2, "-m", "eagle_fast.train", *common, "--per_device_train_batch_size", "2",
-                          "--output_dir", str(tmp_path / "two")], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+    two = subprocess.run(
+        [
+            *TORCHRUN_2,
+            "-m",
+            "eagle_fast.train",
+            *common,
+            "--per_device_train_batch_size",
+            "2",
+            "--output_dir",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     built = "partitioned (deepspeed.zero.Init)" if engine == "zero3" else "on the meta device, weights from rank 0"
     assert f"rank 1: model built {built}" in two.stdout, two.stdout[-2000:]
@@ -195,8 +256,18 @@ def test_lora_adapters_save_reload_and_merge_to_the_same_logits(tmp_path, small_
 
     from eagle_fast.train.lora import load_lora, merge_lora
 
-    trainer = Trainer(_cfg(tmp_path, small_data, max_steps=3, lora_enable=True, lora_r=4, lora_alpha=8,
-                           lora_dropout=0.0, learning_rate=1e-2))
+    trainer = Trainer(
+        _cfg(
+            tmp_path,
+            small_data,
+            max_steps=3,
+            lora_enable=True,
+            lora_r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            learning_rate=1e-2,
+        )
+    )
     trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n or "mm_projector" in n or ".vision_tower." in n for n in trained)
     assert any("lora_" in n for n in trained) and any("mm_projector" in n for n in trained)
@@ -210,8 +281,11 @@ def test_lora_adapters_save_reload_and_merge_to_the_same_logits(tmp_path, small_
         assert (base(*args, images=batch["images"]).logits - want).abs().max() > 1e-4  # training changed it
         reloaded = load_lora(base, str(tmp_path / "run" / "final")).eval()
         assert (reloaded(*args, images=batch["images"]).logits - want).abs().max() < 1e-5
-        merged = merge_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "base"),
-                            str(tmp_path / "run" / "final"), out_dir=str(tmp_path / "merged")).eval()
+        merged = merge_lora(
+            AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "base"),
+            str(tmp_path / "run" / "final"),
+            out_dir=str(tmp_path / "merged"),
+        ).eval()
         assert type(merged).__name__ == "EagleLlamaForCausalLM"
         assert (merged(*args, images=batch["images"]).logits - want).abs().max() < 1e-4
         again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -234,10 +308,26 @@ def test_two_rank_resume_after_kill_9_is_bitwise_exact(tmp_path, small_data, eng
     def launch(out, *extra):
         args = _DIST_COMMON(data, images)
         args[args.index("--save_steps") + 1] = "2"
-        return subprocess.Popen([*TORCHRUN_2, "-m", "eagle_fast.train", *args,
-                                 "--per_device_train_batch_size", "2", *engine_args, "--output_dir", str(out),
-                                 *extra], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        return subprocess.Popen(
+            [
+                *TORCHRUN_2,
+                "-m",
+                "eagle_fast.train",
+                *args,
+                "--per_device_train_batch_size",
+                "2",
+                *engine_args,
+                "--output_dir",
+                str(out),
+                *extra,
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
 
     full = launch(tmp_path / "full")
     assert full.wait(timeout=600) == 0, full.stderr.read()[-3000:]
@@ -260,8 +350,7 @@ def test_two_rank_resume_after_kill_9_is_bitwise_exact(tmp_path, small_data, eng
 
 
 def test_prealign_trains_one_expert_against_a_frozen_llm_and_exports_it(tmp_path, small_data):
-    cfg = _cfg(tmp_path, small_data, max_steps=3, vision_tower="sam-1024", learning_rate=1e-2).replace(
-        stage="prealign")
+    cfg = _cfg(tmp_path, small_data, max_steps=3, vision_tower="sam-1024", learning_rate=1e-2).replace(stage="prealign")
     trainer = Trainer(cfg)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.train()
@@ -285,10 +374,13 @@ def test_bad_records_are_reported_each_epoch(tmp_path, small_data, capsys):
     data, images, _ = small_data
     bad = tmp_path / "with_bad.jsonl"
     lines = open(data).read().splitlines()[:4]
-    lines.append(json.dumps({"id": "broken", "image": "nope.png", "conversations": json.loads(lines[0])["conversations"]}))
+    lines.append(
+        json.dumps({"id": "broken", "image": "nope.png", "conversations": json.loads(lines[0])["conversations"]})
+    )
     bad.write_text("\n".join(lines) + "\n")
-    out = Trainer(_cfg(tmp_path, small_data, data_path=str(bad), max_steps=4, per_device_train_batch_size=2,
-                       max_bad_fraction=1.0)).train()
+    out = Trainer(
+        _cfg(tmp_path, small_data, data_path=str(bad), max_steps=4, per_device_train_batch_size=2, max_bad_fraction=1.0)
+    ).train()
     printed = capsys.readouterr().out
     assert "epoch 0: skipped records {'missing_image': 1}" in printed
     assert set(out["skipped"]) == {"missing_image"}  # counted again whenever a later epoch reads it

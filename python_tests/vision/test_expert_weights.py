@@ -44,8 +44,12 @@ def test_clip_from_clip_model_repo_matches_hf_vision_tower_run_eagle_way(tmp_pat
     vision = [k for k in native if k.startswith("vision_model.")]
     assert sorted(conv.loaded) == sorted("vision_tower." + k for k in vision)
     assert sorted(conv.unused) == sorted(k for k in native if not k.startswith("vision_model."))
-    assert {"logit_scale", "visual_projection.weight", "text_projection.weight",
-            "text_model.embeddings.token_embedding.weight"} <= set(conv.unused)
+    assert {
+        "logit_scale",
+        "visual_projection.weight",
+        "text_projection.weight",
+        "text_model.embeddings.token_embedding.weight",
+    } <= set(conv.unused)
     assert conv.new == [] and conv.mismatched == [] and conv.format == "hf-clip"
     assert conv.summary() == f"clip-448: {len(vision)} loaded, 0 new, 0 mismatched, {len(native) - len(vision)} unused"
     assert all(conv.state["vision_tower." + k] is native[k] for k in vision)  # renamed only: no copy, no cast
@@ -74,15 +78,16 @@ def test_clip_vision_model_checkpoints_both_layouts(tmp_path):
 
     legacy = tmp_path / "legacy"
     legacy.mkdir()
-    torch.save({**vision, "vision_model.embeddings.position_ids": torch.arange(17)[None]},
-               legacy / "pytorch_model.bin")
+    torch.save({**vision, "vision_model.embeddings.position_ids": torch.arange(17)[None]}, legacy / "pytorch_model.bin")
     flat = CLIPVisionModel(full.config.vision_config)
-    flat.load_state_dict({k[len("vision_model."):]: v for k, v in vision.items()})
+    flat.load_state_dict({k[len("vision_model.") :]: v for k, v in vision.items()})
     flat.save_pretrained(tmp_path / "flat")
     assert "embeddings.patch_embedding.weight" in read_native("clip-448", str(tmp_path / "flat"))
 
-    for d, fmt, unused in ((legacy, "hf-clip", ["vision_model.embeddings.position_ids"]),
-                           (tmp_path / "flat", "hf-clip-vision", [])):
+    for d, fmt, unused in (
+        (legacy, "hf-clip", ["vision_model.embeddings.position_ids"]),
+        (tmp_path / "flat", "hf-clip-vision", []),
+    ):
         with torch.device("meta"):  # names and shapes only
             expert = build_expert("clip-448", TINY["clip-448"])
         conv = convert("clip-448", read_native("clip-448", str(d)), expert)
@@ -95,13 +100,19 @@ def test_clip_checkpoint_that_does_not_fill_the_expert_fails_naming_keys():
     native = dict(clip_model().state_dict())
     del native["vision_model.encoder.layers.1.mlp.fc2.weight"]
     expert = build_expert("clip-448", TINY["clip-448"])
-    with pytest.raises(ExpertWeightsError, match=r"clip-448.*1 expert tensor\(s\) missing.*"
-                                                 r"vision_tower\.vision_model\.encoder\.layers\.1\.mlp\.fc2\.weight"):
+    with pytest.raises(
+        ExpertWeightsError,
+        match=r"clip-448.*1 expert tensor\(s\) missing.*"
+        r"vision_tower\.vision_model\.encoder\.layers\.1\.mlp\.fc2\.weight",
+    ):
         convert("clip-448", native, expert)
     wider = dict(clip_model(intermediate_size=48).state_dict())  # fc1 weight+bias, fc2 weight: 3 per layer
-    with pytest.raises(ExpertWeightsError, match=r"clip-448.*6 tensor\(s\) of another shape: "
-                                                 r"vision_tower\.vision_model\.encoder\.layers\.0\.mlp\.fc1\.weight "
-                                                 r"\(checkpoint \[48, 32\], expert \[64, 32\]\)"):
+    with pytest.raises(
+        ExpertWeightsError,
+        match=r"clip-448.*6 tensor\(s\) of another shape: "
+        r"vision_tower\.vision_model\.encoder\.layers\.0\.mlp\.fc1\.weight "
+        r"\(checkpoint \[48, 32\], expert \[64, 32\]\)",
+    ):
         convert("clip-448", wider, expert)
     deeper = dict(clip_model(num_hidden_layers=3).state_dict())  # a layer the expert lacks
     with pytest.raises(ExpertWeightsError, match=r"no place in the expert.*vision_model\.encoder\.layers\.2\."):
@@ -123,10 +134,14 @@ def test_convnext_from_timm_and_open_clip_match_timm_stage4_map(tmp_path):
     # open_clip's image tower: the timm trunk (classifier reset: head.norm kept, no head.fc) under
     # `visual.trunk.`, its projection `visual.head.proj`, and the text tower at the top level
     open_clip = {"visual.trunk." + k: v for k, v in sd.items() if not k.startswith("head.fc.")}
-    text = {"visual.head.proj.weight": torch.randn(16, 32), "text_projection": torch.randn(16, 16),
-            "logit_scale": torch.tensor(4.6), "token_embedding.weight": torch.randn(64, 16),
-            "positional_embedding": torch.randn(8, 16),
-            "transformer.resblocks.0.attn.in_proj_weight": torch.randn(48, 16)}
+    text = {
+        "visual.head.proj.weight": torch.randn(16, 32),
+        "text_projection": torch.randn(16, 16),
+        "logit_scale": torch.tensor(4.6),
+        "token_embedding.weight": torch.randn(64, 16),
+        "positional_embedding": torch.randn(8, 16),
+        "transformer.resblocks.0.attn.in_proj_weight": torch.randn(48, 16),
+    }
     (tmp_path / "open_clip").mkdir()
     torch.save({**open_clip, **text}, tmp_path / "open_clip" / "open_clip_pytorch_model.bin")
 
@@ -176,8 +191,11 @@ def test_sam_trunk_loaded_and_pretrained_neck_never_loaded(tmp_path):
     sam.save_pretrained(tmp_path)
     native = read_native("sam-1024", str(tmp_path))
     expert = build_expert("sam-1024", TINY["sam-1024"]).eval()
-    ours = ["vision_tower.neck.conv1.weight", "vision_tower.neck.layer_norm1.weight",
-            "vision_tower.neck.layer_norm1.bias"]
+    ours = [
+        "vision_tower.neck.conv1.weight",
+        "vision_tower.neck.layer_norm1.weight",
+        "vision_tower.neck.layer_norm1.bias",
+    ]
     for k in ours:  # same names and shapes as the pretrained neck's first half
         assert native[k.replace("vision_tower.", "vision_encoder.")].shape == expert.state_dict()[k].shape
     before = {k: expert.state_dict()[k].clone() for k in ours}
@@ -185,11 +203,15 @@ def test_sam_trunk_loaded_and_pretrained_neck_never_loaded(tmp_path):
     conv = convert("sam-1024", native, expert)
     # Eagle: SamModel.vision_encoder with its neck replaced by a new one
     trunk = [k for k in native if k.startswith("vision_encoder.") and not k.startswith("vision_encoder.neck.")]
-    assert sorted(conv.loaded) == sorted("vision_tower." + k[len("vision_encoder."):] for k in trunk)
+    assert sorted(conv.loaded) == sorted("vision_tower." + k[len("vision_encoder.") :] for k in trunk)
     assert sorted(conv.new) == sorted(ours) and conv.mismatched == []
-    assert {"vision_encoder.neck.conv1.weight", "vision_encoder.neck.layer_norm1.weight",
-            "vision_encoder.neck.conv2.weight", "vision_encoder.neck.layer_norm2.bias",
-            "shared_image_embedding.positional_embedding"} <= set(conv.unused)
+    assert {
+        "vision_encoder.neck.conv1.weight",
+        "vision_encoder.neck.layer_norm1.weight",
+        "vision_encoder.neck.conv2.weight",
+        "vision_encoder.neck.layer_norm2.bias",
+        "shared_image_embedding.positional_embedding",
+    } <= set(conv.unused)
     assert any(k.startswith("mask_decoder.") for k in conv.unused)
     assert any(k.startswith("prompt_encoder.") for k in conv.unused)
     assert conv.summary() == f"sam-1024: {len(trunk)} loaded, 3 new, 0 mismatched, {len(native) - len(trunk)} unused"
@@ -209,8 +231,9 @@ def test_sam_trunk_loaded_and_pretrained_neck_never_loaded(tmp_path):
             h = layer(h)
             h = h[0] if isinstance(h, tuple) else h
         y = F.conv2d(h.permute(0, 3, 1, 2), after["vision_tower.neck.conv1.weight"]).permute(0, 2, 3, 1)
-        want = F.layer_norm(y, (8,), after["vision_tower.neck.layer_norm1.weight"],
-                            after["vision_tower.neck.layer_norm1.bias"], 1e-6).permute(0, 3, 1, 2)
+        want = F.layer_norm(
+            y, (8,), after["vision_tower.neck.layer_norm1.weight"], after["vision_tower.neck.layer_norm1.bias"], 1e-6
+        ).permute(0, 3, 1, 2)
         _assert_close(expert(x), want)
 
 
@@ -224,7 +247,7 @@ def test_pix2struct_encoder_from_conditional_generation_repo(tmp_path):
     expert, conv = _load("pix2struct-1024", native)
     # Eagle keeps `.encoder` of Pix2StructForConditionalGeneration: `encoder.X` is `vision_tower.X`
     encoder = [k for k in native if k.startswith("encoder.")]
-    assert sorted(conv.loaded) == sorted("vision_tower." + k[len("encoder."):] for k in encoder)
+    assert sorted(conv.loaded) == sorted("vision_tower." + k[len("encoder.") :] for k in encoder)
     assert sorted(conv.unused) == sorted(k for k in native if k.startswith("decoder."))
     assert conv.new == [] and "decoder.lm_head.weight" in conv.unused
 
@@ -252,10 +275,15 @@ def test_eva_detectron2_checkpoint_takes_ema_backbone_net_without_rope(tmp_path)
     expert, conv = _load("det-1024", native)
     # Eagle: keys containing `backbone.net.` with that prefix stripped, minus every key containing `rope`
     vit = [k for k in ema if k.startswith("backbone.net.") and "rope" not in k]
-    assert sorted(conv.loaded) == sorted("vision_tower." + k[len("backbone.net."):] for k in vit)
+    assert sorted(conv.loaded) == sorted("vision_tower." + k[len("backbone.net.") :] for k in vit)
     assert sorted(conv.unused) == sorted(set(ema) - set(vit))
-    assert {"backbone.net.rope_win.freqs_cos", "backbone.net.rope_glb.freqs_sin", "backbone.simfp_2.0.weight",
-            "roi_heads.box_predictor.0.cls_score.weight", "pixel_mean"} <= set(conv.unused)
+    assert {
+        "backbone.net.rope_win.freqs_cos",
+        "backbone.net.rope_glb.freqs_sin",
+        "backbone.simfp_2.0.weight",
+        "roi_heads.box_predictor.0.cls_score.weight",
+        "pixel_mean",
+    } <= set(conv.unused)
     assert conv.new == [] and conv.mismatched == [] and conv.format == "detectron2-vitdet"
     vt = expert.vision_tower
     assert torch.equal(vt.blocks[1].attn.q_bias, ema["backbone.net.blocks.1.attn.q_bias"])
@@ -266,7 +294,7 @@ def test_eva_detectron2_checkpoint_takes_ema_backbone_net_without_rope(tmp_path)
     oracle = build_expert("det-1024", TINY["det-1024"]).eval()
     with torch.no_grad():
         for k in vit:
-            oracle.vision_tower.get_parameter(k[len("backbone.net."):]).copy_(ema[k])
+            oracle.vision_tower.get_parameter(k[len("backbone.net.") :]).copy_(ema[k])
         _assert_close(expert(_canvas(64)), oracle(_canvas(64)))
 
     # a model state dict also stores the shared RoPE modules under every block: unused as well
@@ -326,17 +354,36 @@ def test_official_sizes_fill_the_full_experts_on_meta_device():
     import transformers as T
 
     with torch.device("meta"):
-        clip = T.CLIPModel(T.CLIPConfig(  # openai/clip-vit-large-patch14-336
-            vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                               patch_size=14, image_size=336, hidden_act="quick_gelu"),
-            text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-            projection_dim=768))
-        sam = T.SamModel(T.SamConfig(vision_config=dict(  # facebook/sam-vit-large
-            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, global_attn_indexes=[5, 11, 17, 23])))
-        p2s = T.Pix2StructForConditionalGeneration(T.Pix2StructConfig(  # google/pix2struct-large
-            vision_config=dict(hidden_size=1536, d_ff=3968, num_attention_heads=24, num_hidden_layers=18, d_kv=64,
-                               seq_len=4096),
-            text_config=dict(vocab_size=50244, hidden_size=1536, d_ff=3968, num_layers=18, num_heads=24, d_kv=64)))
+        clip = T.CLIPModel(
+            T.CLIPConfig(  # openai/clip-vit-large-patch14-336
+                vision_config=dict(
+                    hidden_size=1024,
+                    intermediate_size=4096,
+                    num_hidden_layers=24,
+                    num_attention_heads=16,
+                    patch_size=14,
+                    image_size=336,
+                    hidden_act="quick_gelu",
+                ),
+                text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+                projection_dim=768,
+            )
+        )
+        sam = T.SamModel(
+            T.SamConfig(
+                vision_config=dict(  # facebook/sam-vit-large
+                    hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, global_attn_indexes=[5, 11, 17, 23]
+                )
+            )
+        )
+        p2s = T.Pix2StructForConditionalGeneration(
+            T.Pix2StructConfig(  # google/pix2struct-large
+                vision_config=dict(
+                    hidden_size=1536, d_ff=3968, num_attention_heads=24, num_hidden_layers=18, d_kv=64, seq_len=4096
+                ),
+                text_config=dict(vocab_size=50244, hidden_size=1536, d_ff=3968, num_layers=18, num_heads=24, d_kv=64),
+            )
+        )
         convnext = timm.create_model("convnext_xxlarge", pretrained=False)
         want = {
             # embeddings 3 + pre-LN 2 + 24 layers x (q, k, v, out, fc1, fc2, 2 LNs: 16 tensors) + post-LN 2

@@ -12,8 +12,14 @@ import torch.nn.functional as F
 from eagle_fast.model.presets import TINY_EXPERTS
 from eagle_fast.ops import fused_preprocess
 from eagle_fast.vision.experts import build_expert
-from eagle_fast.vision.experts.eva import EvaBlock, EvaConfig, rope_2d, rotate_pairs, window_partition, \
-    window_unpartition
+from eagle_fast.vision.experts.eva import (
+    EvaBlock,
+    EvaConfig,
+    rope_2d,
+    rotate_pairs,
+    window_partition,
+    window_unpartition,
+)
 
 TINY = TINY_EXPERTS  # every expert of the eagle-tiny presets
 
@@ -62,10 +68,17 @@ def test_convnext_matches_timm_with_layer_scale_named_weight():
     sd = expert.vision_tower.state_dict()
     assert "stages.0.blocks.0.weight" in sd and not any(k.endswith("gamma") for k in sd)
     assert {"head.norm.weight", "head.fc.weight"} <= set(sd)
-    timm_model = TimmConvNeXt(depths=cfg["depths"], dims=cfg["dims"], num_classes=cfg["num_classes"],
-                              norm_eps=expert.cfg.eps).eval()
-    renamed = {(k[: -len("weight")] + "gamma" if k.count(".") == 4 and k.endswith("weight")
-                and ".blocks." in k and k.split(".")[-2].isdigit() else k): v for k, v in sd.items()}
+    timm_model = TimmConvNeXt(
+        depths=cfg["depths"], dims=cfg["dims"], num_classes=cfg["num_classes"], norm_eps=expert.cfg.eps
+    ).eval()
+    renamed = {
+        (
+            k[: -len("weight")] + "gamma"
+            if k.count(".") == 4 and k.endswith("weight") and ".blocks." in k and k.split(".")[-2].isdigit()
+            else k
+        ): v
+        for k, v in sd.items()
+    }
     missing, unexpected = timm_model.load_state_dict(renamed, strict=False)
     assert not unexpected and not missing
     x = _canvas(64)
@@ -80,13 +93,15 @@ def test_sam_replaced_neck_and_hf_trunk():
     expert = _randomize(build_expert("sam-1024", TINY["sam-1024"])).eval()
     sd = expert.state_dict()
     neck = {k for k in sd if ".neck." in k}
-    assert neck == {"vision_tower.neck.conv1.weight", "vision_tower.neck.layer_norm1.weight",
-                    "vision_tower.neck.layer_norm1.bias"}
+    assert neck == {
+        "vision_tower.neck.conv1.weight",
+        "vision_tower.neck.layer_norm1.weight",
+        "vision_tower.neck.layer_norm1.bias",
+    }
     assert expert.spec.unshuffle == 2 and expert.hidden_size == 32 and expert.grid == 2
     hf = SamVisionEncoder(expert.cfg.hf()).eval()
     missing, unexpected = hf.load_state_dict(expert.vision_tower.state_dict(), strict=False)
-    assert not unexpected and set(missing) == {"neck.conv2.weight", "neck.layer_norm2.weight",
-                                                "neck.layer_norm2.bias"}
+    assert not unexpected and set(missing) == {"neck.conv2.weight", "neck.layer_norm2.weight", "neck.layer_norm2.bias"}
     x = _canvas(64)
     h = hf.patch_embed(x) + hf.pos_embed
     for layer in hf.layers:
@@ -105,8 +120,10 @@ def test_pix2struct_first_grid_tokens_as_map():
 
     expert = _randomize(build_expert("pix2struct-1024", TINY["pix2struct-1024"])).eval()
     assert expert.grid == 4 and expert.input_key == "pix2struct"
-    images = [torch.randint(0, 256, (50, 70, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
-              for i in range(2)]
+    images = [
+        torch.randint(0, 256, (50, 70, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+        for i in range(2)
+    ]
     pre = fused_preprocess(images, canvas_size=64, clip_size=0, pix2struct_max_patches=16)
     hf = Pix2StructVisionModel(expert.cfg.hf()).eval()
     hf.load_state_dict(expert.vision_tower.state_dict())
@@ -119,8 +136,13 @@ def test_pix2struct_first_grid_tokens_as_map():
 
 def test_official_expert_sizes_on_meta_device():
     """Full-size experts build from their configs alone (no weights looked for) with Eagle's dims."""
-    want = {"clip-448": (1024, 24, 1), "convnext-1024": (3072, 32, 1), "sam-1024": (1024, 32, 2),
-            "det-1024": (1024, 64, 1), "pix2struct-1024": (1536, 45, 1)}
+    want = {
+        "clip-448": (1024, 24, 1),
+        "convnext-1024": (3072, 32, 1),
+        "sam-1024": (1024, 32, 2),
+        "det-1024": (1024, 64, 1),
+        "pix2struct-1024": (1536, 45, 1),
+    }
     with torch.device("meta"):
         for name, (hidden, grid, unshuffle) in want.items():
             e = build_expert(name)
@@ -155,7 +177,9 @@ def test_eva_rope_tables_match_formula():
                 assert math.isclose(cos[r * n + c, ch].item(), math.cos(angle), abs_tol=1e-6)
                 assert math.isclose(sin[r * n + c, ch].item(), math.sin(angle), abs_tol=1e-6)
     x = torch.randn(3, 8)
-    assert torch.equal(rotate_pairs(x).view(3, 4, 2), torch.stack([-x.view(3, 4, 2)[..., 1], x.view(3, 4, 2)[..., 0]], -1))
+    assert torch.equal(
+        rotate_pairs(x).view(3, 4, 2), torch.stack([-x.view(3, 4, 2)[..., 1], x.view(3, 4, 2)[..., 0]], -1)
+    )
 
 
 def test_eva_pos_embed_resampling_is_bicubic_interpolate():
@@ -181,9 +205,14 @@ def test_eva_global_block_equals_one_full_window():
 def test_eva_expert_forward_backward_and_keys():
     expert = _randomize(build_expert("det-1024", TINY["det-1024"]))
     keys = set(expert.state_dict())
-    for k in ("vision_tower.patch_embed.proj.bias", "vision_tower.pos_embed", "vision_tower.blocks.0.attn.q_bias",
-              "vision_tower.blocks.0.attn.v_bias", "vision_tower.blocks.2.mlp.ffn_ln.weight",
-              "vision_tower.blocks.1.mlp.w3.weight"):
+    for k in (
+        "vision_tower.patch_embed.proj.bias",
+        "vision_tower.pos_embed",
+        "vision_tower.blocks.0.attn.q_bias",
+        "vision_tower.blocks.0.attn.v_bias",
+        "vision_tower.blocks.2.mlp.ffn_ln.weight",
+        "vision_tower.blocks.1.mlp.w3.weight",
+    ):
         assert k in keys, k
     assert not any("rope" in k or "k_bias" in k for k in keys)
     out = expert(_canvas(64))

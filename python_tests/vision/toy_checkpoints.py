@@ -30,8 +30,17 @@ def clip_model(**vision_overrides):
 
     vision = ClipConfig(**TINY["clip-448"]).hf().to_dict()
     vision.update(vision_overrides)
-    text = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text = dict(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     return randomize(CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))).eval()
 
 
@@ -40,13 +49,15 @@ def timm_convnext(num_classes: int | None = None):
     from timm.models.convnext import ConvNeXt
 
     cfg = TINY["convnext-1024"]
-    return randomize(ConvNeXt(depths=cfg["depths"], dims=cfg["dims"], num_classes=num_classes or cfg["num_classes"],
-                              norm_eps=1e-5)).eval()
+    return randomize(
+        ConvNeXt(depths=cfg["depths"], dims=cfg["dims"], num_classes=num_classes or cfg["num_classes"], norm_eps=1e-5)
+    ).eval()
 
 
 def sam_model():
     """A SamModel (the layout of facebook/sam-vit-large) with the tiny image encoder."""
-    from transformers import SamConfig as HFSamConfig, SamModel
+    from transformers import SamConfig as HFSamConfig
+    from transformers import SamModel
 
     vision = SamConfig(**TINY["sam-1024"]).hf().to_dict()
     prompt = dict(hidden_size=8, image_size=64, patch_size=16, mask_input_channels=4)
@@ -57,7 +68,8 @@ def sam_model():
 
 def pix2struct_model():
     """A Pix2StructForConditionalGeneration (the layout of google/pix2struct-large), tiny encoder."""
-    from transformers import Pix2StructConfig as HFPix2StructConfig, Pix2StructForConditionalGeneration
+    from transformers import Pix2StructConfig as HFPix2StructConfig
+    from transformers import Pix2StructForConditionalGeneration
 
     vision = Pix2StructConfig(**TINY["pix2struct-1024"]).hf().to_dict()
     text = dict(vocab_size=64, hidden_size=16, d_ff=32, d_kv=8, num_heads=2, num_layers=1)
@@ -71,22 +83,37 @@ def pix2struct_model():
 # preset), P (patch), N (1 + pretrain grid^2: the 224-pixel pre-training table with a CLS entry).
 EVA_TOP = {"patch_embed.proj.weight": ("D", 3, "P", "P"), "patch_embed.proj.bias": ("D",), "pos_embed": (1, "N", "D")}
 EVA_BLOCK = {
-    "norm1.weight": ("D",), "norm1.bias": ("D",),
-    "attn.q_proj.weight": ("D", "D"), "attn.k_proj.weight": ("D", "D"), "attn.v_proj.weight": ("D", "D"),
-    "attn.q_bias": ("D",), "attn.v_bias": ("D",),  # no k bias in EVA's attention
-    "attn.proj.weight": ("D", "D"), "attn.proj.bias": ("D",),
-    "norm2.weight": ("D",), "norm2.bias": ("D",),
-    "mlp.w1.weight": ("H", "D"), "mlp.w1.bias": ("H",), "mlp.w2.weight": ("H", "D"), "mlp.w2.bias": ("H",),
-    "mlp.ffn_ln.weight": ("H",), "mlp.ffn_ln.bias": ("H",),  # SwiGLU with subln=True
-    "mlp.w3.weight": ("D", "H"), "mlp.w3.bias": ("D",),
+    "norm1.weight": ("D",),
+    "norm1.bias": ("D",),
+    "attn.q_proj.weight": ("D", "D"),
+    "attn.k_proj.weight": ("D", "D"),
+    "attn.v_proj.weight": ("D", "D"),
+    "attn.q_bias": ("D",),
+    "attn.v_bias": ("D",),  # no k bias in EVA's attention
+    "attn.proj.weight": ("D", "D"),
+    "attn.proj.bias": ("D",),
+    "norm2.weight": ("D",),
+    "norm2.bias": ("D",),
+    "mlp.w1.weight": ("H", "D"),
+    "mlp.w1.bias": ("H",),
+    "mlp.w2.weight": ("H", "D"),
+    "mlp.w2.bias": ("H",),
+    "mlp.ffn_ln.weight": ("H",),
+    "mlp.ffn_ln.bias": ("H",),  # SwiGLU with subln=True
+    "mlp.w3.weight": ("D", "H"),
+    "mlp.w3.bias": ("D",),
 }
 # Detector parts around the ViT (a few of each kind), all unused by Eagle.
 EVA_DETECTOR = {
-    "backbone.simfp_2.0.weight": (32, 16, 2, 2), "backbone.simfp_2.1.weight": (16,),
-    "backbone.simfp_3.0.weight": (32, 16, 2, 2), "backbone.simfp_4.0.weight": (8, 32, 1, 1),
+    "backbone.simfp_2.0.weight": (32, 16, 2, 2),
+    "backbone.simfp_2.1.weight": (16,),
+    "backbone.simfp_3.0.weight": (32, 16, 2, 2),
+    "backbone.simfp_4.0.weight": (8, 32, 1, 1),
     "proposal_generator.rpn_head.conv.weight": (8, 8, 3, 3),
-    "roi_heads.box_predictor.0.cls_score.weight": (366, 16), "roi_heads.mask_head.predictor.weight": (1, 8, 1, 1),
-    "pixel_mean": (3, 1, 1), "pixel_std": (3, 1, 1),
+    "roi_heads.box_predictor.0.cls_score.weight": (366, 16),
+    "roi_heads.mask_head.predictor.weight": (1, 8, 1, 1),
+    "pixel_mean": (3, 1, 1),
+    "pixel_std": (3, 1, 1),
 }
 
 
@@ -95,7 +122,7 @@ def eva_vitdet_state(seed: int = 0, with_block_rope: bool = False) -> dict[str, 
     its RoPE tables `rope_win` / `rope_glb` (and, as a model state_dict stores shared modules under
     every path, `blocks.N.attn.rope.*`), and detector heads."""
     cfg = EvaConfig(**TINY["det-1024"])
-    sizes = {"D": cfg.dim, "H": cfg.mlp_hidden, "P": cfg.patch_size, "N": 1 + cfg.pretrain_grid ** 2}
+    sizes = {"D": cfg.dim, "H": cfg.mlp_hidden, "P": cfg.patch_size, "N": 1 + cfg.pretrain_grid**2}
     g = torch.Generator().manual_seed(seed)
 
     def rand(shape):

@@ -71,7 +71,7 @@ def sft7b(preset: str = "eagle-x5-7b", device: str = "cuda", batch_size: int = 4
     from transformers import AutoTokenizer
 
     from eagle_fast.data import EagleCollator, EagleDataset
-    from eagle_fast.data.builtin import easy_vqa_dataset
+    from eagle_fast.data.easy_vqa import easy_vqa_dataset
     from eagle_fast.model import EagleLlamaForCausalLM, presets
     from eagle_fast.train.builders import builtin_tokenizer_dir
     from eagle_fast.vision.processor import EagleImageProcessor
@@ -91,14 +91,28 @@ def sft7b(preset: str = "eagle-x5-7b", device: str = "cuda", batch_size: int = 4
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     data = easy_vqa_dataset("easy_vqa")
-    ds = EagleDataset(data.sft, data.image_folder, tok, EagleImageProcessor.from_model_config(cfg), "vicuna_v1",
-                      2048, image_tokens=cfg.mm_grid ** 2, seed=0)
+    ds = EagleDataset(
+        data.sft,
+        data.image_folder,
+        tok,
+        EagleImageProcessor.from_model_config(cfg),
+        "vicuna_v1",
+        2048,
+        image_tokens=cfg.mm_grid**2,
+        seed=0,
+    )
     batch = EagleCollator(pad_token_id=tok.pad_token_id)([ds[i] for i in range(batch_size)])
-    batch = _to({k: batch[k] for k in ("input_ids", "attention_mask", "labels", "images", "packed_seq_lens")
-                 if batch.get(k) is not None}, device)
+    batch = _to(
+        {
+            k: batch[k]
+            for k in ("input_ids", "attention_mask", "labels", "images", "packed_seq_lens")
+            if batch.get(k) is not None
+        },
+        device,
+    )
     mask = batch["attention_mask"].bool()
     images = int(((batch["input_ids"] == -200) & mask).sum())
-    tokens = int(mask.sum()) - images + images * cfg.mm_grid ** 2  # rows once each image is spliced in
+    tokens = int(mask.sum()) - images + images * cfg.mm_grid**2  # rows once each image is spliced in
 
     def micro_step() -> float:
         out = model(**batch)
@@ -119,11 +133,18 @@ def sft7b(preset: str = "eagle-x5-7b", device: str = "cuda", batch_size: int = 4
         torch.cuda.synchronize()
     dt = (time.time() - t0) / repeats
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    return {"preset": preset, "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
-            "batch": batch_size, "tokens": tokens,
-            "loss": round(loss, 4), "micro_step_s": round(dt, 3), "tokens_per_s": round(tokens / dt, 1),
-            "peak_memory_gib": peak and round(peak, 2), "build_s": round(build_s, 1),
-            "note": "forward + backward (gradients accumulate over the repeats); no optimizer step"}
+    return {
+        "preset": preset,
+        "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+        "batch": batch_size,
+        "tokens": tokens,
+        "loss": round(loss, 4),
+        "micro_step_s": round(dt, 3),
+        "tokens_per_s": round(tokens / dt, 1),
+        "peak_memory_gib": peak and round(peak, 2),
+        "build_s": round(build_s, 1),
+        "note": "forward + backward (gradients accumulate over the repeats); no optimizer step",
+    }
 
 
 def attention(device: str = "cuda", shapes=((8, 2048), (2, 8192)), width: int | None = None) -> dict:
@@ -131,12 +152,25 @@ def attention(device: str = "cuda", shapes=((8, 2048), (2, 8192)), width: int | 
 
     rows = []
     for d, causal in ((64, False), (128, True)):
-        rows += run(AttentionBenchConfig(device=device, dtype="bfloat16", head_dims=(d,), causal=(causal,),
-                                         shapes=shapes, width=width, repeats=5))
+        rows += run(
+            AttentionBenchConfig(
+                device=device, dtype="bfloat16", head_dims=(d,), causal=(causal,), shapes=shapes, width=width, repeats=5
+            )
+        )
     sdpa = {(r.shape, r.extra["mode"]): r.items_per_s for r in rows if r.provider == "sdpa"}
-    return {"rows": [{"shape": r.shape, "mode": r.extra["mode"], "provider": r.provider, "ms": round(r.median_ms, 4),
-                      "tflops": round(r.items_per_s, 2),
-                      "vs_sdpa": round(r.items_per_s / sdpa[(r.shape, r.extra["mode"])], 3)} for r in rows]}
+    return {
+        "rows": [
+            {
+                "shape": r.shape,
+                "mode": r.extra["mode"],
+                "provider": r.provider,
+                "ms": round(r.median_ms, 4),
+                "tflops": round(r.items_per_s, 2),
+                "vs_sdpa": round(r.items_per_s / sdpa[(r.shape, r.extra["mode"])], 3),
+            }
+            for r in rows
+        ]
+    }
 
 
 def lce(V: int = 128256, H: int = 4096, N: int = 8192, device: str = "cuda") -> dict:
@@ -148,8 +182,12 @@ def lce(V: int = 128256, H: int = 4096, N: int = 8192, device: str = "cuda") -> 
 
     cuda = device.startswith("cuda")
     hidden, weight, labels = make_problem(V, H, N, 1.0, torch.bfloat16, device)  # every row learned
-    out = {"shape": f"V{V} H{H} N{N}", "dtype": "bfloat16", "learned_rows": int((labels != -100).sum()),
-           "fp32_logits_gib": round(N * V * 4 / 2**30, 2)}
+    out = {
+        "shape": f"V{V} H{H} N{N}",
+        "dtype": "bfloat16",
+        "learned_rows": int((labels != -100).sum()),
+        "fp32_logits_gib": round(N * V * 4 / 2**30, 2),
+    }
     for provider in PROVIDERS:
         fn = loss_fn(provider)
 
@@ -177,15 +215,23 @@ def preprocess(device: str = "cuda", n: int = 32) -> dict:
 
     sizes = [(480, 640), (768, 1024), (1080, 1920), (333, 500), (1024, 1024), (427, 640), (2000, 1500), (64, 64)]
     g = torch.Generator().manual_seed(0)
-    batch = [torch.randint(0, 256, (*sizes[i % len(sizes)], 3), dtype=torch.uint8, generator=g).to(device)
-             for i in range(n)]
+    batch = [
+        torch.randint(0, 256, (*sizes[i % len(sizes)], 3), dtype=torch.uint8, generator=g).to(device) for i in range(n)
+    ]
     out = {"batch": len(batch), "sizes": sorted(set(sizes))}
     for dtype in (torch.float32, torch.bfloat16):
         for backend in ("auto", "triton"):
-            ms = time_ms(lambda d=dtype, b=backend: fused_preprocess(batch, dtype=d, backend=b), repeats=7, warmup=2,
-                         cuda=device.startswith("cuda"), min_sample_ms=100)
-            out[f"{backend} {str(dtype).removeprefix('torch.')}"] = {"ms": round(ms, 3),
-                                                                     "images_per_s": round(len(batch) / ms * 1e3, 1)}
+            ms = time_ms(
+                lambda d=dtype, b=backend: fused_preprocess(batch, dtype=d, backend=b),
+                repeats=7,
+                warmup=2,
+                cuda=device.startswith("cuda"),
+                min_sample_ms=100,
+            )
+            out[f"{backend} {str(dtype).removeprefix('torch.')}"] = {
+                "ms": round(ms, 3),
+                "images_per_s": round(len(batch) / ms * 1e3, 1),
+            }
     return out
 
 

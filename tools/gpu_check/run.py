@@ -38,13 +38,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # (name, function, timeout_s, steps it needs besides the build): tier-1 timeouts are generous
 # ceilings, not the ~4 minute aim
 TIER1: list[tuple[str, Callable, float, tuple[str, ...]]] = [
-    ("cuda-tests", steps.cuda_tests, 420, ()), ("train-gpu", steps.train_gpu, 300, ()),
-    ("train-step1-vs-cpu", steps.train_step1_vs_cpu, 300, ("train-gpu",)), ("chat-gpu-vs-cpu", steps.chat, 180, ()),
-    ("serve-stream", steps.serve_stream, 180, ()), ("eval-easy-vqa", steps.eval_easy_vqa, 240, ()),
+    ("cuda-tests", steps.cuda_tests, 420, ()),
+    ("train-gpu", steps.train_gpu, 300, ()),
+    ("train-step1-vs-cpu", steps.train_step1_vs_cpu, 300, ("train-gpu",)),
+    ("chat-gpu-vs-cpu", steps.chat, 180, ()),
+    ("serve-stream", steps.serve_stream, 180, ()),
+    ("eval-easy-vqa", steps.eval_easy_vqa, 240, ()),
 ]
 # (name, checks.py body, estimated seconds): started only when the estimate fits the time left
 TIER2: list[tuple[str, str, float]] = [
-    ("sft7b", "sft7b", 150), ("attention", "attention", 90), ("lce-128k", "lce", 45), ("preprocess", "preprocess", 30),
+    ("sft7b", "sft7b", 150),
+    ("attention", "attention", 90),
+    ("lce-128k", "lce", 45),
+    ("preprocess", "preprocess", 30),
 ]
 
 
@@ -63,8 +69,15 @@ class StepRunner:
     def status(self, name: str) -> str | None:
         return next((s["status"] for s in self.steps if s["name"] == name), None)
 
-    def run(self, name: str, tier: int, fn: Callable[[float], dict], timeout: float, estimate_s: float = 0.0,
-            needs: tuple[str, ...] = ()) -> dict:
+    def run(
+        self,
+        name: str,
+        tier: int,
+        fn: Callable[[float], dict],
+        timeout: float,
+        estimate_s: float = 0.0,
+        needs: tuple[str, ...] = (),
+    ) -> dict:
         rec: dict = {"name": name, "tier": tier}
         t0 = time.time()
         blocked = [n for n in needs if self.status(n) != "passed"]
@@ -72,8 +85,9 @@ class StepRunner:
             rec.update(status="skipped", reason=f"time budget: {self.left():.0f} s left, ~{estimate_s:.0f} s needed")
         elif blocked:
             # tier 1 never skips: a step that cannot run fails with the reason
-            rec.update(status="failed" if tier == 1 else "skipped",
-                       reason=f"not run: {', '.join(blocked)} did not pass")
+            rec.update(
+                status="failed" if tier == 1 else "skipped", reason=f"not run: {', '.join(blocked)} did not pass"
+            )
         else:
             if tier >= 2:
                 timeout = max(min(timeout, self.left()), 1.0)
@@ -86,8 +100,11 @@ class StepRunner:
                 rec.update(status="failed", error=f"{type(e).__name__}: {e}\n{traceback.format_exc()[-4000:]}")
         rec["time_s"] = round(time.time() - t0, 1)
         self.steps.append(rec)
-        print(f"[gpu-check] {name}: {rec['status']} ({rec['time_s']} s)"
-              + (f"\n{rec.get('error') or rec.get('reason')}" if rec["status"] != "passed" else ""), flush=True)
+        print(
+            f"[gpu-check] {name}: {rec['status']} ({rec['time_s']} s)"
+            + (f"\n{rec.get('error') or rec.get('reason')}" if rec["status"] != "passed" else ""),
+            flush=True,
+        )
         self.on_record()
         return rec
 
@@ -100,30 +117,46 @@ def slug(text: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser("python3 tools/gpu_check/run.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        "python3 tools/gpu_check/run.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--tier", type=int, choices=(1, 2), default=2, help="highest tier to run (default 2)")
-    p.add_argument("--budget-s", type=float, default=480.0,
-                   help="seconds for the whole run; tier-2 steps start only while their estimate fits (default 480)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=480.0,
+        help="seconds for the whole run; tier-2 steps start only while their estimate fits (default 480)",
+    )
     p.add_argument("--wheels", default=os.path.join(REPO, "gpu-wheels"), help="folder made by make gpu-wheels")
     p.add_argument("--work", default=None, help="scratch folder (default: a new temporary one, kept)")
-    p.add_argument("--out", default=None, help="results JSON (default docs/bench/gpu-check-<gpu>-<date>.json; "
-                                               "without a GPU, none unless given)")
-    p.add_argument("--also-copy-to", default=None,
-                   help="folder that also receives the results JSON and the steps' logs (gpu-check-logs.tar.gz)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="results JSON (default docs/bench/gpu-check-<gpu>-<date>.json; without a GPU, none unless given)",
+    )
+    p.add_argument(
+        "--also-copy-to",
+        default=None,
+        help="folder that also receives the results JSON and the steps' logs (gpu-check-logs.tar.gz)",
+    )
     p.add_argument("--skip-build", action="store_true", help="use the eagle_fast this interpreter already imports")
-    p.add_argument("--no-cpu-smoke", dest="cpu_smoke", action="store_false",
-                   help="without a GPU: skip the two CPU training steps")
+    p.add_argument(
+        "--no-cpu-smoke", dest="cpu_smoke", action="store_false", help="without a GPU: skip the two CPU training steps"
+    )
     p.add_argument("--require-gpu", action="store_true", help="exit 1 when no CUDA device is found")
     return p.parse_args(argv)
 
 
 def library_versions(py: str, env: dict) -> dict:
-    code = ("import importlib.metadata as m, json\nout = {}\n"
-            "for d in ('torch','transformers','triton','peft','numpy','tokenizers','fastapi','uvicorn','pytest',"
-            "'scikit-build-core','cmake','ninja','easy-vqa','matplotlib'):\n"
-            "    try: out[d] = m.version(d)\n    except m.PackageNotFoundError: out[d] = None\nprint(json.dumps(out))")
+    code = (
+        "import importlib.metadata as m, json\nout = {}\n"
+        "for d in ('torch','transformers','triton','peft','numpy','tokenizers','fastapi','uvicorn','pytest',"
+        "'scikit-build-core','cmake','ninja','easy-vqa','matplotlib'):\n"
+        "    try: out[d] = m.version(d)\n    except m.PackageNotFoundError: out[d] = None\nprint(json.dumps(out))"
+    )
     try:
         out = subprocess.run([py, "-c", code], capture_output=True, text=True, env=env, timeout=60)
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -133,8 +166,12 @@ def library_versions(py: str, env: dict) -> dict:
 
 def git_sha() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
-                              timeout=10).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -149,28 +186,48 @@ def main(argv: list[str] | None = None) -> int:
     env_report = setup_env.report(args.wheels)
     torch = setup_env.torch_info(py)
     gpu = bool(torch.get("cuda_available"))
-    print(f"[gpu-check] python {env_report['python']} ({py}); torch {torch.get('torch')} "
-          f"(CUDA build {torch.get('torch_cuda')}); GPU: {torch.get('gpu') or 'none'}; work folder {work}")
+    print(
+        f"[gpu-check] python {env_report['python']} ({py}); torch {torch.get('torch')} "
+        f"(CUDA build {torch.get('torch_cuda')}); GPU: {torch.get('gpu') or 'none'}; work folder {work}"
+    )
     missing = [f"{d} [{m['for']}]" for d, m in env_report["modules"].items() if not m["importable"]]
     print("[gpu-check] not importable here: " + ("; ".join(missing) or "nothing"))
     w = env_report["wheels"]
-    print(f"[gpu-check] wheels folder {w['path']}: " + (f"{w['wheels']} wheels, {w['mib']} MiB (built for Python "
-          f"{w['built_for_python']}, cmake wheel {'in' if w['with_cmake'] else 'not in'} it)" if w["present"]
-          else "absent (make gpu-wheels)"))
+    print(
+        f"[gpu-check] wheels folder {w['path']}: "
+        + (
+            f"{w['wheels']} wheels, {w['mib']} MiB (built for Python "
+            f"{w['built_for_python']}, cmake wheel {'in' if w['with_cmake'] else 'not in'} it)"
+            if w["present"]
+            else "absent (make gpu-wheels)"
+        )
+    )
     here = ".".join(env_report["python"].split(".")[:2])
     if w["present"] and w["built_for_python"] and w["built_for_python"] != here:
-        print(f"[gpu-check] the wheels were fetched for Python {w['built_for_python']}, this is {here}: its "
-              f"compiled wheels will not install (make gpu-wheels GPU_PYTHON_VERSION={here})")
+        print(
+            f"[gpu-check] the wheels were fetched for Python {w['built_for_python']}, this is {here}: its "
+            f"compiled wheels will not install (make gpu-wheels GPU_PYTHON_VERSION={here})"
+        )
     if w["present"]:
         env_report["would_install"], env_report["install_notes"] = setup_env.install_plan(args.wheels)
         print("[gpu-check] would install from it: " + (", ".join(env_report["would_install"]) or "nothing"))
     cm = env_report["cmake"]
-    print(f"[gpu-check] cmake: python package {cm['module']}, on PATH {cm['path']} {cm['path_version'] or ''}; "
-          f"nvcc: {env_report['nvcc'] or 'none (no CUDA library; Triton kernels only)'}")
+    print(
+        f"[gpu-check] cmake: python package {cm['module']}, on PATH {cm['path']} {cm['path_version'] or ''}; "
+        f"nvcc: {env_report['nvcc'] or 'none (no CUDA library; Triton kernels only)'}"
+    )
 
     started = datetime.datetime.now(datetime.timezone.utc)
-    results: dict = {"gpu": torch.get("gpu"), "date": started.isoformat(timespec="seconds"), "git": git_sha(),
-                     "torch": torch, "environment": env_report, "budget_s": args.budget_s, "work": work, "steps": []}
+    results: dict = {
+        "gpu": torch.get("gpu"),
+        "date": started.isoformat(timespec="seconds"),
+        "git": git_sha(),
+        "torch": torch,
+        "environment": env_report,
+        "budget_s": args.budget_s,
+        "work": work,
+        "steps": [],
+    }
     out = args.out
     if out is None and gpu:
         out = os.path.join(REPO, "docs", "bench", f"gpu-check-{slug(torch['gpu'])}-{started.date().isoformat()}.json")
@@ -194,10 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     ctx = steps.Context(py=py, repo=REPO, work=work, env=dict(os.environ))
 
     if not gpu:
-        print("[gpu-check] no CUDA device (" + (f"torch does not import: {torch['error']}" if torch.get("error")
-                                                else "torch sees none") + "). Running the CPU-safe parts only: "
-              + "the environment report above" + (", two CPU training steps of eagle-tiny-x5" if args.cpu_smoke
-                                                   and not torch.get("error") else "") + ".", flush=True)
+        print(
+            "[gpu-check] no CUDA device ("
+            + (f"torch does not import: {torch['error']}" if torch.get("error") else "torch sees none")
+            + "). Running the CPU-safe parts only: "
+            + "the environment report above"
+            + (", two CPU training steps of eagle-tiny-x5" if args.cpu_smoke and not torch.get("error") else "")
+            + ".",
+            flush=True,
+        )
         results["mode"] = "cpu-only"
         if args.cpu_smoke and not torch.get("error"):
             try:
@@ -216,11 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         runner.run("build", 1, lambda t: setup_env.probe(py, ctx.env, REPO), timeout=300)
     else:
         ctx.env = setup_env.build_env(site_dir)
-        runner.run("install-wheels", 1, lambda t: setup_env.install(py, args.wheels, site_dir, ctx.log("install")),
-                   timeout=300)
+        runner.run(
+            "install-wheels", 1, lambda t: setup_env.install(py, args.wheels, site_dir, ctx.log("install")), timeout=300
+        )
         # built even when some wheel did not install: one run on the GPU machine should tell all it can
-        runner.run("build", 1, lambda t: setup_env.build(py, REPO, args.wheels, site_dir, ctx.log("build"), t),
-                   timeout=900)
+        runner.run(
+            "build", 1, lambda t: setup_env.build(py, REPO, args.wheels, site_dir, ctx.log("build"), t), timeout=900
+        )
     if runner.status("build") == "passed":
         ctx.info = runner.steps[-1]["detail"]
         steps.start_cpu_step1(ctx, timeout=600)
@@ -232,11 +296,19 @@ def main(argv: list[str] | None = None) -> int:
     results["tier1_s"] = round(time.time() - runner.start, 1)
     if args.tier >= 2:
         for name, body, estimate in TIER2:
-            runner.run(name, 2, lambda t, body=body: steps.checks(ctx, body, t), timeout=600, estimate_s=estimate,
-                       needs=("build",))
+            runner.run(
+                name,
+                2,
+                lambda t, body=body: steps.checks(ctx, body, t),
+                timeout=600,
+                estimate_s=estimate,
+                needs=("build",),
+            )
     save()
-    print("\n[gpu-check] summary\n" + "\n".join(
-        f"  tier {s['tier']}  {s['status']:8s} {s['time_s']:7.1f} s  {s['name']}" for s in runner.steps))
+    print(
+        "\n[gpu-check] summary\n"
+        + "\n".join(f"  tier {s['tier']}  {s['status']:8s} {s['time_s']:7.1f} s  {s['name']}" for s in runner.steps)
+    )
     print(f"[gpu-check] tier 1 took {results['tier1_s']} s; results: {out}")
     return runner.exit_code()
 

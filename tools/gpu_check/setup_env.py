@@ -20,18 +20,30 @@ import zipfile
 
 # (import name, distribution, what needs it); checked, never imported, by the report
 MODULES = [
-    ("torch", "torch", "everything"), ("transformers", "transformers", "the model"),
-    ("triton", "triton", "Triton kernels"), ("peft", "peft", "LoRA (not run by the check)"),
-    ("numpy", "numpy", "data"), ("PIL", "pillow", "images"), ("safetensors", "safetensors", "checkpoints"),
-    ("tqdm", "tqdm", "progress"), ("sentencepiece", "sentencepiece", "Llama tokenizer"),
-    ("tokenizers", "tokenizers", "tokenizers"), ("huggingface_hub", "huggingface-hub", "transformers"),
-    ("yaml", "pyyaml", "train --config"), ("google.protobuf", "protobuf", "tokenizer.model conversion"),
-    ("matplotlib", "matplotlib", "loss.png of every training run"), ("fastapi", "fastapi", "serve"),
-    ("starlette", "starlette", "serve"), ("uvicorn", "uvicorn", "serve"), ("pydantic", "pydantic", "serve"),
+    ("torch", "torch", "everything"),
+    ("transformers", "transformers", "the model"),
+    ("triton", "triton", "Triton kernels"),
+    ("peft", "peft", "LoRA (not run by the check)"),
+    ("numpy", "numpy", "data"),
+    ("PIL", "pillow", "images"),
+    ("safetensors", "safetensors", "checkpoints"),
+    ("tqdm", "tqdm", "progress"),
+    ("sentencepiece", "sentencepiece", "Llama tokenizer"),
+    ("tokenizers", "tokenizers", "tokenizers"),
+    ("huggingface_hub", "huggingface-hub", "transformers"),
+    ("yaml", "pyyaml", "train --config"),
+    ("google.protobuf", "protobuf", "tokenizer.model conversion"),
+    ("matplotlib", "matplotlib", "loss.png of every training run"),
+    ("fastapi", "fastapi", "serve"),
+    ("starlette", "starlette", "serve"),
+    ("uvicorn", "uvicorn", "serve"),
+    ("pydantic", "pydantic", "serve"),
     ("easy_vqa", "easy-vqa", "built-in easy-VQA data"),
     ("mistral_common", "mistral-common", "Llama SentencePiece model"),
-    ("pytest", "pytest", "cuda tests"), ("scikit_build_core", "scikit-build-core", "build"),
-    ("ninja", "ninja", "build (make is the fallback)"), ("cmake", "cmake", "build (a cmake on PATH is the fallback)"),
+    ("pytest", "pytest", "cuda tests"),
+    ("scikit_build_core", "scikit-build-core", "build"),
+    ("ninja", "ninja", "build (make is the fallback)"),
+    ("cmake", "cmake", "build (a cmake on PATH is the fallback)"),
     ("sklearn", "scikit-learn", "real photos in the fused_preprocess cuda test (not shipped: with scipy ~50 MB)"),
     ("deepspeed", "deepspeed", "multi-GPU ZeRO only (not run by the check)"),
 ]
@@ -119,10 +131,12 @@ def nvcc_found() -> str | None:
 def torch_info(py: str, env: dict | None = None) -> dict:
     """torch's version, CUDA build and device, asked in a subprocess (the driver never imports torch,
     so that a broken CUDA setup cannot take it down)."""
-    code = ("import json, torch; c = torch.cuda.is_available(); print(json.dumps({'torch': torch.__version__, "
-            "'torch_cuda': torch.version.cuda, 'cuda_available': c, "
-            "'gpu': torch.cuda.get_device_name() if c else None, "
-            "'gpu_memory_gib': round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if c else None}))")
+    code = (
+        "import json, torch; c = torch.cuda.is_available(); print(json.dumps({'torch': torch.__version__, "
+        "'torch_cuda': torch.version.cuda, 'cuda_available': c, "
+        "'gpu': torch.cuda.get_device_name() if c else None, "
+        "'gpu_memory_gib': round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if c else None}))"
+    )
     try:
         out = subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=180, env=env)
     except subprocess.TimeoutExpired:
@@ -145,8 +159,14 @@ def wheels_folder(folder: str) -> dict:
     if os.path.isfile(os.path.join(folder, "manifest.json")):
         with open(os.path.join(folder, "manifest.json")) as f:
             manifest = json.load(f)
-    return {"path": folder, "present": True, "wheels": len(wheels), "mib": round(size / 2**20, 1),
-            "built_for_python": manifest.get("python"), "with_cmake": manifest.get("with_cmake")}
+    return {
+        "path": folder,
+        "present": True,
+        "wheels": len(wheels),
+        "mib": round(size / 2**20, 1),
+        "built_for_python": manifest.get("python"),
+        "with_cmake": manifest.get("with_cmake"),
+    }
 
 
 def report(wheels: str) -> dict:
@@ -155,9 +175,17 @@ def report(wheels: str) -> dict:
     for mod, dist, why in MODULES:
         present = has_module(mod)
         modules[dist] = {"importable": present, "version": dist_version(dist) if present else None, "for": why}
-    return {"python": platform.python_version(), "executable": sys.executable, "platform": platform.platform(),
-            "cpus": os.cpu_count(), "modules": modules, "nvcc": nvcc_found(), "cmake": cmake_found(),
-            "nvidia_smi": shutil.which("nvidia-smi"), "wheels": wheels_folder(wheels)}
+    return {
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "modules": modules,
+        "nvcc": nvcc_found(),
+        "cmake": cmake_found(),
+        "nvidia_smi": shutil.which("nvidia-smi"),
+        "wheels": wheels_folder(wheels),
+    }
 
 
 def _wheel_meta(path: str) -> tuple[str, str, list[str]]:
@@ -228,8 +256,26 @@ def install(py: str, folder: str, site_dir: str, log: str) -> dict:
         return {"installed": [], "notes": [f"no wheels folder {folder}: nothing installed (make gpu-wheels)"]}
     plan, notes = install_plan(folder)
     if plan:
-        run_logged([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index", "--no-deps",
-                    "--no-compile", "--find-links", folder, "--target", site_dir, *plan], log, timeout=300)
+        run_logged(
+            [
+                py,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "--no-index",
+                "--no-deps",
+                "--no-compile",
+                "--find-links",
+                folder,
+                "--target",
+                site_dir,
+                *plan,
+            ],
+            log,
+            timeout=300,
+        )
     assets = os.path.join(folder, "assets")
     for name in sorted(os.listdir(assets)) if os.path.isdir(assets) else []:
         if not has_module(name):  # only where the real package is absent
@@ -276,8 +322,21 @@ def build(py: str, repo: str, folder: str, site_dir: str, log: str, timeout: flo
     prepare_site(site_dir)
     env = build_env(site_dir)
     links = ["--find-links", folder] if os.path.isdir(folder) else []
-    cmd = [py, "-m", "pip", "install", "--disable-pip-version-check", "--no-build-isolation", "--no-deps", "--no-index",
-           *links, "--target", site_dir, "-e", repo]
+    cmd = [
+        py,
+        "-m",
+        "pip",
+        "install",
+        "--disable-pip-version-check",
+        "--no-build-isolation",
+        "--no-deps",
+        "--no-index",
+        *links,
+        "--target",
+        site_dir,
+        "-e",
+        repo,
+    ]
     run_logged(cmd, log, timeout=timeout, env=env, cwd=repo)
     info = probe(py, env, repo)
     where = os.path.dirname(os.path.realpath(info["eagle_fast"]))

@@ -69,8 +69,13 @@ def cuda_tests(ctx: Context, timeout: float) -> dict:
     files = cuda_test_files(os.path.join(ctx.repo, "python_tests"))
     if not files:
         raise StepFailed("no cuda-marked test found under python_tests")
-    out = run_logged([ctx.py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *files],
-                     ctx.log("cuda-tests"), timeout, env=ctx.env, cwd=ctx.repo)
+    out = run_logged(
+        [ctx.py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *files],
+        ctx.log("cuda-tests"),
+        timeout,
+        env=ctx.env,
+        cwd=ctx.repo,
+    )
     counts = pytest_counts(out.strip().splitlines()[-1] if out.strip() else "")
     if not counts.get("passed"):
         raise StepFailed(f"no cuda test passed:\n{out}")
@@ -80,18 +85,42 @@ def cuda_tests(ctx: Context, timeout: float) -> dict:
 # ------------------------------------------------------------------ training
 
 
-def train_run(ctx: Context, name: str, preset: str, device: str, steps: int, bf16: bool, timeout: float,
-              batch: int = 4) -> dict:
+def train_run(
+    ctx: Context, name: str, preset: str, device: str, steps: int, bf16: bool, timeout: float, batch: int = 4
+) -> dict:
     """`python -m eagle_fast.train` on the tiny-x5 recipe's built-in data with `preset` as the
     model; returns the per-step losses of its metrics.jsonl and its throughput."""
     out_dir = os.path.join(ctx.work, name)
     grids = ctx.info.get("grids", {"eagle-tiny-x5": 4, "eagle-small-x5": 32})
     # the recipe's text budget on top of the preset's extra image rows, so samples fit whole
     max_len = 256 + grids.get(preset, 4) ** 2 - grids["eagle-tiny-x5"] ** 2
-    cmd = [ctx.py, "-m", "eagle_fast.train", "--recipe", "tiny-x5", "--stage", "sft", "--output_dir", out_dir,
-           "--max_steps", str(steps), "--save_steps", "0", "--per_device_train_batch_size", str(batch),
-           "--model_max_length", str(max_len), "--bf16", "true" if bf16 else "false", "--device", device,
-           "--seed", "0", "--set", f"preset={preset}"]
+    cmd = [
+        ctx.py,
+        "-m",
+        "eagle_fast.train",
+        "--recipe",
+        "tiny-x5",
+        "--stage",
+        "sft",
+        "--output_dir",
+        out_dir,
+        "--max_steps",
+        str(steps),
+        "--save_steps",
+        "0",
+        "--per_device_train_batch_size",
+        str(batch),
+        "--model_max_length",
+        str(max_len),
+        "--bf16",
+        "true" if bf16 else "false",
+        "--device",
+        device,
+        "--seed",
+        "0",
+        "--set",
+        f"preset={preset}",
+    ]
     packing = bool(ctx.info.get("has_packing"))
     if packing:
         cmd += ["--set", "packing=true"]
@@ -107,12 +136,19 @@ def train_run(ctx: Context, name: str, preset: str, device: str, steps: int, bf1
     # steady state: from the end of step 1 (which compiles kernels) to the end of the run
     elapsed = (rows[-1].get("elapsed_s") or 0.0) - (rows[0].get("elapsed_s") or 0.0)
     tokens = sum(r.get("tokens", 0) for r in rows[1:])
-    return {"preset": preset, "device": device, "bf16": bf16, "batch": batch, "model_max_length": max_len,
-            "packing": packing if ctx.info.get("has_packing") is not None else "unknown",
-            "packing_note": None if packing else "TrainConfig has no `packing` field here: padded batches",
-            "losses": [round(x, 5) for x in losses], "step1_s": rows[0].get("elapsed_s"),
-            "tokens_per_s_after_step1": round(tokens / elapsed, 1) if elapsed > 0 else None,
-            "final": os.path.join(out_dir, "final")}
+    return {
+        "preset": preset,
+        "device": device,
+        "bf16": bf16,
+        "batch": batch,
+        "model_max_length": max_len,
+        "packing": packing if ctx.info.get("has_packing") is not None else "unknown",
+        "packing_note": None if packing else "TrainConfig has no `packing` field here: padded batches",
+        "losses": [round(x, 5) for x in losses],
+        "step1_s": rows[0].get("elapsed_s"),
+        "tokens_per_s_after_step1": round(tokens / elapsed, 1) if elapsed > 0 else None,
+        "final": os.path.join(out_dir, "final"),
+    }
 
 
 def train_gpu(ctx: Context, timeout: float) -> dict:
@@ -155,8 +191,13 @@ def cpu_smoke(ctx: Context, timeout: float) -> dict:
 
 def checks(ctx: Context, name: str, timeout: float, *args: str) -> dict:
     result = os.path.join(ctx.work, f"{name}.json")
-    run_logged([ctx.py, os.path.join(HERE, "checks.py"), name, result, *args], ctx.log(name), timeout,
-               env=ctx.env, cwd=ctx.work)
+    run_logged(
+        [ctx.py, os.path.join(HERE, "checks.py"), name, result, *args],
+        ctx.log(name),
+        timeout,
+        env=ctx.env,
+        cwd=ctx.work,
+    )
     with open(result) as f:
         return json.load(f)
 
@@ -181,8 +222,12 @@ def png_data_url(w: int = 48, h: int = 32) -> str:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
@@ -192,9 +237,25 @@ def serve_stream(ctx: Context, timeout: float) -> dict:
     log = ctx.log("serve-stream")
     deadline = time.time() + timeout
     with open(log, "w") as logf:
-        proc = subprocess.Popen([ctx.py, "-m", "eagle_fast.serve", "--model", model, "--port", str(port),
-                                 "--device", ctx.device, "--log_level", "warning"], stdout=logf,
-                                stderr=subprocess.STDOUT, env=ctx.env, cwd=ctx.work)
+        proc = subprocess.Popen(
+            [
+                ctx.py,
+                "-m",
+                "eagle_fast.serve",
+                "--model",
+                model,
+                "--port",
+                str(port),
+                "--device",
+                ctx.device,
+                "--log_level",
+                "warning",
+            ],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=ctx.env,
+            cwd=ctx.work,
+        )
         try:
             t0 = time.time()
             while True:
@@ -227,9 +288,21 @@ def _tail(path: str) -> str:
 
 
 def _stream_request(port: int, model: str, timeout: float) -> dict:
-    body = {"model": model, "stream": True, "max_tokens": 16, "temperature": 0,
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url()}},
-                                                      {"type": "text", "text": "What shape is in the image?"}]}]}
+    body = {
+        "model": model,
+        "stream": True,
+        "max_tokens": 16,
+        "temperature": 0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": png_data_url()}},
+                    {"type": "text", "text": "What shape is in the image?"},
+                ],
+            }
+        ],
+    }
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     t0 = time.time()
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
@@ -256,8 +329,13 @@ def _stream_request(port: int, model: str, timeout: float) -> dict:
     finish = [c["choices"][0].get("finish_reason") for c in chunks if c.get("choices")]
     if not any(finish):
         raise StepFailed("no chunk carried a finish_reason")
-    return {"chunks": len(chunks), "first_chunk_s": round(first, 3), "total_s": round(time.time() - t0, 3),
-            "text_chars": len(text), "finish_reason": [f for f in finish if f][-1]}
+    return {
+        "chunks": len(chunks),
+        "first_chunk_s": round(first, 3),
+        "total_s": round(time.time() - t0, 3),
+        "text_chars": len(text),
+        "finish_reason": [f for f in finish if f][-1],
+    }
 
 
 # ------------------------------------------------------------------ eval
@@ -269,13 +347,35 @@ def eval_easy_vqa(ctx: Context, timeout: float) -> dict:
     trained = ctx.results.get("train-gpu", {}).get("final")
     model = trained if trained and os.path.isdir(trained) else "eagle-tiny-x5"
     out = os.path.join(ctx.work, "eval")
-    run_logged([ctx.py, "-m", "eagle_fast.eval", "--model", model, "--task", "easy-vqa", "--limit", "64",
-                "--out", out, "--device", ctx.device, "--overwrite"], ctx.log("eval-easy-vqa"), timeout,
-               env=ctx.env, cwd=ctx.work)
+    run_logged(
+        [
+            ctx.py,
+            "-m",
+            "eagle_fast.eval",
+            "--model",
+            model,
+            "--task",
+            "easy-vqa",
+            "--limit",
+            "64",
+            "--out",
+            out,
+            "--device",
+            ctx.device,
+            "--overwrite",
+        ],
+        ctx.log("eval-easy-vqa"),
+        timeout,
+        env=ctx.env,
+        cwd=ctx.work,
+    )
     with open(os.path.join(out, "easy-vqa.results.json")) as f:
         result = json.load(f)
     if result.get("n") != 64 or result.get("errors"):
         raise StepFailed(f"expected 64 answered questions without errors: {result}")
-    return {"model": "train-gpu final" if model == trained else model, "n": result["n"], "score": result.get("score"),
-            "elapsed_s": result.get("elapsed_s")}
-
+    return {
+        "model": "train-gpu final" if model == trained else model,
+        "n": result["n"],
+        "score": result.get("score"),
+        "elapsed_s": result.get("elapsed_s"),
+    }

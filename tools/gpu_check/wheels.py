@@ -32,14 +32,34 @@ import zipfile
 WHEELS: dict[str, list[tuple[str, str]]] = {
     "build": [("scikit-build-core", "1.1.2"), ("pathspec", "1.1.1"), ("packaging", "26.4"), ("ninja", "1.13.2")],
     "test": [("pytest", "9.2.0"), ("pluggy", "1.7.0"), ("iniconfig", "2.3.1"), ("pygments", "2.21.0")],
-    "serve": [("fastapi", "0.165.0"), ("starlette", "1.10.0"), ("uvicorn", "0.54.0"), ("pydantic", "2.14.4"),
-              ("pydantic-core", "2.50.5"), ("annotated-types", "0.8.0"), ("typing-inspection", "0.4.5"),
-              ("annotated-doc", "0.0.7"), ("opentelemetry-api", "1.45.3"), ("anyio", "4.16.0"), ("h11", "0.16.0"),
-              ("click", "8.5.1"), ("idna", "3.20"), ("typing-extensions", "4.16.0")],
+    "serve": [
+        ("fastapi", "0.165.0"),
+        ("starlette", "1.10.0"),
+        ("uvicorn", "0.54.0"),
+        ("pydantic", "2.14.4"),
+        ("pydantic-core", "2.50.5"),
+        ("annotated-types", "0.8.0"),
+        ("typing-inspection", "0.4.5"),
+        ("annotated-doc", "0.0.7"),
+        ("opentelemetry-api", "1.45.3"),
+        ("anyio", "4.16.0"),
+        ("h11", "0.16.0"),
+        ("click", "8.5.1"),
+        ("idna", "3.20"),
+        ("typing-extensions", "4.16.0"),
+    ],
     # every training run writes loss.png; transformers reads tokenizer.model through protobuf
-    "train": [("matplotlib", "3.11.2"), ("contourpy", "1.3.3"), ("kiwisolver", "1.5.1"), ("fonttools", "4.68.0"),
-              ("cycler", "0.12.1"), ("pyparsing", "3.3.3"), ("python-dateutil", "4.0.0"), ("tzdata", "2026.6"),
-              ("protobuf", "7.36.2")],
+    "train": [
+        ("matplotlib", "3.11.2"),
+        ("contourpy", "1.3.3"),
+        ("kiwisolver", "1.5.1"),
+        ("fonttools", "4.68.0"),
+        ("cycler", "0.12.1"),
+        ("pyparsing", "3.3.3"),
+        ("python-dateutil", "4.0.0"),
+        ("tzdata", "2026.6"),
+        ("protobuf", "7.36.2"),
+    ],
     "data": [("easy-vqa", "1.0")],  # the built-in easy-VQA set (PNG files inside the wheel)
 }
 CMAKE = ("cmake", "4.4.5")
@@ -48,18 +68,51 @@ PREFER_PURE = {"fonttools", "protobuf"}
 # Brought by torch, transformers, triton and peft on the GPU machine: never shipped, and the
 # closure check below accepts them as dependencies.
 ASSUMED = {
-    "torch", "transformers", "triton", "peft", "accelerate", "numpy", "pillow", "safetensors", "tqdm",
-    "sentencepiece", "tokenizers", "huggingface-hub", "hf-xet", "httpx", "httpx2", "httpcore", "certifi", "pyyaml",
-    "regex", "filelock", "fsspec", "psutil", "jinja2", "markupsafe", "sympy", "mpmath", "networkx", "setuptools",
-    "typer", "typer-slim", "shellingham", "rich",
+    "torch",
+    "transformers",
+    "triton",
+    "peft",
+    "accelerate",
+    "numpy",
+    "pillow",
+    "safetensors",
+    "tqdm",
+    "sentencepiece",
+    "tokenizers",
+    "huggingface-hub",
+    "hf-xet",
+    "httpx",
+    "httpx2",
+    "httpcore",
+    "certifi",
+    "pyyaml",
+    "regex",
+    "filelock",
+    "fsspec",
+    "psutil",
+    "jinja2",
+    "markupsafe",
+    "sympy",
+    "mpmath",
+    "networkx",
+    "setuptools",
+    "typer",
+    "typer-slim",
+    "shellingham",
+    "rich",
 }
 TOKENIZER_SOURCE = ("mistral-common", "1.13.1", "mistral_common/data/tokenizer.model.v1")
 STANDIN_INIT = '''"""Asset-only stand-in for mistral-common, installed by `make gpu-check` where the real package
 is absent: it carries the Llama-format SentencePiece model (data/tokenizer.model.v1) that
 eagle_fast's tiny recipes read, and none of mistral-common's API."""
 '''
-MANYLINUX = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux1_x86_64"]
+MANYLINUX = [
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+]
 
 
 def canonical(name: str) -> str:
@@ -80,8 +133,20 @@ def wanted(with_cmake: bool) -> dict[str, str]:
 
 
 def _pip_download(python: str, dest: str, specs: list[str], py_version: str, pure: bool) -> None:
-    cmd = [python, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
-           "--only-binary=:all:", "--python-version", py_version, "-d", dest]
+    cmd = [
+        python,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--disable-pip-version-check",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        py_version,
+        "-d",
+        dest,
+    ]
     if pure:
         cmd += ["--implementation", "py", "--abi", "none", "--platform", "any"]
     else:
@@ -109,9 +174,17 @@ def unmet(folder: str, py_version: str) -> list[str]:
     """Dependencies of the shipped wheels that are neither shipped nor assumed on the GPU machine
     (markers evaluated for Linux x86_64 and the target Python, extras ignored)."""
     Requirement = _packaging()
-    env = {"python_version": py_version, "python_full_version": py_version + ".0", "sys_platform": "linux",
-           "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
-           "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+    env = {
+        "python_version": py_version,
+        "python_full_version": py_version + ".0",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "os_name": "posix",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "extra": "",
+    }
     shipped = {wheel_name_version(f)[0] for f in os.listdir(folder) if f.endswith(".whl")}
     missing = []
     for f in sorted(os.listdir(folder)):
@@ -165,13 +238,20 @@ def build(dest: str, python: str, py_version: str, with_cmake: bool) -> dict:
     _tokenizer_asset(python, dest, py_version)
     missing = unmet(dest, py_version)
     if missing:
-        raise SystemExit("gpu-wheels: dependencies neither shipped nor assumed on the GPU machine: "
-                         + ", ".join(missing) + " (add them to WHEELS in tools/gpu_check/wheels.py)")
+        raise SystemExit(
+            "gpu-wheels: dependencies neither shipped nor assumed on the GPU machine: "
+            + ", ".join(missing)
+            + " (add them to WHEELS in tools/gpu_check/wheels.py)"
+        )
     wheels = sorted(f for f in os.listdir(dest) if f.endswith(".whl"))
-    manifest = {"python": py_version, "platform": "manylinux x86_64", "with_cmake": with_cmake,
-                "wheels": {wheel_name_version(f)[0]: f for f in wheels},
-                "sizes": {f: os.path.getsize(os.path.join(dest, f)) for f in wheels},
-                "assets": {"mistral_common": "assets/mistral_common/data/tokenizer.model.v1"}}
+    manifest = {
+        "python": py_version,
+        "platform": "manylinux x86_64",
+        "with_cmake": with_cmake,
+        "wheels": {wheel_name_version(f)[0]: f for f in wheels},
+        "sizes": {f: os.path.getsize(os.path.join(dest, f)) for f in wheels},
+        "assets": {"mistral_common": "assets/mistral_common/data/tokenizer.model.v1"},
+    }
     with open(os.path.join(dest, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     manifest["bytes"] = folder_bytes(dest)
@@ -188,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     for f, n in sorted(m["sizes"].items(), key=lambda kv: -kv[1]):
         print(f"{n / 1e6:8.2f} MB  {f}")
     cmake = "included" if args.with_cmake else "not included"
-    print(f"{args.dest}/: {len(m['wheels'])} wheels + assets, {m['bytes'] / 2**20:.1f} MiB in all "
-          f"(CPython {args.python_version}, manylinux x86_64; cmake wheel {cmake})")
+    print(
+        f"{args.dest}/: {len(m['wheels'])} wheels + assets, {m['bytes'] / 2**20:.1f} MiB in all "
+        f"(CPython {args.python_version}, manylinux x86_64; cmake wheel {cmake})"
+    )
     return 0
 
 

@@ -78,11 +78,40 @@ def _row_stats(LSE, DELTA, h, TOTAL_Q, lse_start, offs_m, m_ok):
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, CU, scale_log2,
-                     sq_b, sq_r, sq_h, sk_b, sk_r, sk_h, sv_b, sv_r, sv_h, so_b, so_r, so_h,
-                     SEQ_Q, SEQ_K, TOTAL_Q, H, GROUP, D,
-                     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attn_fwd_kernel(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    CU,
+    scale_log2,
+    sq_b,
+    sq_r,
+    sq_h,
+    sk_b,
+    sk_r,
+    sk_h,
+    sv_b,
+    sv_r,
+    sv_h,
+    so_b,
+    so_r,
+    so_h,
+    SEQ_Q,
+    SEQ_K,
+    TOTAL_Q,
+    H,
+    GROUP,
+    D,
+    CAUSAL: tl.constexpr,
+    VARLEN: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     b, h, hk, q_start, seq_q, lse_start, k_start, seq_k = _query_program(CU, H, GROUP, SEQ_Q, SEQ_K, VARLEN)
     if pid_m * BLOCK_M >= seq_q:
@@ -124,19 +153,60 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU, scale_log2,
         m_i = m_new
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    tl.store(O + (q_start + offs_m)[:, None] * so_r + offs_d[None, :], cast_out(out, O.dtype.element_ty),
-             mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(
+        O + (q_start + offs_m)[:, None] * so_r + offs_d[None, :],
+        cast_out(out, O.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
     lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("inf"))
     tl.store(LSE + h * TOTAL_Q + lse_start + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, scale, scale_log2,
-                          sq_b, sq_r, sq_h, sk_b, sk_r, sk_h, sv_b, sv_r, sv_h, sdo_b, sdo_r, sdo_h,
-                          sdk_b, sdk_r, sdk_h, sdv_b, sdv_r, sdv_h,
-                          SEQ_Q, SEQ_K, TOTAL_Q, HK, GROUP, D,
-                          CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attn_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    CU,
+    scale,
+    scale_log2,
+    sq_b,
+    sq_r,
+    sq_h,
+    sk_b,
+    sk_r,
+    sk_h,
+    sv_b,
+    sv_r,
+    sv_h,
+    sdo_b,
+    sdo_r,
+    sdo_h,
+    sdk_b,
+    sdk_r,
+    sdk_h,
+    sdv_b,
+    sdv_r,
+    sdv_h,
+    SEQ_Q,
+    SEQ_K,
+    TOTAL_Q,
+    HK,
+    GROUP,
+    D,
+    CAUSAL: tl.constexpr,
+    VARLEN: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     b = tl.program_id(1) // HK
     hk = tl.program_id(1) % HK
@@ -180,18 +250,57 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, scale, scale_log2
             dst = pt * (dot_acc(v, tl.trans(do), IEEE) - delta[None, :])
             dk += dot_acc(dst, q, IEEE)
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    tl.store(DK + (k_start + offs_n)[:, None] * sdk_r + offs_d[None, :], cast_out(dk * scale, DK.dtype.element_ty),
-             mask=kv_mask)
-    tl.store(DV + (k_start + offs_n)[:, None] * sdv_r + offs_d[None, :], cast_out(dv, DV.dtype.element_ty),
-             mask=kv_mask)
+    tl.store(
+        DK + (k_start + offs_n)[:, None] * sdk_r + offs_d[None, :],
+        cast_out(dk * scale, DK.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        DV + (k_start + offs_n)[:, None] * sdv_r + offs_d[None, :], cast_out(dv, DV.dtype.element_ty), mask=kv_mask
+    )
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, scale, scale_log2,
-                        sq_b, sq_r, sq_h, sk_b, sk_r, sk_h, sv_b, sv_r, sv_h, sdo_b, sdo_r, sdo_h, sdq_b, sdq_r, sdq_h,
-                        SEQ_Q, SEQ_K, TOTAL_Q, H, GROUP, D,
-                        CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attn_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    CU,
+    scale,
+    scale_log2,
+    sq_b,
+    sq_r,
+    sq_h,
+    sk_b,
+    sk_r,
+    sk_h,
+    sv_b,
+    sv_r,
+    sv_h,
+    sdo_b,
+    sdo_r,
+    sdo_h,
+    sdq_b,
+    sdq_r,
+    sdq_h,
+    SEQ_Q,
+    SEQ_K,
+    TOTAL_Q,
+    H,
+    GROUP,
+    D,
+    CAUSAL: tl.constexpr,
+    VARLEN: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     b, h, hk, q_start, seq_q, lse_start, k_start, seq_k = _query_program(CU, H, GROUP, SEQ_Q, SEQ_K, VARLEN)
     if pid_m * BLOCK_M >= seq_q:
@@ -226,8 +335,11 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, scale, scale_log2,
             visible = visible & (n[None, :] <= offs_m[:, None] + diag)
         p = tl.where(visible, tl.math.exp2(s * scale_log2 - lse2[:, None]), 0.0)
         dq += dot_acc(p * (dp - delta[:, None]), k, IEEE)
-    tl.store(DQ + (q_start + offs_m)[:, None] * sdq_r + offs_d[None, :], cast_out(dq * scale, DQ.dtype.element_ty),
-             mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(
+        DQ + (q_start + offs_m)[:, None] * sdq_r + offs_d[None, :],
+        cast_out(dq * scale, DQ.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -269,12 +381,27 @@ def _blocks(d: int, backward: bool) -> tuple[int, int, int, int]:
 def _flags(q: torch.Tensor, causal: bool, varlen: bool, backward: bool) -> dict:
     upcast = _interpreted()
     bm, bn, bd, warps = _blocks(q.shape[-1], backward)
-    return dict(CAUSAL=causal, VARLEN=varlen, UPCAST=upcast, IEEE=q.dtype == torch.float32 and not upcast,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
+    return dict(
+        CAUSAL=causal,
+        VARLEN=varlen,
+        UPCAST=upcast,
+        IEEE=q.dtype == torch.float32 and not upcast,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=bd,
+        num_warps=warps,
+    )
 
 
-def flash_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
-                               max_seqlen: int, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def flash_attention_fwd_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """out (q's shape, contiguous), lse (Hq, total_q) fp32."""
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     batch, seq_q, seq_k, total_q = _geometry(q, k, cu_seqlens, max_seqlen)
@@ -284,14 +411,41 @@ def flash_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     flags = _flags(q, causal, cu_seqlens is not None, backward=False)
     cu = cu_seqlens if cu_seqlens is not None else lse  # any pointer; unread when dense
     grid = (triton.cdiv(max(seq_q, 1), flags["BLOCK_M"]), batch * h)
-    _attn_fwd_kernel[grid](q, k, v, out, lse, cu, scale * _LOG2E, *_strides(q), *_strides(k), *_strides(v),
-                           *_strides(out), seq_q, seq_k, total_q, h, h // hk, d, **flags)
+    _attn_fwd_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu,
+        scale * _LOG2E,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(out),
+        seq_q,
+        seq_k,
+        total_q,
+        h,
+        h // hk,
+        d,
+        **flags,
+    )
     return out, lse
 
 
-def flash_attention_bwd_triton(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int,
-                               causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def flash_attention_bwd_triton(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the shapes of q, k, v, contiguous."""
     q, k, v, dout = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v), _last_contiguous(dout)
     batch, seq_q, seq_k, total_q = _geometry(q, k, cu_seqlens, max_seqlen)
@@ -305,9 +459,47 @@ def flash_attention_bwd_triton(dout: torch.Tensor, q: torch.Tensor, k: torch.Ten
     cu = cu_seqlens if cu_seqlens is not None else lse
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
     _attn_bwd_dkdv_kernel[(triton.cdiv(max(seq_k, 1), flags["BLOCK_N"]), batch * hk)](
-        q, k, v, dout, lse, delta, dk, dv, cu, scale, scale * _LOG2E, *strides, *_strides(dk), *_strides(dv),
-        seq_q, seq_k, total_q, hk, h // hk, d, **flags)
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dk,
+        dv,
+        cu,
+        scale,
+        scale * _LOG2E,
+        *strides,
+        *_strides(dk),
+        *_strides(dv),
+        seq_q,
+        seq_k,
+        total_q,
+        hk,
+        h // hk,
+        d,
+        **flags,
+    )
     _attn_bwd_dq_kernel[(triton.cdiv(max(seq_q, 1), flags["BLOCK_M"]), batch * h)](
-        q, k, v, dout, lse, delta, dq, cu, scale, scale * _LOG2E, *strides, *_strides(dq),
-        seq_q, seq_k, total_q, h, h // hk, d, **flags)
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dq,
+        cu,
+        scale,
+        scale * _LOG2E,
+        *strides,
+        *_strides(dq),
+        seq_q,
+        seq_k,
+        total_q,
+        h,
+        h // hk,
+        d,
+        **flags,
+    )
     return dq, dk, dv

@@ -32,11 +32,36 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _paged_fwd_kernel(Q, K, V, O, BT, CU, LK, scale_log2,
-                      sq_r, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_r, so_h, sbt,
-                      HKV, GROUP, D, BLOCK_SIZE,
-                      UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _paged_fwd_kernel(
+    Q,
+    K,
+    V,
+    O,
+    BT,
+    CU,
+    LK,
+    scale_log2,
+    sq_r,
+    sq_h,
+    sk_b,
+    sk_s,
+    sk_h,
+    sv_b,
+    sv_s,
+    sv_h,
+    so_r,
+    so_h,
+    sbt,
+    HKV,
+    GROUP,
+    D,
+    BLOCK_SIZE,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // HKV
     hk = tl.program_id(1) % HKV
@@ -111,9 +136,16 @@ def _blocks(vectors: int, d: int) -> tuple[int, int, int, int]:
     return (bm, 64, bd, 4) if bd <= 128 else (bm, 32, bd, 8)
 
 
-def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                           cu_seqlens_q: torch.Tensor, seqlens_k: torch.Tensor, max_seqlen_q: int,
-                           scale: float) -> torch.Tensor:
+def paged_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    scale: float,
+) -> torch.Tensor:
     """out (Tq, Hq, D) contiguous in q's dtype. Metadata int32, on q's device, already validated."""
     q, k_cache, v_cache = _last_contiguous(q), _last_contiguous(k_cache), _last_contiguous(v_cache)
     block_table = _last_contiguous(block_table)  # the kernel steps along a row by 1
@@ -126,10 +158,34 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     upcast = _interpreted()
     grid = (triton.cdiv(max(max_seqlen_q * group, 1), bm), batch * hkv)
     _paged_fwd_kernel[grid](
-        q, k_cache, v_cache, out, block_table, cu_seqlens_q, seqlens_k, scale * _LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), block_table.stride(0),
-        hkv, group, d, k_cache.shape[1],
-        UPCAST=upcast, IEEE=q.dtype == torch.float32 and not upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-        num_warps=warps)
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_table,
+        cu_seqlens_q,
+        seqlens_k,
+        scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        out.stride(0),
+        out.stride(1),
+        block_table.stride(0),
+        hkv,
+        group,
+        d,
+        k_cache.shape[1],
+        UPCAST=upcast,
+        IEEE=q.dtype == torch.float32 and not upcast,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=bd,
+        num_warps=warps,
+    )
     return out

@@ -23,8 +23,9 @@ _MAX_BLOCK_V = 4096
 
 
 @triton.jit
-def _lce_row_kernel(z_ptr, labels_ptr, loss_ptr, V, stride_z, IGNORE,
-                    WITH_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+def _lce_row_kernel(
+    z_ptr, labels_ptr, loss_ptr, V, stride_z, IGNORE, WITH_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr
+):
     r = tl.program_id(0)
     row = z_ptr + r.to(tl.int64) * stride_z
     y = tl.load(labels_ptr + r)
@@ -53,13 +54,16 @@ def _lce_row_kernel(z_ptr, labels_ptr, loss_ptr, V, stride_z, IGNORE,
             tl.store(row + j, cast_out(g, z_ptr.dtype.element_ty), mask=ok)
 
 
-def linear_cross_entropy_rows_triton(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, with_grad: bool,
-                                     block_v: int | None = None) -> torch.Tensor:
+def linear_cross_entropy_rows_triton(
+    z: torch.Tensor, labels: torch.Tensor, ignore_index: int, with_grad: bool, block_v: int | None = None
+) -> torch.Tensor:
     """Row pass over a logits chunk z (rows, V) (row-contiguous), labels (rows,) int64: returns the row
     losses (rows,) in fp32 (fp64 for fp64 z); with_grad overwrites z with softmax - onehot."""
     if z.dim() != 2 or z.stride(1) != 1:
-        raise ValueError(f"linear_cross_entropy (triton): z must be a row-contiguous (rows, V) chunk, got "
-                         f"shape {tuple(z.shape)} strides {z.stride()}")
+        raise ValueError(
+            f"linear_cross_entropy (triton): z must be a row-contiguous (rows, V) chunk, got "
+            f"shape {tuple(z.shape)} strides {z.stride()}"
+        )
     rows, V = z.shape
     if labels.shape != (rows,):
         raise ValueError(f"linear_cross_entropy (triton): labels {tuple(labels.shape)} for {rows} rows")
@@ -68,7 +72,15 @@ def linear_cross_entropy_rows_triton(z: torch.Tensor, labels: torch.Tensor, igno
     if rows == 0:
         return losses
     block = block_v or min(_MAX_BLOCK_V, triton.next_power_of_2(V))
-    _lce_row_kernel[(rows,)](z, labels.to(torch.int64).contiguous(), losses, V, z.stride(0), int(ignore_index),
-                             WITH_GRAD=bool(with_grad), ACC=tl.float64 if acc == torch.float64 else tl.float32,
-                             BLOCK_V=block)
+    _lce_row_kernel[(rows,)](
+        z,
+        labels.to(torch.int64).contiguous(),
+        losses,
+        V,
+        z.stride(0),
+        int(ignore_index),
+        WITH_GRAD=bool(with_grad),
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        BLOCK_V=block,
+    )
     return losses

@@ -47,8 +47,20 @@ def _clip8(acc):
 
 
 @triton.jit
-def _pil_resample_h_kernel(img_ptr, meta_ptr, start_ptr, w_ptr, tmp_ptr, fill0, fill1, fill2,
-                           S, K, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _pil_resample_h_kernel(
+    img_ptr,
+    meta_ptr,
+    start_ptr,
+    w_ptr,
+    tmp_ptr,
+    fill0,
+    fill1,
+    fill2,
+    S,
+    K,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     b = tl.program_id(2)
     meta = meta_ptr + b * 8
     img_off = tl.load(meta + _IMG_OFF)
@@ -81,13 +93,17 @@ def _pil_resample_h_kernel(img_ptr, meta_ptr, start_ptr, w_ptr, tmp_ptr, fill0, 
         v = tl.where(inside, v.to(tl.int32), fill[None, :])
         acc += v * wt[None, :]
     u = _clip8(acc)
-    tl.store(tmp_ptr + tmp_off + rows[:, None] * (3 * S) + cols[None, :], u.to(tl.uint8),
-             mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(
+        tmp_ptr + tmp_off + rows[:, None] * (3 * S) + cols[None, :],
+        u.to(tl.uint8),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
 @triton.jit
-def _pil_resample_v_normalize_kernel(tmp_ptr, meta_ptr, start_ptr, w_ptr, lut_ptr, canvas_ptr, pv_ptr,
-                                     S, K, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _pil_resample_v_normalize_kernel(
+    tmp_ptr, meta_ptr, start_ptr, w_ptr, lut_ptr, canvas_ptr, pv_ptr, S, K, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):
     b = tl.program_id(2)
     tmp_off = tl.load(meta_ptr + b * 8 + _TMP_OFF)
     n_rows = tl.load(meta_ptr + b * 8 + _TMP_ROWS).to(tl.int32)
@@ -117,8 +133,9 @@ def _pil_resample_v_normalize_kernel(tmp_ptr, meta_ptr, start_ptr, w_ptr, lut_pt
 
 
 @triton.jit
-def _bilinear_align_corners_kernel(canvas_ptr, lut_ptr, src_ptr, out_ptr, S, C,
-                                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bilinear_align_corners_kernel(
+    canvas_ptr, lut_ptr, src_ptr, out_ptr, S, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):
     bc = tl.program_id(2)  # b * 3 + channel
     b = (bc // 3).to(tl.int64)
     ch = bc % 3
@@ -157,8 +174,9 @@ def _bilinear_align_corners_kernel(canvas_ptr, lut_ptr, src_ptr, out_ptr, S, C,
 
 
 @triton.jit
-def _aa_resample_h_kernel(canvas_ptr, lut_ptr, start_ptr, w_ptr, tmp_ptr, S, WO, K,
-                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _aa_resample_h_kernel(
+    canvas_ptr, lut_ptr, start_ptr, w_ptr, tmp_ptr, S, WO, K, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):
     b = tl.program_id(2).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # canvas rows
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # output x * 3 + channel
@@ -182,9 +200,22 @@ def _aa_resample_h_kernel(canvas_ptr, lut_ptr, start_ptr, w_ptr, tmp_ptr, S, WO,
 
 
 @triton.jit
-def _aa_resample_v_patches_kernel(tmp_ptr, start_ptr, w_ptr, patches_ptr, mask_ptr, S, HO, WO, K,
-                                  P, n_cols, PATCH: tl.constexpr,
-                                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _aa_resample_v_patches_kernel(
+    tmp_ptr,
+    start_ptr,
+    w_ptr,
+    patches_ptr,
+    mask_ptr,
+    S,
+    HO,
+    WO,
+    K,
+    P,
+    n_cols,
+    PATCH: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     b = tl.program_id(2).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # output y
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # output x * 3 + channel
@@ -217,8 +248,9 @@ def _aa_resample_v_patches_kernel(tmp_ptr, start_ptr, w_ptr, patches_ptr, mask_p
     ids_c = (c[None, :] + 1 + k * 0).to(tl.float32)
     tl.store(row_base, cast_out(ids_r, out_ty), mask=first)
     tl.store(row_base + 1, cast_out(ids_c, out_ty), mask=first)
-    tl.store(mask_ptr + b * P + k, tl.full((BLOCK_R, BLOCK_C), 1.0, tl.float32).to(mask_ptr.dtype.element_ty),
-             mask=first)
+    tl.store(
+        mask_ptr + b * P + k, tl.full((BLOCK_R, BLOCK_C), 1.0, tl.float32).to(mask_ptr.dtype.element_ty), mask=first
+    )
 
 
 # ----------------------------------------------------------------------------- host side
@@ -272,11 +304,24 @@ def _canvas(images, S, pad, fill, lut, pixel_values):
     canvas = torch.empty(B, S, S, 3, dtype=torch.uint8, device=device)
     max_rows = max(m[6] for m in meta)  # the _TMP_ROWS column
     grid = (triton.cdiv(max_rows, _BLOCK_R), triton.cdiv(3 * S, _BLOCK_C), B)
-    _pil_resample_h_kernel[grid](flat, meta_t, hs_t, hw_t, tmp, int(fill[0]), int(fill[1]), int(fill[2]),
-                                 S, hw_t.shape[2], BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C)
+    _pil_resample_h_kernel[grid](
+        flat,
+        meta_t,
+        hs_t,
+        hw_t,
+        tmp,
+        int(fill[0]),
+        int(fill[1]),
+        int(fill[2]),
+        S,
+        hw_t.shape[2],
+        BLOCK_R=_BLOCK_R,
+        BLOCK_C=_BLOCK_C,
+    )
     grid = (triton.cdiv(S, _BLOCK_R), triton.cdiv(3 * S, _BLOCK_C), B)
-    _pil_resample_v_normalize_kernel[grid](tmp, meta_t, vs_t, vw_t, lut, canvas, pixel_values,
-                                           S, vw_t.shape[2], BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C)
+    _pil_resample_v_normalize_kernel[grid](
+        tmp, meta_t, vs_t, vw_t, lut, canvas, pixel_values, S, vw_t.shape[2], BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C
+    )
     return canvas
 
 
@@ -293,19 +338,40 @@ def _pix2struct(canvas, max_patches, patch, dtype):
     start_y, w_y = (t.to(device) for t in _taps(S, HO, False))
     tmp = torch.empty(B, S, WO, 3, dtype=torch.float32, device=device)
     grid = (triton.cdiv(S, _BLOCK_R), triton.cdiv(3 * WO, _BLOCK_C), B)
-    _aa_resample_h_kernel[grid](canvas, lut, start_x, w_x, tmp, S, WO, w_x.shape[1],
-                                BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C)
+    _aa_resample_h_kernel[grid](canvas, lut, start_x, w_x, tmp, S, WO, w_x.shape[1], BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C)
     patches = torch.zeros(B, max_patches, 2 + patch * patch * 3, dtype=dtype, device=device)
     mask = torch.zeros(B, max_patches, dtype=dtype, device=device)
     grid = (triton.cdiv(HO, _BLOCK_R), triton.cdiv(3 * WO, _BLOCK_C), B)
-    _aa_resample_v_patches_kernel[grid](tmp, start_y, w_y, patches, mask, S, HO, WO, w_y.shape[1],
-                                        max_patches, cols, PATCH=patch, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C)
+    _aa_resample_v_patches_kernel[grid](
+        tmp,
+        start_y,
+        w_y,
+        patches,
+        mask,
+        S,
+        HO,
+        WO,
+        w_y.shape[1],
+        max_patches,
+        cols,
+        PATCH=patch,
+        BLOCK_R=_BLOCK_R,
+        BLOCK_C=_BLOCK_C,
+    )
     return patches, mask
 
 
 def fused_preprocess_triton(
-    images: list[torch.Tensor], canvas_size: int, pad: bool, fill: list[int], mean: list[float],
-    std: list[float], clip_size: int, p2s_max_patches: int, p2s_patch: int, dtype: torch.dtype,
+    images: list[torch.Tensor],
+    canvas_size: int,
+    pad: bool,
+    fill: list[int],
+    mean: list[float],
+    std: list[float],
+    clip_size: int,
+    p2s_max_patches: int,
+    p2s_patch: int,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton body of eagle_fast::fused_preprocess; outputs as `_fused_preprocess_reference`."""
     images = [im.contiguous() for im in images]

@@ -37,9 +37,27 @@ _MAX_BLOCK_C = 128
 
 
 @triton.jit
-def _resize_concat_fwd_kernel(x_ptr, out_ptr, ty_idx, ty_lam, tx_idx, tx_lam,
-                              sb, sc, sy, sx, M, G, CU, C_TOT, C_OFF,
-                              U: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _resize_concat_fwd_kernel(
+    x_ptr,
+    out_ptr,
+    ty_idx,
+    ty_lam,
+    tx_idx,
+    tx_lam,
+    sb,
+    sc,
+    sy,
+    sx,
+    M,
+    G,
+    CU,
+    C_TOT,
+    C_OFF,
+    U: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # b * G*G + gy * G + gx
     cu = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # unshuffled channel
     m_ok = m < M
@@ -80,9 +98,33 @@ def _resize_concat_fwd_kernel(x_ptr, out_ptr, ty_idx, ty_lam, tx_idx, tx_lam,
 
 
 @triton.jit
-def _resize_concat_bwd_kernel(g_ptr, gin_ptr, ry_g, ry_w, rx_g, rx_w, gsb, gsn, gsc,
-                              sb, sc, sy, sx, M, H, W, C, G, C_OFF, KY, KX,
-                              U: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _resize_concat_bwd_kernel(
+    g_ptr,
+    gin_ptr,
+    ry_g,
+    ry_w,
+    rx_g,
+    rx_w,
+    gsb,
+    gsn,
+    gsc,
+    sb,
+    sc,
+    sy,
+    sx,
+    M,
+    H,
+    W,
+    C,
+    G,
+    C_OFF,
+    KY,
+    KX,
+    U: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # b * H*W + hy * W + wx (input pixel)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # input channel
     m_ok = m < M
@@ -107,11 +149,15 @@ def _resize_concat_bwd_kernel(g_ptr, gin_ptr, ry_g, ry_w, rx_g, rx_w, gsb, gsn, 
             wgt = wy * tl.load(rx_w + xu * KX + kx, mask=m_ok, other=0.0)
             valid = (gy >= 0) & (gx >= 0)
             n = (gy * G + gx).to(tl.int64)
-            v = tl.load(g_ptr + (gbase + n * gsn)[:, None] + gch, mask=valid[:, None] & c_ok[None, :],
-                        other=0.0).to(ACC)
+            v = tl.load(g_ptr + (gbase + n * gsn)[:, None] + gch, mask=valid[:, None] & c_ok[None, :], other=0.0).to(
+                ACC
+            )
             acc += wgt[:, None] * v
-    dst = gin_ptr + (b.to(tl.int64) * sb + hy.to(tl.int64) * sy + wx.to(tl.int64) * sx)[:, None] \
+    dst = (
+        gin_ptr
+        + (b.to(tl.int64) * sb + hy.to(tl.int64) * sy + wx.to(tl.int64) * sx)[:, None]
         + c.to(tl.int64)[None, :] * sc
+    )
     tl.store(dst, cast_out(acc, gin_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
@@ -194,14 +240,31 @@ def resize_concat_triton(features: list[torch.Tensor], grid: int, unshuffle: lis
             tx_idx, tx_lam = (t.to(device) for t in _fwd_tables(x.shape[3] // u, G, fp64))
             bm, bc = _blocks(cu)
             launch = (triton.cdiv(M, bm), triton.cdiv(cu, bc))
-            _resize_concat_fwd_kernel[launch](x, out, ty_idx, ty_lam, tx_idx, tx_lam, *x.stride(), M, G, cu,
-                                              c_tot, off, U=u, ACC=acc_tl, BLOCK_M=bm, BLOCK_C=bc)
+            _resize_concat_fwd_kernel[launch](
+                x,
+                out,
+                ty_idx,
+                ty_lam,
+                tx_idx,
+                tx_lam,
+                *x.stride(),
+                M,
+                G,
+                cu,
+                c_tot,
+                off,
+                U=u,
+                ACC=acc_tl,
+                BLOCK_M=bm,
+                BLOCK_C=bc,
+            )
         off += cu
     return out
 
 
-def resize_concat_backward_triton(grad: torch.Tensor, features: list[torch.Tensor], grid: int,
-                                  unshuffle: list[int]) -> list[torch.Tensor]:
+def resize_concat_backward_triton(
+    grad: torch.Tensor, features: list[torch.Tensor], grid: int, unshuffle: list[int]
+) -> list[torch.Tensor]:
     """The Triton body of eagle_fast::resize_concat_backward: per feature, the adjoint of the forward
     in a tensor created by torch.empty_like(feature) (same strides); deterministic (no atomics)."""
     features, unshuffle = list(features), [int(u) for u in unshuffle]
@@ -223,9 +286,28 @@ def resize_concat_backward_triton(grad: torch.Tensor, features: list[torch.Tenso
             rx_g, rx_w = (t.to(x.device) for t in _bwd_tables(W // u, G, fp64))
             bm, bc = _blocks(C)
             launch = (triton.cdiv(M, bm), triton.cdiv(C, bc))
-            _resize_concat_bwd_kernel[launch](grad, gin, ry_g, ry_w, rx_g, rx_w, *grad.stride(), *gin.stride(),
-                                              M, H, W, C, G, off, ry_g.shape[1], rx_g.shape[1],
-                                              U=u, ACC=acc_tl, BLOCK_M=bm, BLOCK_C=bc)
+            _resize_concat_bwd_kernel[launch](
+                grad,
+                gin,
+                ry_g,
+                ry_w,
+                rx_g,
+                rx_w,
+                *grad.stride(),
+                *gin.stride(),
+                M,
+                H,
+                W,
+                C,
+                G,
+                off,
+                ry_g.shape[1],
+                rx_g.shape[1],
+                U=u,
+                ACC=acc_tl,
+                BLOCK_M=bm,
+                BLOCK_C=bc,
+            )
         grads.append(gin)
         off += C * u * u
     return grads

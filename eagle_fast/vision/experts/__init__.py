@@ -33,5 +33,14 @@ def build_expert(name: str, config: dict[str, Any] | None = None) -> VisionExper
     return cls(cfg, name=name)
 
 
-__all__ = ["EXPERTS", "ExpertSpec", "VisionExpert", "build_expert", "ClipConfig", "ConvNextConfig", "EvaConfig",
-           "Pix2StructConfig", "SamConfig"]
+__all__ = [
+    "EXPERTS",
+    "ExpertSpec",
+    "VisionExpert",
+    "build_expert",
+    "ClipConfig",
+    "ConvNextConfig",
+    "EvaConfig",
+    "Pix2StructConfig",
+    "SamConfig",
+]

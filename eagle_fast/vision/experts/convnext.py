@@ -36,8 +36,9 @@ class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over channels of a (B, C, H, W) map (timm's LayerNorm2d)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
-                            self.eps).permute(0, 3, 1, 2)
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps).permute(
+            0, 3, 1, 2
+        )
 
 
 class _Mlp(nn.Module):
@@ -77,8 +78,11 @@ class ConvNextBlock(nn.Module):
 class ConvNextStage(nn.Module):
     def __init__(self, in_dim: int, dim: int, depth: int, eps: float, downsample: bool, layer_scale_init: float):
         super().__init__()
-        self.downsample = (nn.Sequential(LayerNorm2d(in_dim, eps=eps), nn.Conv2d(in_dim, dim, 2, stride=2))
-                           if downsample else nn.Identity())
+        self.downsample = (
+            nn.Sequential(LayerNorm2d(in_dim, eps=eps), nn.Conv2d(in_dim, dim, 2, stride=2))
+            if downsample
+            else nn.Identity()
+        )
         self.blocks = nn.Sequential(*(ConvNextBlock(dim, eps, layer_scale_init) for _ in range(depth)))
 
     def forward(self, x):
@@ -96,9 +100,12 @@ class ConvNeXt(nn.Module):
     def __init__(self, cfg: ConvNextConfig):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, cfg.dims[0], 4, stride=4), LayerNorm2d(cfg.dims[0], eps=cfg.eps))
-        self.stages = nn.Sequential(*(
-            ConvNextStage(cfg.dims[max(i - 1, 0)], d, n, cfg.eps, i > 0, cfg.layer_scale_init)
-            for i, (d, n) in enumerate(zip(cfg.dims, cfg.depths))))
+        self.stages = nn.Sequential(
+            *(
+                ConvNextStage(cfg.dims[max(i - 1, 0)], d, n, cfg.eps, i > 0, cfg.layer_scale_init)
+                for i, (d, n) in enumerate(zip(cfg.dims, cfg.depths))
+            )
+        )
         self.head = _Head(cfg.dims[-1], cfg.num_classes, cfg.eps)
         self.grad_checkpointing = False
 

@@ -148,9 +148,10 @@ class EvaViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = _PatchEmbed(cfg)
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.pretrain_grid ** 2 + 1, cfg.dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.pretrain_grid**2 + 1, cfg.dim))
         self.blocks = nn.ModuleList(
-            EvaBlock(cfg, 0 if i in cfg.global_blocks else cfg.window) for i in range(cfg.depth))
+            EvaBlock(cfg, 0 if i in cfg.global_blocks else cfg.window) for i in range(cfg.depth)
+        )
         for name, (cos, sin) in self._rope_tables().items():
             self.register_buffer(f"rope_{name}_cos", cos, persistent=False)
             self.register_buffer(f"rope_{name}_sin", sin, persistent=False)
@@ -158,8 +159,10 @@ class EvaViT(nn.Module):
 
     def _rope_tables(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         head_dim = self.cfg.dim // self.cfg.heads
-        return {name: rope_2d(head_dim, n, self.cfg.rope_pt_seq)
-                for name, n in (("win", self.cfg.window), ("glb", self.cfg.grid))}
+        return {
+            name: rope_2d(head_dim, n, self.cfg.rope_pt_seq)
+            for name, n in (("win", self.cfg.window), ("glb", self.cfg.grid))
+        }
 
     @torch.no_grad()
     def reset_rope(self) -> None:

@@ -57,6 +57,7 @@ class Pix2StructExpert(VisionExpert):
     def forward(self, flattened_patches: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """flattened_patches (B, P, 2 + p*p*3), attention_mask (B, P) -> map (B, hidden, g, g)."""
         g = self.grid
-        out = self.vision_tower(flattened_patches=flattened_patches.to(self.param_dtype()),
-                                attention_mask=attention_mask).last_hidden_state
+        out = self.vision_tower(
+            flattened_patches=flattened_patches.to(self.param_dtype()), attention_mask=attention_mask
+        ).last_hidden_state
         return out[:, : g * g].reshape(out.shape[0], g, g, -1).permute(0, 3, 1, 2)

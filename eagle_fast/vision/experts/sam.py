@@ -50,8 +50,13 @@ class EagleSamNeck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv1(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        y = F.layer_norm(y.float(), (y.shape[-1],), self.layer_norm1.weight.float(), self.layer_norm1.bias.float(),
-                         self.layer_norm1.eps).to(y.dtype)
+        y = F.layer_norm(
+            y.float(),
+            (y.shape[-1],),
+            self.layer_norm1.weight.float(),
+            self.layer_norm1.bias.float(),
+            self.layer_norm1.eps,
+        ).to(y.dtype)
         return y.permute(0, 3, 1, 2)
 
 

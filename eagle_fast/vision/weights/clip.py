@@ -31,7 +31,9 @@ def _from_flat_vision_model(key: str) -> str | None:
     return "vision_tower.vision_model." + key
 
 
-RULES = ExpertRules(formats=(
-    Format("hf-clip", lambda keys: "vision_model.embeddings.patch_embedding.weight" in keys, _from_clip_model),
-    Format("hf-clip-vision", lambda keys: "embeddings.patch_embedding.weight" in keys, _from_flat_vision_model),
-))
+RULES = ExpertRules(
+    formats=(
+        Format("hf-clip", lambda keys: "vision_model.embeddings.patch_embedding.weight" in keys, _from_clip_model),
+        Format("hf-clip-vision", lambda keys: "embeddings.patch_embedding.weight" in keys, _from_flat_vision_model),
+    )
+)

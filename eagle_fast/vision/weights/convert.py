@@ -40,8 +40,10 @@ class Conversion:
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
 
     def summary(self) -> str:
-        return (f"{self.name}: {len(self.loaded)} loaded, {len(self.new)} new, {len(self.mismatched)} mismatched, "
-                f"{len(self.unused)} unused")
+        return (
+            f"{self.name}: {len(self.loaded)} loaded, {len(self.new)} new, {len(self.mismatched)} mismatched, "
+            f"{len(self.unused)} unused"
+        )
 
 
 def _detect(name: str, rules: ExpertRules, keys: set[str]):
@@ -50,7 +52,8 @@ def _detect(name: str, rules: ExpertRules, keys: set[str]):
             return fmt
     raise ExpertWeightsError(
         f"{name}: checkpoint layout not recognised (known: {', '.join(f.name for f in rules.formats)}); "
-        f"its keys begin: {few(sorted(keys))}")
+        f"its keys begin: {few(sorted(keys))}"
+    )
 
 
 def convert(name: str, native: dict[str, torch.Tensor], expert: torch.nn.Module) -> Conversion:
@@ -88,15 +91,27 @@ def convert(name: str, native: dict[str, torch.Tensor], expert: torch.nn.Module)
     problems = []
     bad_shape = [k for k in mismatched if not k.startswith(rules.optional)]
     if bad_shape:
-        problems.append(f"{len(bad_shape)} tensor(s) of another shape: " + few(
-            f"{k} (checkpoint {list(shapes[k][0])}, expert {list(shapes[k][1])})" for k in bad_shape))
+        problems.append(
+            f"{len(bad_shape)} tensor(s) of another shape: "
+            + few(f"{k} (checkpoint {list(shapes[k][0])}, expert {list(shapes[k][1])})" for k in bad_shape)
+        )
     missing = [k for k in new if not k.startswith(rules.never_load + rules.optional)]
     if missing:
         problems.append(f"{len(missing)} expert tensor(s) missing from the checkpoint: {few(missing)}")
     if stray:
-        problems.append(f"{len(stray)} checkpoint tensor(s) with no place in the expert (does the expert "
-                        f"config match the checkpoint?): {few(stray)}")
+        problems.append(
+            f"{len(stray)} checkpoint tensor(s) with no place in the expert (does the expert "
+            f"config match the checkpoint?): {few(stray)}"
+        )
     if problems:
         raise ExpertWeightsError(f"{name} ({fmt.name} checkpoint): " + "; ".join(problems))
-    return Conversion(state=state, loaded=loaded, new=new, mismatched=mismatched, unused=unused, name=name,
-                      format=fmt.name, shapes={k: shapes[k] for k in mismatched})
+    return Conversion(
+        state=state,
+        loaded=loaded,
+        new=new,
+        mismatched=mismatched,
+        unused=unused,
+        name=name,
+        format=fmt.name,
+        shapes={k: shapes[k] for k in mismatched},
+    )

@@ -34,7 +34,7 @@ def _from_timm(key: str) -> str | None:
 
 
 def _from_open_clip(key: str) -> str | None:
-    return _from_timm(key[len(_OPEN_CLIP):]) if key.startswith(_OPEN_CLIP) else None
+    return _from_timm(key[len(_OPEN_CLIP) :]) if key.startswith(_OPEN_CLIP) else None
 
 
 RULES = ExpertRules(

@@ -24,9 +24,9 @@ _PREFIX = "backbone.net."
 def _from_vitdet(key: str) -> str | None:
     if not key.startswith(_PREFIX) or "rope" in key:
         return None
-    return "vision_tower." + key[len(_PREFIX):]
+    return "vision_tower." + key[len(_PREFIX) :]
 
 
-RULES = ExpertRules(formats=(
-    Format("detectron2-vitdet", lambda keys: _PREFIX + "patch_embed.proj.weight" in keys, _from_vitdet),
-))
+RULES = ExpertRules(
+    formats=(Format("detectron2-vitdet", lambda keys: _PREFIX + "patch_embed.proj.weight" in keys, _from_vitdet),)
+)

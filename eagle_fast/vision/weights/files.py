@@ -13,8 +13,14 @@ from eagle_fast.vision.weights.convert import rules_for
 
 # A model directory's weights, first found wins: HF's single or sharded files (safetensors before
 # pickles; timm's hub repos use the same names), then open_clip's.
-DIR_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
-             "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+DIR_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.bin",
+)
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 # Training checkpoints nest the weights: EVA's detectron2 runs keep the EMA weights as `ema_state`
 # (Eagle's loader takes it first), DeepSpeed runs as `module` (Eagle's second choice), detectron2's
@@ -48,8 +54,10 @@ def _dir_file(name: str, d: Path) -> Path:
         if (d / f).is_file():
             return d / f
     present = sorted(x.name for x in d.iterdir())
-    raise ExpertWeightsError(f"{name}: no weights file in directory {d}: looked for {', '.join(DIR_FILES)}; "
-                             f"it holds: {few(present) or 'nothing'}")
+    raise ExpertWeightsError(
+        f"{name}: no weights file in directory {d}: looked for {', '.join(DIR_FILES)}; "
+        f"it holds: {few(present) or 'nothing'}"
+    )
 
 
 def _read(file: Path) -> dict[str, torch.Tensor]:
@@ -61,8 +69,10 @@ def _read(file: Path) -> dict[str, torch.Tensor]:
         return load_file(file)
     if file.suffix in PICKLE_SUFFIXES:
         return _unwrap(file, _torch_load(file))
-    raise ExpertWeightsError(f"{file}: unknown weights file type {file.suffix!r} (want .safetensors, "
-                             f"*.index.json or one of {', '.join(PICKLE_SUFFIXES)})")
+    raise ExpertWeightsError(
+        f"{file}: unknown weights file type {file.suffix!r} (want .safetensors, "
+        f"*.index.json or one of {', '.join(PICKLE_SUFFIXES)})"
+    )
 
 
 def _read_sharded(index: Path) -> dict[str, torch.Tensor]:

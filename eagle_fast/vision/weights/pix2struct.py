@@ -13,10 +13,15 @@ _PREFIX = "encoder."
 
 
 def _from_conditional_generation(key: str) -> str | None:
-    return "vision_tower." + key[len(_PREFIX):] if key.startswith(_PREFIX) else None
+    return "vision_tower." + key[len(_PREFIX) :] if key.startswith(_PREFIX) else None
 
 
-RULES = ExpertRules(formats=(
-    Format("hf-pix2struct", lambda keys: _PREFIX + "embeddings.patch_projection.weight" in keys,
-           _from_conditional_generation),
-))
+RULES = ExpertRules(
+    formats=(
+        Format(
+            "hf-pix2struct",
+            lambda keys: _PREFIX + "embeddings.patch_projection.weight" in keys,
+            _from_conditional_generation,
+        ),
+    )
+)

@@ -19,7 +19,7 @@ _PREFIX = "vision_encoder."
 def _from_sam_model(key: str) -> str | None:
     if not key.startswith(_PREFIX) or key.startswith(_PREFIX + "neck."):
         return None
-    return "vision_tower." + key[len(_PREFIX):]
+    return "vision_tower." + key[len(_PREFIX) :]
 
 
 RULES = ExpertRules(
