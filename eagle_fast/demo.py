@@ -33,8 +33,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+from eagle_fast import atomic
 from eagle_fast.cli import ConfigParser
-from eagle_fast.demo_stages import Stage, file_digest, run_stage
+from eagle_fast.demo_stages import Stage, data_digest, run_stage
 
 
 @dataclass
@@ -92,26 +93,27 @@ def shape_conversations(data, path: str) -> str:
     """Each training conversation cut to its questions answered by a shape (images without one
     left out), as `path` (rewritten only when missing): stage 2's first pass."""
     if not os.path.exists(path):
-        with open(data.sft, encoding="utf-8") as f, open(path + ".tmp", "w", encoding="utf-8") as out:
-            for line in f:
-                rec = json.loads(line)
-                conv = rec["conversations"]
-                pairs = [
-                    (conv[k]["value"].removeprefix("<image>\n"), conv[k + 1]["value"]) for k in range(0, len(conv), 2)
-                ]
-                keep = [(q, a) for q, a in pairs if a in SHAPES]
-                if keep:
-                    turns = [
-                        t
-                        for k, (q, a) in enumerate(keep)
-                        for t in (
-                            {"from": "human", "value": ("<image>\n" if k == 0 else "") + q},
-                            {"from": "gpt", "value": a},
-                        )
-                    ]
-                    out.write(json.dumps({"id": rec["id"], "image": rec["image"], "conversations": turns}) + "\n")
-        os.replace(path + ".tmp", path)
+        with open(data.sft, encoding="utf-8") as f:
+            atomic.write_lines(path, _shape_lines(f))
     return path
+
+
+def _shape_lines(lines):
+    for line in lines:
+        rec = json.loads(line)
+        conv = rec["conversations"]
+        pairs = [(conv[k]["value"].removeprefix("<image>\n"), conv[k + 1]["value"]) for k in range(0, len(conv), 2)]
+        keep = [(q, a) for q, a in pairs if a in SHAPES]
+        if keep:
+            turns = [
+                t
+                for k, (q, a) in enumerate(keep)
+                for t in (
+                    {"from": "human", "value": ("<image>\n" if k == 0 else "") + q},
+                    {"from": "gpt", "value": a},
+                )
+            ]
+            yield json.dumps({"id": rec["id"], "image": rec["image"], "conversations": turns}) + "\n"
 
 
 def _steps(cfg: DemoConfig, stage: str, default: int | None) -> int | None:
@@ -125,7 +127,7 @@ def stages(cfg: DemoConfig, data) -> list[Stage]:
     projector + LoRA for SmolLM2), each with its manifest."""
     pre, sft = os.path.join(cfg.out, "pretrain"), os.path.join(cfg.out, "sft")
     common = ["--recipe", "demo", "--seed", str(cfg.seed), "--save_steps", str(cfg.save_steps), "--resume", "auto"]
-    digest = file_digest([data.pretrain, data.sft])
+    digest = data_digest([data.pretrain, data.sft])
     s1, s2 = _steps(cfg, "pretrain", None), _steps(cfg, "sft", SFT_STEPS)
     a1 = common + ["--stage", "pretrain", "--output_dir", pre]
     a2 = common + [
@@ -197,7 +199,7 @@ def stages(cfg: DemoConfig, data) -> list[Stage]:
         "sft",
         s_shape,
         cfg.seed,
-        file_digest([data_shapes]),
+        data_digest([data_shapes]),
         parent=one.manifest(),
     )
     a2 = common + [

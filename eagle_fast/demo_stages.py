@@ -18,10 +18,12 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
+from eagle_fast import atomic
+
 MANIFEST = "demo-stage.json"
 
 
-def file_digest(paths: list[str]) -> str:
+def data_digest(paths: list[str]) -> str:
     """sha256 over the files' contents in order (the data a stage trains on)."""
     h = hashlib.sha256()
     for p in paths:
@@ -101,10 +103,8 @@ def run_stage(stage: Stage, python: list[str]) -> bool:
         )
         shutil.rmtree(stage.folder)
     os.makedirs(stage.folder, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(want, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)  # written before training: an interrupted run resumes under the same manifest
+    # written before training: an interrupted run resumes under the same manifest
+    atomic.write_json(path, want, indent=1, sort_keys=True)
     cmd = python + stage.args
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
