@@ -7,8 +7,8 @@ previous one has exited (never two at once: they would share the cores). Each re
 synthetic image of its own (background colour, shape and position drawn from the request's
 number), so the encoder and prefix caches find nothing to reuse across requests; `--same_image`
 sends one image with every request instead, to measure what their de-duplication gives. Replies
-are greedy, `max_tokens` long: the API has no ignore_eos / min_tokens field, so a reply may end
-early at EOS and every figure uses the replies' actual lengths (`usage.completion_tokens`).
+are greedy and `max_tokens` long (`ignore_eos`, vLLM's extension: EOS does not end them); every
+figure still uses the replies' actual lengths (`usage.completion_tokens`).
 
 Load patterns, at each level c of `--concurrency`:
   burst    c requests sent at the same instant (one per client), the level timed until the last ends
@@ -26,9 +26,10 @@ image size before any server starts (no HTTP, no event loop):
   prefill_s   one request alone on a BatchEngine: image preprocessing, experts and LLM prefill to
               its first token (median of `prefill_repeats`, after a warm-up; `--same_image`: the
               image already in the encoder cache and the prompt in the prefix cache)
-  step_s(c)   one engine step with c sequences all decoding (mean of `decode_steps` steps right
-              after their prefill, so the KV length is the prompt's: a slight underestimate
-              of the mean step over a reply, whose KV grows by one row per token)
+  step_s(c)   one engine step with c sequences all decoding, each with an image of its own (so c
+              prompts' K/V are read, as in the load runs; `--same_image`: one image, shared
+              blocks), the mean of `decode_steps` steps right after their prefill: the KV length
+              is the prompt's, a slight underestimate of the mean step over a reply)
   ideal tokens/s = c * N / (c * prefill_s + N * step_s(c))
 with N the mean reply length: c prefills one after another, then N decode steps of batch c. For the
 closed loop the same formula holds: R rounds of c requests cost R * (c * prefill_s + N * step_s(c))
@@ -47,25 +48,16 @@ image rows per prompt).
 
 from __future__ import annotations
 
-import gc
-import http.client
-import io
-import json
 import math
-import os
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
-import threading
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from eagle_fast.bench.harness import Row, publish
+from eagle_fast.bench.serve_ideal import ideal_tokens_per_s, measure_compute
+from eagle_fast.bench.serve_load import Reply, Server, chat_body, data_url, run_level, stream_chat, synthetic_image
 
 PATTERNS = ("burst", "closed")
 SCHEDULERS = ("batch", "sequential")
@@ -108,316 +100,9 @@ class ServeBenchConfig:
         return self
 
 
-def ideal_tokens_per_s(concurrency: int, tokens: float, prefill_s: float, step_s: float) -> float:
-    """c * N / (c * prefill_s + N * step_s(c)): c prefills in series, then N decode steps of batch c."""
-    return concurrency * tokens / (concurrency * prefill_s + tokens * step_s)
-
-
 def percentile(values, q: float) -> float:
     """The q-th percentile (linear interpolation between ranks); nan when there are no values."""
     return float(np.percentile(values, q)) if len(values) else math.nan
-
-
-def synthetic_image(k: int, size: int):
-    """Request k's image: a background colour unique to k (for k < 2**24), a shape (rectangle, ellipse
-    or triangle) in the complementary colour, placed and sized by k."""
-    from PIL import Image, ImageDraw
-
-    v = (k * 0x9E3779) % (1 << 24)  # an odd multiplier permutes 24-bit values: distinct, well spread
-    bg = (v >> 16, (v >> 8) & 255, v & 255)
-    img = Image.new("RGB", (size, size), bg)
-    draw = ImageDraw.Draw(img)
-    fg = tuple(255 - c for c in bg)
-    s = size // 4 + (k * 7) % (size // 4)
-    x, y = (k * 31) % (size - s), (k * 17) % (size - s)
-    box = (x, y, x + s, y + s)
-    if k % 3 == 0:
-        draw.rectangle(box, fill=fg)
-    elif k % 3 == 1:
-        draw.ellipse(box, fill=fg)
-    else:
-        draw.polygon([(x, y + s), (x + s // 2, y), (x + s, y + s)], fill=fg)
-    return img
-
-
-def data_url(img) -> str:
-    import base64
-
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-# ---------------------------------------------------------------------------- client
-
-
-@dataclass
-class Reply:
-    sent: float
-    chunks: list[float] = field(default_factory=list)  # arrival times of chunks carrying text
-    tokens: int = 0  # usage.completion_tokens
-    ended: float = 0.0
-    error: str | None = None
-
-    def gaps(self) -> list[float]:
-        return [b - a for a, b in zip(self.chunks, self.chunks[1:])]
-
-
-def chat_body(cfg: ServeBenchConfig, url: str, max_tokens: int) -> bytes:
-    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": cfg.prompt}]
-    return json.dumps(
-        {
-            "model": "bench",
-            "messages": [{"role": "user", "content": content}],
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "temperature": 0,
-            "max_tokens": max_tokens,
-        }
-    ).encode()
-
-
-def stream_chat(port: int, body: bytes, timeout: float) -> Reply:
-    """One streamed chat completion over http.client, timing each server-sent event as it arrives."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    reply = Reply(sent=time.perf_counter())
-    try:
-        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            reply.error = f"HTTP {resp.status}: {resp.read()[:300]!r}"
-            return reply
-        while line := resp.readline():
-            now = time.perf_counter()
-            if not line.startswith(b"data: "):
-                continue
-            data = line[6:].strip()
-            if data == b"[DONE]":
-                break
-            event = json.loads(data)
-            if "error" in event:
-                reply.error = f"stream error: {event['error']}"
-                break
-            if event.get("usage"):
-                reply.tokens = int(event["usage"]["completion_tokens"])
-            if event["choices"] and event["choices"][0]["delta"].get("content"):
-                reply.chunks.append(now)
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        reply.error = f"{type(exc).__name__}: {exc}"
-    finally:
-        reply.ended = time.perf_counter()
-        conn.close()
-    return reply
-
-
-def run_level(port: int, bodies: list[list[bytes]], timeout: float) -> tuple[list[Reply], float]:
-    """Clients in threads, client i sending bodies[i] one after another (released together);
-    -> every reply, wall seconds from the release to the last reply's end."""
-    replies: list[list[Reply]] = [[] for _ in bodies]
-    gate = threading.Barrier(len(bodies) + 1)
-
-    def client(i: int) -> None:
-        gate.wait()
-        for body in bodies[i]:
-            replies[i].append(stream_chat(port, body, timeout))
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(len(bodies))]
-    for t in threads:
-        t.start()
-    gate.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    return [r for rs in replies for r in rs], time.perf_counter() - t0
-
-
-# ---------------------------------------------------------------------------- server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m eagle_fast.serve` in a subprocess, from start to /health answering, until closed."""
-
-    def __init__(self, cfg: ServeBenchConfig, scheduler: str, max_queue: int):
-        self.port, self.scheduler = free_port(), scheduler
-        seqs = cfg.max_num_seqs or max(cfg.concurrency)
-        cmd = [
-            sys.executable,
-            "-m",
-            "eagle_fast.serve",
-            "--model",
-            cfg.model,
-            "--port",
-            str(self.port),
-            "--scheduler",
-            scheduler,
-            "--template",
-            cfg.template,
-            "--temperature",
-            "0",
-            "--max_tokens",
-            str(cfg.max_tokens),
-            "--device",
-            cfg.device,
-            "--dtype",
-            cfg.dtype,
-            "--log_level",
-            "warning",
-            "--max_queue",
-            str(max_queue),
-            "--max_num_seqs",
-            str(seqs),
-            "--max_batched_tokens",
-            str(cfg.max_batched_tokens),
-            "--encoder_cache_bytes",
-            str(cfg.encoder_cache_bytes),
-        ]
-        if cfg.kv_cache_bytes is not None:
-            cmd += ["--kv_cache_bytes", str(cfg.kv_cache_bytes)]
-        env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
-        env.pop("EAGLE_FAST_API_KEY", None)  # the clients send no key
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self._wait_ready(cfg.startup_timeout_s)
-
-    def log_tail(self) -> str:
-        self.log.seek(0)
-        return self.log.read()[-2000:].decode(errors="replace")
-
-    def _wait_ready(self, timeout: float) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                self.close()
-                raise RuntimeError(
-                    f"the {self.scheduler} server exited with {self.proc.returncode} before "
-                    f"answering /health:\n{self.log_tail()}"
-                )
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        tail = self.log_tail()
-        self.close()
-        raise RuntimeError(f"the {self.scheduler} server did not answer /health within {timeout:.0f} s:\n{tail}")
-
-    def metrics(self) -> dict[str, float]:
-        """The unlabelled samples of /metrics (name -> value); {} when it cannot be read."""
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-            conn.request("GET", "/metrics")
-            text = conn.getresponse().read().decode()
-        except OSError:
-            return {}
-        out = {}
-        for line in text.splitlines():
-            name, _, value = line.partition(" ")
-            if line and not line.startswith("#") and "{" not in name:
-                out[name] = float(value)
-        return out
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-    def __enter__(self) -> "Server":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-# ---------------------------------------------------------------------------- compute-bound ideal
-
-
-def measure_compute(cfg: ServeBenchConfig) -> dict:
-    """prefill_s and step_s[c] (see the module docstring), in this process, then the model freed."""
-    from eagle_fast.data.tokenize import IMAGE_TOKEN
-    from eagle_fast.images import to_rgb_batch
-    from eagle_fast.inference import BatchEngine, EngineConfig, GenerationConfig, load_model
-    from eagle_fast.inference.session import prompt_ids
-
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(0)
-    model, tok, proc = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    ids = prompt_ids(cfg.template, [("user", IMAGE_TOKEN + "\n" + cfg.prompt)], tok)
-    engine = BatchEngine(
-        model,
-        tok,
-        EngineConfig(
-            max_num_seqs=max(cfg.concurrency),
-            max_batched_tokens=cfg.max_batched_tokens,
-            kv_cache_bytes=cfg.kv_cache_bytes,
-            encoder_cache_bytes=cfg.encoder_cache_bytes,
-        ),
-    )
-    decode_pixels = proc(to_rgb_batch([synthetic_image(10**6 + 1, cfg.image_size)]), device=model.device)
-
-    def first_token_s(k: int) -> float:
-        events: list = []
-        t0 = time.perf_counter()  # preprocessing is part of every request's cost, as in the server
-        images = proc(to_rgb_batch([synthetic_image(k, cfg.image_size)]), device=model.device)
-        engine.submit(ids, images, GenerationConfig(max_new_tokens=1, temperature=0, stop_ids=()), events.append)
-        while not events:
-            engine.step()
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        while engine.has_work():  # the request ends at its one token; nothing else runs
-            engine.step()
-        return dt
-
-    first_token_s(10**6)  # warm-up (an image used by no request)
-    base = 10**6 + 1
-    if cfg.same_image:
-        first_token_s(base)  # cold: the image and prompt enter the caches
-        prefill = [first_token_s(base) for _ in range(cfg.prefill_repeats)]
-    else:
-        prefill = [first_token_s(base + i) for i in range(cfg.prefill_repeats)]
-    out = {"prefill_s": statistics.median(prefill), "step_s": {}}
-    for c in sorted(set(cfg.concurrency)):
-        events: list[list] = [[] for _ in range(c)]
-        # the first admitted decode while the others prefill: room for those tokens too
-        gen = GenerationConfig(max_new_tokens=cfg.decode_steps + 64, temperature=0, stop_ids=(), stop=())
-        # one image for all: decode cost does not depend on the pixels, and the prefix cache spares
-        # the other c - 1 prefills
-        seqs = [engine.submit(ids, decode_pixels, gen, e.append) for e in events]
-        while not all(events):
-            engine.step()
-        before = [len(e) for e in events]
-        t0 = time.perf_counter()
-        for _ in range(cfg.decode_steps):
-            engine.step()
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        out["step_s"][c] = (time.perf_counter() - t0) / cfg.decode_steps
-        gained = [len(e) - b for e, b in zip(events, before)]
-        if gained != [cfg.decode_steps] * c:
-            raise RuntimeError(
-                f"decode steps at batch {c}: every sequence should gain {cfg.decode_steps} tokens, got {gained}"
-            )
-        for s in seqs:
-            engine.cancel(s)
-        while engine.has_work():
-            engine.step()
-    engine = model = decode_pixels = None  # freed before the servers start
-    gc.collect()
-    return out
 
 
 # ---------------------------------------------------------------------------- the run

@@ -100,6 +100,8 @@ class BatchEngine:
                 keys.append(t)
         rng = torch.Generator()
         rng.manual_seed(gen.seed if gen.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        seen = [t for t in input_ids if t >= 0]
+        stop_ids = gen.stop_id_set(self.tokenizer)
         seq = Sequence(
             rid=next(self._ids),
             input_ids=list(input_ids),
@@ -110,10 +112,10 @@ class BatchEngine:
             gen=gen,
             sink=sink,
             rng=rng,
-            procs=_processors(gen),
+            procs=_processors(gen, len(seen), stop_ids),
             stopper=_Stopper(self.tokenizer, gen.stop),
-            stop_ids=set(gen.stop_ids if gen.stop_ids is not None else [self.tokenizer.eos_token_id]),
-            seen=[t for t in input_ids if t >= 0],
+            stop_ids=stop_ids,
+            seen=seen,
         )
         with self._work:
             if len(self._incoming) + len(self.scheduler.waiting) >= self.config.max_queue:

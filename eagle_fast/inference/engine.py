@@ -43,9 +43,19 @@ class GenerationConfig:
     stop: tuple[str, ...] = _gen((), "stop strings (default: the chat template's own)")
     stop_ids: tuple[int, ...] | None = _gen(None, "stop token ids (default: the tokenizer's EOS)")
     seed: int | None = _gen(None, "sampling seed (default: nondeterministic)")
+    # vLLM's names and meaning: EOS (the default stop id) does not end the reply; stop ids cannot be
+    # drawn before min_new_tokens tokens (stop strings still end a reply at any length)
+    ignore_eos: bool = _gen(False, "keep generating past EOS (explicit stop_ids still stop)")
+    min_new_tokens: int = _gen(0, "tokens generated before a stop id may be")
 
     def sampling(self) -> bool:
         return self.temperature > 0 if self.do_sample is None else self.do_sample
+
+    def stop_id_set(self, tokenizer) -> set[int]:
+        """The ids that end a reply: stop_ids, else the tokenizer's EOS (none with ignore_eos)."""
+        if self.stop_ids is not None:
+            return set(self.stop_ids)
+        return set() if self.ignore_eos or tokenizer.eos_token_id is None else {tokenizer.eos_token_id}
 
 
 @dataclass
@@ -60,9 +70,11 @@ class KVPrefix:
         self.units, self.cache = [], None
 
 
-def _processors(gen: GenerationConfig):
+def _processors(gen: GenerationConfig, prompt_len: int = 0, stop_ids: set[int] = frozenset()):
+    """transformers' logits processors for `gen`; they see (1, prompt_len + generated) text ids."""
     from transformers.generation.logits_process import (
         LogitsProcessorList,
+        MinNewTokensLengthLogitsProcessor,
         RepetitionPenaltyLogitsProcessor,
         TemperatureLogitsWarper,
         TopKLogitsWarper,
@@ -70,6 +82,8 @@ def _processors(gen: GenerationConfig):
     )
 
     procs = LogitsProcessorList()
+    if gen.min_new_tokens > 0 and stop_ids:
+        procs.append(MinNewTokensLengthLogitsProcessor(prompt_len, gen.min_new_tokens, sorted(stop_ids)))
     if gen.repetition_penalty != 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(gen.repetition_penalty))
     if gen.sampling():
@@ -180,11 +194,11 @@ class Engine:
         self._check_context(len(input_ids) - n_img + n_img * int(getattr(self.model.config, "mm_grid", 0)) ** 2, gen)
         prefix = prefix if prefix is not None else KVPrefix()
         logits, cache = self.prefill(input_ids, images, prefix)
-        stop_ids = set(gen.stop_ids if gen.stop_ids is not None else [self.tokenizer.eos_token_id])
-        procs, stopper = _processors(gen), _Stopper(self.tokenizer, gen.stop)
+        stop_ids = gen.stop_id_set(self.tokenizer)
+        seen = torch.tensor([[t for t in input_ids if t >= 0]], device=logits.device)
+        procs, stopper = _processors(gen, seen.shape[1], stop_ids), _Stopper(self.tokenizer, gen.stop)
         rng = torch.Generator()
         rng.manual_seed(gen.seed if gen.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        seen = torch.tensor([[t for t in input_ids if t >= 0]], device=logits.device)
         text_ids: list[int] = []
         for _ in range(gen.max_new_tokens):
             token = self._pick(procs(seen, logits.float()), gen, rng)[0]
@@ -244,16 +258,17 @@ class Engine:
             pos = (mask.cumsum(1) - 1).clamp(min=0)
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         logits, cache, pos = out.logits[:, -1], out.cache, pos[:, -1:]
-        stop_ids = set(gen.stop_ids if gen.stop_ids is not None else [self.tokenizer.eos_token_id])
-        procs, stopper = _processors(gen), _Stopper(self.tokenizer, gen.stop)
+        stop_ids = gen.stop_id_set(self.tokenizer)
+        seen = [torch.tensor([[t for t in p if t >= 0]], device=dev) for p in prompts]
+        procs = [_processors(gen, s.shape[1], stop_ids) for s in seen]
+        stopper = _Stopper(self.tokenizer, gen.stop)
         rng = torch.Generator()
         rng.manual_seed(gen.seed if gen.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        seen = [torch.tensor([[t for t in p if t >= 0]], device=dev) for p in prompts]
         results: list[list[int]] = [[] for _ in prompts]
         done = [False] * b
         for _ in range(gen.max_new_tokens):
             # processors per row: a repetition penalty must not see another row's padding
-            scores = torch.cat([procs(seen[i], logits[i : i + 1].float()) for i in range(b)])
+            scores = torch.cat([procs[i](seen[i], logits[i : i + 1].float()) for i in range(b)])
             tokens = self._pick(scores, gen, rng)
             for i, tok in enumerate(tokens):
                 if done[i]:

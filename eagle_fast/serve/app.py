@@ -44,13 +44,20 @@ PAGE_HEADERS = {
 
 class _EventStream(StreamingResponse):
     """A streamed response that always closes its body iterator, so a generation whose client went
-    away while a chunk was being sent (not only while one was generated) frees its slot at once."""
+    away while a chunk was being sent (not only while one was generated) frees its slot at once;
+    `on_close` then settles a job whose body never started (the client left before the first byte)."""
+
+    def __init__(self, *args, on_close=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
+            if self.on_close is not None:
+                self.on_close()
 
 
 async def _read_json(request: Request, limit: int):
@@ -157,7 +164,10 @@ def create_app(config: ServeConfig, model=None, tokenizer=None, processor=None) 
         if req.stream:
             events = _events(generator, job, request, reply, req.include_usage)
             return _EventStream(
-                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+                events,
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                on_close=lambda: generator.abandon(job),
             )
         async with contextlib.aclosing(generator.run(job, request.is_disconnected)) as deltas:
             text = "".join([d async for d in deltas])

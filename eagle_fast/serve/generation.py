@@ -67,6 +67,7 @@ class Job:
     finish_reason: str | None = None  # "stop" / "length" once finished; None if cut short
     seq: Any = None  # the batch engine's request, once admitted
     events: Any = None  # its asyncio queue of engine events
+    settled: bool = False  # its outcome counted (completed / cancelled / failed)
 
     def step(self, tokenizer, stream: Iterator[int]) -> str | None:
         """Advances one token (in a worker thread): the new text it completes, or None at the end."""
@@ -226,6 +227,8 @@ class Generator:
             stop=stop,
             # unseeded requests still differ from each other: each gets a fresh random seed
             seed=secrets.randbits(63) if req.seed is None else req.seed,
+            ignore_eos=req.ignore_eos,
+            min_new_tokens=req.min_tokens,
         )
         return Job(ids, pixels, gen, prompt_tokens)
 
@@ -256,6 +259,15 @@ class Generator:
         job.events = events
         self.counts["active_generations"] += 1
 
+    def abandon(self, job: Job) -> None:
+        """An admitted job whose reply never started (its client left before the response's first
+        byte, so `run` never ran): cancelled in the engine and counted as cancelled."""
+        if self.engine is not None and job.seq is not None and not job.settled:
+            job.settled = True
+            self.engine.cancel(job.seq)
+            self.counts["cancelled"] += 1
+            self.counts["active_generations"] -= 1
+
     async def _run_batch(self, job: Job, is_disconnected) -> AsyncIterator[str]:
         outcome = "cancelled"
         try:
@@ -282,6 +294,7 @@ class Generator:
             outcome = "failed"
             raise
         finally:
+            job.settled = True
             if outcome != "completed":
                 self.engine.cancel(job.seq)
             self.counts[outcome] += 1

@@ -3,8 +3,9 @@
 Messages become the (role, text) turns the chat templates render: system (and "developer")
 messages are joined into the template's system prompt, consecutive messages of one role are
 merged, and each user turn's images become "<image>" placeholders at its start, in order (as
-ChatSession does). Sampling fields follow OpenAI's names and ranges; `top_k` and
-`repetition_penalty` are accepted as extensions. Fields with no meaning here (`user`, `metadata`,
+ChatSession does). Sampling fields follow OpenAI's names and ranges; `top_k`,
+`repetition_penalty`, `ignore_eos` and `min_tokens` are accepted as extensions (vLLM's names and
+meaning: EOS does not end the reply / no stop token before min_tokens tokens). Fields with no meaning here (`user`, `metadata`,
 `frequency_penalty`, ...) are ignored; ones that would silently change the answer's meaning
 (`n` > 1, `tools`, `logprobs`) are refused.
 """
@@ -33,6 +34,8 @@ class ChatRequest:
     repetition_penalty: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
 
 def _number(
@@ -160,4 +163,11 @@ def parse_chat_request(body: Any, cfg: ServeConfig) -> ChatRequest:
     seed = _number(body, "seed", -(2**63), 2**64 - 1, integer=True)
     req.seed = None if seed is None else seed % (2**63)  # any 64-bit seed -> torch's accepted range
     req.stop = _stop(body, cfg)
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, (bool, type(None))):
+        raise bad_request("ignore_eos must be a boolean", "ignore_eos", "invalid_type")
+    req.ignore_eos = bool(ignore_eos)
+    req.min_tokens = _number(body, "min_tokens", 0, integer=True) or 0
+    if req.max_tokens is not None and req.min_tokens > req.max_tokens:
+        raise bad_request(f"min_tokens {req.min_tokens} exceeds max_tokens {req.max_tokens}", "min_tokens")
     return req

@@ -210,3 +210,34 @@ def test_long_prompt_chunks_on_either_attention_path_equal_one_at_a_time(tiny, w
     ties = _compare(tiny, prompts, imgs, ref, out)
     print(f"near ties: {ties}")
     assert bool(calls) == (dense_rows == 8)
+
+
+def test_ignore_eos_and_min_new_tokens_on_every_path(tiny, workload):
+    """vLLM's ignore_eos / min_tokens: with EOS set to each prompt's own first greedy token, the
+    default stops at once; ignore_eos runs to max_new_tokens with the EOS-free tokens; min_new_tokens
+    forbids the stop id (so the reply differs) for its first tokens — the same on the sequential
+    stream, its static batches and the batch engine."""
+    model, tok, _ = tiny
+    prompts, images = workload
+    free = _one_at_a_time(tiny, prompts, images, GenerationConfig(max_new_tokens=8, temperature=0, stop_ids=()))
+    old = tok.eos_token_id
+    try:
+        for i, (p, im) in enumerate(zip(prompts, images)):
+            tok.eos_token_id = free[i][0]
+            plain = GenerationConfig(max_new_tokens=8, temperature=0)
+            assert list(Engine(model, tok).stream(p, im, plain)) == []
+            ignore = GenerationConfig(max_new_tokens=8, temperature=0, ignore_eos=True)
+            at_least = GenerationConfig(max_new_tokens=8, temperature=0, min_new_tokens=3)
+            for gen in (ignore, at_least):
+                outs = [
+                    list(Engine(model, tok).stream(p, im, gen)),
+                    Engine(model, tok).generate_batch([p], [im], gen)[0],
+                    BatchEngine(model, tok).generate_batch([p], [im], gen)[0],
+                ]
+                assert outs[1] == outs[0] and outs[2] == outs[0], (i, gen, outs)
+                if gen.ignore_eos:
+                    assert outs[0] == free[i]  # EOS never consulted: the stop-free reply
+                else:
+                    assert len(outs[0]) >= 3 and free[i][0] not in outs[0][:3]
+    finally:
+        tok.eos_token_id = old

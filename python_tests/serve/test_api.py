@@ -125,6 +125,9 @@ def test_stop_strings_seed_and_max_completion_tokens(server):
     assert sampled[0]["choices"][0]["message"] == sampled[1]["choices"][0]["message"]
     r = chat(server, msgs, temperature=0, max_completion_tokens=3, max_tokens=9).json()
     assert r["usage"]["completion_tokens"] == 3
+    for extra in ({"ignore_eos": True}, {"min_tokens": 12}):  # vLLM's extensions: a full-length reply
+        r = chat(server, msgs, temperature=0, max_tokens=12, **extra).json()
+        assert r["usage"]["completion_tokens"] == 12 and r["choices"][0]["finish_reason"] == "length"
 
 
 def test_system_prompt_and_multi_turn(server, tiny):
@@ -180,6 +183,13 @@ ERRORS = {
     "bad_role": (lambda: [{"role": "tool", "content": "a"}], {}, 400, "invalid_value"),
     "bad_temperature": (lambda: [{"role": "user", "content": "a"}], {"temperature": 3}, 400, "invalid_value"),
     "n_2": (lambda: [{"role": "user", "content": "a"}], {"n": 2}, 400, "invalid_value"),
+    "bad_ignore_eos": (lambda: [{"role": "user", "content": "a"}], {"ignore_eos": "yes"}, 400, "invalid_type"),
+    "min_over_max_tokens": (
+        lambda: [{"role": "user", "content": "a"}],
+        {"min_tokens": 5, "max_tokens": 2},
+        400,
+        "invalid_value",
+    ),
     "image_placeholder_text": (lambda: [{"role": "user", "content": "<image> hi"}], {}, 400, "invalid_value"),
     "body_too_large": (lambda: [{"role": "user", "content": "a" * (3 << 20)}], {}, 413, "request_too_large"),
 }

@@ -52,3 +52,52 @@ def test_sequential_scheduler_gives_the_same_answers(tiny):
             r = httpx.post(f"{base}/v1/chat/completions", json=BODY, timeout=60).json()
             answers[scheduler] = r["choices"][0]["message"]["content"]
     assert answers["batch"] == answers["sequential"]
+
+
+def test_client_gone_before_the_first_byte_is_cancelled(tiny):
+    """A streamed request admitted to the engine whose client leaves before the response starts
+    (its body generator never runs): cancelled in the engine and counted, not left generating."""
+    import json
+
+    from eagle_fast.serve import create_app
+
+    model, tok, proc = tiny
+    app = create_app(ServeConfig(model="eagle-tiny-x5"), model=model, tokenizer=tok, processor=proc)
+    generator = app.state.generator
+    body = json.dumps(dict(BODY, stream=True, max_tokens=200)).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        raise OSError("the client has gone")  # as uvicorn does once the connection is closed
+
+    async def call():
+        from starlette.requests import ClientDisconnect
+
+        try:
+            await app(scope, receive, send)
+        except (OSError, ClientDisconnect):  # what the server sees of the closed connection
+            pass
+
+    asyncio.run(call())
+    seqs = [*generator.engine.scheduler.waiting, *generator.engine.scheduler.running, *generator.engine._incoming]
+    assert generator.counts["cancelled"] == 1 and generator.counts["active_generations"] == 0
+    assert len(seqs) == 1 and seqs[0].cancelled
+    generator.engine.step()  # the cancelled request leaves at the next step
+    assert not generator.engine.has_work()
