@@ -2,6 +2,7 @@
 kept as the comparison path giving the same greedy answers."""
 
 import asyncio
+import time
 
 import httpx
 
@@ -96,8 +97,13 @@ def test_client_gone_before_the_first_byte_is_cancelled(tiny):
             pass
 
     asyncio.run(call())
-    seqs = [*generator.engine.scheduler.waiting, *generator.engine.scheduler.running, *generator.engine._incoming]
+    engine = generator.engine
     assert generator.counts["cancelled"] == 1 and generator.counts["active_generations"] == 0
-    assert len(seqs) == 1 and seqs[0].cancelled
-    generator.engine.step()  # the cancelled request leaves at the next step
-    assert not generator.engine.has_work()
+    for _ in range(600):  # the cancelled request leaves at the engine's next step
+        if engine._thread is None:
+            engine.step()
+        if not engine.has_work() and not engine._incoming:
+            break
+        time.sleep(0.05)
+    assert not engine.has_work()
+    assert engine.generated_tokens < 200  # stopped, not generated to its max_tokens
