@@ -96,6 +96,8 @@ CASES = {
     "bs1_mha_d32": ([1, 3, 1], [13, 3, 70], 1, 4, 4, 32),
     "bs3_gqa3_d80": ([5, 1, 16, 1], [17, 1, 40, 64], 3, 9, 3, 80),
     "long_chunk_mqa": ([33], [70], 16, 2, 1, 64),
+    # a decode batch of many sequences: the C++ kernel's items then take every kv head of a sequence
+    "decode_batch_gqa3": ([1] * 11 + [4], [9, 130, 64, 1, 17, 16, 33, 200, 48, 5, 77, 40], 16, 9, 3, 64),
 }
 
 
@@ -185,6 +187,8 @@ def test_strided_q_and_caches(impl):
 
 @pytest.mark.skipif(not has_compiled_ops(), reason="the C++ kernel is not loaded")
 def test_cpu_kernel_same_bits_for_any_thread_count():
+    """Its items split by kv head when (sequence, row tile) items are fewer than 4 per thread and take
+    every head otherwise: this batch (6 tiles) takes the first at 2 threads, the second at 1."""
     case = _build([16, 1, 40], [30, 70, 40], 16, 9, 3, 64, dtype=torch.bfloat16, seed=6)
     before = torch.get_num_threads()
     try:
