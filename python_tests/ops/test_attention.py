@@ -78,6 +78,10 @@ def _assert_two_x_rule(backend, q, k, v, causal, cu_seqlens=None, atol=1e-6):
         assert g.shape == w.shape and g.dtype == q.dtype, name
         err = (g.double() - w).abs().max().item()
         pt_err = max((p1.double() - w).abs().max().item(), (p2.double() - w).abs().max().item())
+        # floor: a few fp32 ulps of the largest value. An fp32 reduction over n rows rounds by about
+        # sqrt(n) ulps, and where PyTorch's own error is at that level, the order of summation (the
+        # Triton interpreter's numpy on this CPU's BLAS) decides the comparison, not the kernel
+        atol = max(atol, 8 * torch.finfo(torch.float32).eps * w.abs().max().item())
         assert err <= 2 * pt_err + atol, f"{backend} {name}: error {err:.3g} > 2 x PyTorch's {pt_err:.3g}"
 
 
