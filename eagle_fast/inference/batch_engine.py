@@ -193,14 +193,16 @@ class BatchEngine:
     def _loop(self) -> None:
         while True:
             with self._work:
-                while not self._stop and not self._incoming and not self.has_work():
+                while not self._stop and not self.has_work():
                     self._work.wait()
                 if self._stop:
                     return
             self.step()
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        """Anything submitted and not finished, including requests not yet taken in by a step
+        (so `submit(...); while engine.has_work(): engine.step()` runs the request to its end)."""
+        return bool(self._incoming or self.scheduler.waiting or self.scheduler.running)
 
     # ------------------------------------------------------------------ one iteration
 

@@ -241,3 +241,15 @@ def test_ignore_eos_and_min_new_tokens_on_every_path(tiny, workload):
                     assert len(outs[0]) >= 3 and free[i][0] not in outs[0][:3]
     finally:
         tok.eos_token_id = old
+
+
+def test_has_work_counts_a_request_not_yet_taken_in(tiny):
+    """submit() only queues; a caller stepping `while has_work()` must still run it to its end."""
+    model, tok, _ = tiny
+    engine = BatchEngine(model, tok)
+    events: list = []
+    engine.submit([1, 5, 6, 7], None, GenerationConfig(max_new_tokens=3, temperature=0, stop_ids=()), events.append)
+    assert engine.has_work()
+    while engine.has_work():
+        engine.step()
+    assert [k for k, _ in events] == ["token", "token", "token", "done"]
