@@ -253,3 +253,27 @@ def test_has_work_counts_a_request_not_yet_taken_in(tiny):
     while engine.has_work():
         engine.step()
     assert [k for k, _ in events] == ["token", "token", "token", "done"]
+
+
+def test_experts_run_just_in_time(tiny, workload):
+    """An image's experts run in the step that can admit its request, not ahead of it: experts run
+    early for later requests would only delay the first tokens of the requests before them."""
+    model, tok, proc = tiny
+    rng = np.random.default_rng(1)
+    images = [proc([rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)]) for _ in range(4)]
+    engine = BatchEngine(model, tok)
+    rows = engine.rows([1, -200, 5])
+    engine = BatchEngine(model, tok, EngineConfig(max_batched_tokens=max(2, rows // 2)))  # prefill: 2+ steps
+    gen = GenerationConfig(max_new_tokens=3, temperature=0, stop_ids=())
+    streams = [[] for _ in images]
+    for im, out in zip(images, streams):
+        engine.submit([1, -200, 5], im, gen, out.append)
+    trace = []
+    while engine.has_work():
+        engine.step()
+        admitted = len(images) - len(engine.scheduler.waiting) - len(engine._incoming)
+        trace.append((engine.encoders.encoded, admitted))
+    assert all(encoded <= admitted for encoded, admitted in trace), trace
+    assert engine.encoders.encoded == len(images)
+    ref = _one_at_a_time(tiny, [[1, -200, 5]] * 4, images, gen)
+    assert [[v for k, v in out if k == "token"] for out in streams] == ref
