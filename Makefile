@@ -25,7 +25,7 @@ build: $(STAMP)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 
 test: build
-	$(PY) -m pytest -q python_tests
+	$(PY) -m pytest -q --durations=20 python_tests
 
 test-fallback: build
 	EAGLE_FAST_DISABLE_COMPILED=1 $(PY) -m pytest -q python_tests/ops python_tests/model python_tests/vision

@@ -2,8 +2,10 @@
 the continuous-batching engine (`--scheduler batch`) and the one-request-at-a-time path
 (`--scheduler sequential`, one slot) in one run.
 
-Each scheduler gets a server of its own, started as a subprocess on a free loopback port after the
-previous one has exited (never two at once: they would share the cores). Each request carries one
+Each scheduler gets a server of its own, a subprocess on a free loopback port; both are started
+(one after the other) and warmed up before the first level, and each level is run on one server
+and then on the other, never both at once (an idle server takes no CPU), in the order A B, B A,
+A B, ...: a drift of the machine's speed over the run then hits both schedulers alike. Each request carries one
 synthetic image of its own (background colour, shape and position drawn from the request's
 number), so the encoder and prefix caches find nothing to reuse across requests; `--same_image`
 sends one image with every request instead, to measure what their de-duplication gives. Replies
@@ -48,6 +50,7 @@ image rows per prompt).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -172,6 +175,22 @@ def report(rows: list[Row], compute: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _run_level(cfg: ServeBenchConfig, server: Server, pattern: str, c: int, counter: list[int]) -> dict:
+    before = server.metrics()
+    replies, wall = run_level(server.port, level_bodies(cfg, pattern, c, counter), cfg.request_timeout_s)
+    s = summarize(replies, wall)
+    after = server.metrics()
+    runs = "eagle_fast_encoder_runs_total"  # the batch engine's: images run through the experts
+    s["encoder_runs"] = after[runs] - before[runs] if runs in after and runs in before else None
+    if s["errors"] == s["requests"]:
+        raise RuntimeError(
+            f"{server.scheduler} server, {pattern} c={c}: every request failed, the first "
+            f"with {s['first_error']}\n{server.log_tail()}"
+        )
+    print(f"{server.scheduler} {pattern} c={c}: {s['tokens_per_s']:.2f} tokens/s, {s['errors']} errors", flush=True)
+    return s
+
+
 def main(cfg: ServeBenchConfig) -> list[Row]:
     cfg.validate()
     cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
@@ -181,9 +200,10 @@ def main(cfg: ServeBenchConfig) -> list[Row]:
     levels = [(p, c) for p in cfg.patterns for c in cfg.concurrency]
     most = max(c * (1 if p == "burst" else cfg.requests_per_client) for p, c in levels)
     stats: dict[tuple[str, str, int], dict] = {}
-    for scheduler in cfg.schedulers:
-        counter = [2]  # 0: warm-up, 1: the --same_image image
-        with Server(cfg, scheduler, max_queue=max(256, most)) as server:
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for scheduler in cfg.schedulers:  # started one after the other; an idle server takes no CPU
+            server = servers[scheduler] = stack.enter_context(Server(cfg, scheduler, max_queue=max(256, most)))
             warm = stream_chat(
                 server.port,
                 chat_body(cfg, data_url(synthetic_image(0, cfg.image_size)), min(4, cfg.max_tokens)),
@@ -191,21 +211,12 @@ def main(cfg: ServeBenchConfig) -> list[Row]:
             )
             if warm.error:
                 raise RuntimeError(f"{scheduler} server, warm-up request: {warm.error}\n{server.log_tail()}")
-            for pattern, c in levels:
-                before = server.metrics()
-                replies, wall = run_level(server.port, level_bodies(cfg, pattern, c, counter), cfg.request_timeout_s)
-                s = stats[(scheduler, pattern, c)] = summarize(replies, wall)
-                after = server.metrics()
-                runs = "eagle_fast_encoder_runs_total"  # the batch engine's: images run through the experts
-                s["encoder_runs"] = after[runs] - before[runs] if runs in after and runs in before else None
-                if s["errors"] == s["requests"]:
-                    raise RuntimeError(
-                        f"{scheduler} server, {pattern} c={c}: every request failed, the first "
-                        f"with {s['first_error']}\n{server.log_tail()}"
-                    )
-                print(
-                    f"{scheduler} {pattern} c={c}: {s['tokens_per_s']:.2f} tokens/s, {s['errors']} errors", flush=True
-                )
+        counters = {s: [2] for s in cfg.schedulers}  # 0: warm-up, 1: the --same_image image
+        for i, (pattern, c) in enumerate(levels):
+            # A B, B A, A B, ...: each level's schedulers run back to back, so a drift of the machine's
+            # speed over the run (a shared 2-core VM drifted by ~30% within an hour) hits them alike
+            for scheduler in cfg.schedulers if i % 2 == 0 else cfg.schedulers[::-1]:
+                stats[(scheduler, pattern, c)] = _run_level(cfg, servers[scheduler], pattern, c, counters[scheduler])
     rows = []
     tag = " same-image" if cfg.same_image else ""
     for pattern, c in levels:

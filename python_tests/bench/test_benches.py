@@ -254,6 +254,9 @@ def test_serve_bench_runs(tmp_path, capsys):
         assert e["encoder_runs"] == (c if r.provider == "batch" else None)
     out = capsys.readouterr().out
     assert "| eagle-tiny-x5 burst c2 N4 | batch | 2 |" in out and "in-process: prefill" in out
+    # the levels ran A B, B A: a drift of the machine's speed hits both schedulers alike
+    runs = [line.split(":")[0] for line in out.splitlines() if line.endswith("errors")]
+    assert runs == ["batch burst c=1", "sequential burst c=1", "sequential burst c=2", "batch burst c=2"]
     with open(tmp_path / "serve.csv") as f:
         assert len(list(csv.reader(f))) == 1 + len(rows)
 
