@@ -226,11 +226,6 @@ class BatchEngine:
         for seq in [s for s in (*self.scheduler.waiting, *self.scheduler.running) if s.cancelled]:
             self._finish(seq)
 
-    def _rows_ahead(self) -> int:
-        """Rows the next step would have without admitting another request: every running
-        sequence's decode row or remaining prefill."""
-        return sum(s.pending() for s in self.scheduler.running)
-
     @torch.no_grad()
     def _encode_one(self) -> bool:
         """One image's experts, for the oldest waiting request still missing features, run just in
@@ -239,7 +234,7 @@ class BatchEngine:
         delay the first token of every request before them and gain nothing: in a burst of 16
         image requests on 2 cores, encoding all 16 up front put ~7 extra expert runs (0.7 s each)
         before the 8th request's first token."""
-        ahead = self._rows_ahead()
+        ahead = sum(s.pending() for s in self.scheduler.running)  # decode rows + prefill left
         for seq in self.scheduler.waiting:
             if ahead >= self.config.max_batched_tokens:
                 return False
