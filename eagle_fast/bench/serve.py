@@ -6,11 +6,11 @@ Each scheduler gets a server of its own, a subprocess on a free loopback port; b
 (one after the other) and warmed up before the first level, and each level is run on one server
 and then on the other, never both at once (an idle server takes no CPU), in the order A B, B A,
 A B, ...: a drift of the machine's speed over the run then hits both schedulers alike. Each
-request carries one synthetic image of its own (background colour, shape and position drawn from the request's
-number), so the encoder and prefix caches find nothing to reuse across requests; `--same_image`
-sends one image with every request instead, to measure what their de-duplication gives. Replies
-are greedy and `max_tokens` long (`ignore_eos`, vLLM's extension: EOS does not end them); every
-figure still uses the replies' actual lengths (`usage.completion_tokens`).
+request carries one synthetic image of its own (background colour, shape and position drawn from
+the request's number), so the encoder and prefix caches find nothing to reuse across requests;
+`--same_image` sends one image with every request instead, to measure what their de-duplication
+gives. Replies are greedy and `max_tokens` long (`ignore_eos`, vLLM's extension: EOS does not end
+them); every figure still uses the replies' actual lengths (`usage.completion_tokens`).
 
 Load patterns, at each level c of `--concurrency`:
   burst    c requests sent at the same instant (one per client), the level timed until the last ends
