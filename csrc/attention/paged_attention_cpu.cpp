@@ -1,5 +1,8 @@
 // CPU kernel of eagle_fast::paged_attention (semantics: eagle_fast/ops/paged_attention.py).
 //
+// Two paths. A sequence with kTileMinRows new rows or more (a prompt chunk) runs on the tiled path
+// (paged_attention_tiles.h: register-blocked Q K^T and P V products per tile of rows and kv head).
+// The others (decode rows, short chunks) run on the row path described here.
 // Work items are (sequence b, kv heads [h0, h1), tile of up to kRowTile query rows): one kv head
 // each when the items would be few (a lone decode: the threads split the heads), every kv head of
 // the sequence when there are many (a decode batch: each cache slot's heads are read once, side by
@@ -22,11 +25,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <optional>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "attention/paged_attention.h"
+#include "attention/paged_attention_tiles.h"
 #include "common/cpu_isa.h"
 #include "loss/linear_cross_entropy.h"  // exp_acc: branch-free fp32 exp that vectorizes
 
@@ -44,9 +50,13 @@ constexpr int64_t kRowTile = 16;
 // Keys per online-softmax step: the rescale of the accumulators (D multiplies per query vector)
 // is paid once per chunk rather than once per block (block_size 1 would pay it per key).
 constexpr int64_t kKeyChunk = 64;
+// New rows of a sequence from which the tiled path runs them (a prompt chunk, not a decode row).
+constexpr int64_t kTileMinRows = 8;
 
 struct Item {
   int64_t b, h0, h1, r0, r1;  // sequence, kv heads [h0, h1), query rows [r0, r1) of the sequence
+  bool tiled = false;         // the tiled path (paged_attention_tiles.h): one kv head, many rows
+  int64_t cost = 0;           // query rows x keys read: the items are run heaviest first
 };
 
 // What every item reads: geometry, strides (elements) and base pointers.
@@ -246,28 +256,44 @@ __attribute__((always_inline)) inline void run_item(const Args<T>& a, const Item
 // the baseline (SSE2), picked once at load time (ifunc, common/cpu_isa.h).
 #define EF_ATTN_CLONES EF_CLONES_V3
 
+// Items are taken by the threads one at a time from a shared counter, heaviest first (plan sorts
+// them): the causal triangle makes a prompt chunk's last row tiles several times dearer than its
+// first, which a static split of the list would hand to one thread. Which thread runs an item does
+// not change its arithmetic.
 template <typename T>
-__attribute__((always_inline)) inline void run_items(const Args<T>& a, const Item* items, int64_t n) {
-  Scratch<acc_type<T>> w(kRowTile * a.Hq, a.D);  // up to every head of kRowTile rows
-  for (int64_t i = 0; i < n; ++i) run_item<T>(a, items[i], w);
+__attribute__((always_inline)) inline void run_items(const Args<T>& a, const Item* items, int64_t n,
+                                                     std::atomic<int64_t>* next) {
+  std::optional<Scratch<acc_type<T>>> w;  // allocated by the first item of its kind
+  std::optional<TileScratch> tw;
+  for (int64_t i = next->fetch_add(1); i < n; i = next->fetch_add(1)) {
+    if constexpr (tile_dtype_ok<acc_type<T>>()) {
+      if (items[i].tiled) {
+        if (!tw) tw.emplace(kTileRows * a.G, a.D);
+        run_tile_item<T>(a, items[i], *tw);
+        continue;
+      }
+    }
+    if (!w) w.emplace(kRowTile * a.Hq, a.D);  // up to every head of kRowTile rows
+    run_item<T>(a, items[i], *w);
+  }
 }
 
-EF_ATTN_CLONES void run_items_isa(const Args<float>& a, const Item* it, int64_t n) {
-  run_items(a, it, n);
+EF_ATTN_CLONES void run_items_isa(const Args<float>& a, const Item* it, int64_t n, std::atomic<int64_t>* next) {
+  run_items(a, it, n, next);
 }
-EF_ATTN_CLONES void run_items_isa(const Args<double>& a, const Item* it, int64_t n) {
-  run_items(a, it, n);
+EF_ATTN_CLONES void run_items_isa(const Args<double>& a, const Item* it, int64_t n, std::atomic<int64_t>* next) {
+  run_items(a, it, n, next);
 }
-EF_ATTN_CLONES void run_items_isa(const Args<c10::BFloat16>& a, const Item* it, int64_t n) {
-  run_items(a, it, n);
+EF_ATTN_CLONES void run_items_isa(const Args<c10::BFloat16>& a, const Item* it, int64_t n, std::atomic<int64_t>* next) {
+  run_items(a, it, n, next);
 }
-EF_ATTN_CLONES void run_items_isa(const Args<c10::Half>& a, const Item* it, int64_t n) {
-  run_items(a, it, n);
+EF_ATTN_CLONES void run_items_isa(const Args<c10::Half>& a, const Item* it, int64_t n, std::atomic<int64_t>* next) {
+  run_items(a, it, n, next);
 }
 
 // Checks the metadata's values (a bad block id would read outside the cache) and lists the items.
 std::vector<Item> plan(const at::Tensor& cu_t, const at::Tensor& lk_t, const at::Tensor& table_t, int64_t Tq,
-                       int64_t Hkv, int64_t num_blocks, int64_t block_size, int64_t max_seqlen_q) {
+                       int64_t Hkv, int64_t num_blocks, int64_t block_size, int64_t max_seqlen_q, bool tiles_ok) {
   constexpr const char* op = "paged_attention";
   const int32_t* cu = cu_t.const_data_ptr<int32_t>();
   const int32_t* lk = lk_t.const_data_ptr<int32_t>();
@@ -296,12 +322,20 @@ std::vector<Item> plan(const at::Tensor& cu_t, const at::Tensor& lk_t, const at:
   // Hkv items at different times (each fetching the slot's lines again from DRAM at decode). With
   // few sequences (a lone decode), items split by head so that the threads share the work. Each
   // head's arithmetic is the same either way: the output's bits do not depend on the split.
+  // A sequence with kTileMinRows new rows or more (a prompt chunk) takes the tiled path instead, in
+  // items of one kv head and kTileRows rows.
   const int64_t per = tiles >= 4 * at::get_num_threads() ? Hkv : 1;
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t Lq = cu[b + 1] - cu[b];
-    for (int64_t h = 0; h < Hkv; h += per)
-      for (int64_t r0 = 0; r0 < Lq; r0 += kRowTile) items.push_back({b, h, h + per, r0, std::min(Lq, r0 + kRowTile)});
+    const int64_t Lq = cu[b + 1] - cu[b], Lk = lk[b];
+    const bool tiled = tiles_ok && Lq >= kTileMinRows;
+    const int64_t step = tiled ? kTileRows : kRowTile, heads = tiled ? 1 : per;
+    for (int64_t h = 0; h < Hkv; h += heads)
+      for (int64_t r0 = 0; r0 < Lq; r0 += step) {
+        const int64_t r1 = std::min(Lq, r0 + step);
+        items.push_back({b, h, h + heads, r0, r1, tiled, (r1 - r0) * heads * visible_keys(r1 - 1, Lq, Lk)});
+      }
   }
+  std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
   return items;
 }
 
@@ -316,7 +350,9 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache_in
   const at::Tensor v_cache = v_cache_in.stride(3) == 1 ? v_cache_in : v_cache_in.contiguous();
   const at::Tensor table = block_table.contiguous(), cu = cu_seqlens_q.contiguous(), lk = seqlens_k.contiguous();
   const int64_t Hq = q.size(1), Hkv = k_cache.size(2), D = q.size(2);
-  const std::vector<Item> items = plan(cu, lk, table, q.size(0), Hkv, k_cache.size(0), k_cache.size(1), max_seqlen_q);
+  const bool tiles_ok = q.scalar_type() != at::kDouble && tile_dim_ok(D);
+  const std::vector<Item> items =
+      plan(cu, lk, table, q.size(0), Hkv, k_cache.size(0), k_cache.size(1), max_seqlen_q, tiles_ok);
   at::Tensor out = at::empty(q.sizes(), q.options());
   if (items.empty() || D == 0) return out.zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention_cpu", [&] {
@@ -342,8 +378,10 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache_in
                            v_cache.stride(1),
                            v_cache.stride(2),
                            scale};
-    at::parallel_for(0, static_cast<int64_t>(items.size()), 1,
-                     [&](int64_t begin, int64_t end) { run_items_isa(a, items.data() + begin, end - begin); });
+    const int64_t n = static_cast<int64_t>(items.size());
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1,
+                     [&](int64_t, int64_t) { run_items_isa(a, items.data(), n, &next); });
   });
   return out;
 }

@@ -316,8 +316,6 @@ class BatchEngine:
             block_table=table.to(dev),
             max_seqlen_q=max(n for _, n in plan),
             last_rows=torch.tensor(cu[1:], device=dev) - 1,
-            q_lens=tuple(n for _, n in plan),
-            k_lens=tuple(lk),
         )
         logits = paged_forward(self.model, batch, self.pool.k, self.pool.v)
         self.steps += 1

@@ -181,11 +181,30 @@ def test_paged_attention_bench_runs(tmp_path, capsys):
     assert heads("eagle-small-x5") == (9, 3, 64)  # SmolLM2-135M: 576 wide, 9 heads, 3 kv heads
     rows = main(
         PagedAttentionBenchConfig(
-            device="cpu", batches=(2,), context=40, repeats=1, min_sample_ms=0.0, threads=1, out_dir=str(tmp_path)
+            device="cpu",
+            batches=(2,),
+            context=40,
+            chunks=(12,),
+            chunk_prefix=20,
+            repeats=1,
+            min_sample_ms=0.0,
+            threads=1,
+            out_dir=str(tmp_path),
         )
     )
-    assert [r.provider for r in rows] == ["eagle_fast", "eagle_fast unchecked", "gather+sdpa", "reference"]
+    decode, chunk = rows[:4], rows[4:]
+    assert [r.provider for r in decode] == ["eagle_fast", "eagle_fast unchecked", "gather+sdpa", "reference"]
+    assert [r.provider for r in chunk] == [
+        "eagle_fast",
+        "eagle_fast unchecked",
+        "gather+sdpa",
+        "gather+flash",
+        "reference",
+    ]
     assert all(r.median_ms > 0 and r.items_per_s > 0 for r in rows)
+    # 12 rows after 20 cached keys see 21 .. 32 keys: 4 * D * Hq flops per (row, key)
+    assert chunk[0].extra["flops"] == 4 * 64 * 9 * sum(range(21, 33))
+    assert (tmp_path / "paged_attention_prefill.png").stat().st_size > 0
     # keys 40 + (37 b mod 64) - 32 for b = 0, 1: 8 and 45 rows of 3 kv heads x 64 fp32, K and V
     assert rows[0].extra["kv_bytes"] == (8 + 45) * 3 * 64 * 2 * 4
     assert "| B2 ctx~40 bs16 Hq9 Hkv3 D64 | gather+sdpa |" in capsys.readouterr().out

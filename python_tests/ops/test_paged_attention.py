@@ -91,6 +91,8 @@ def _assert_two_x_rule(impl, case, atol=1e-6):
 
 # (Lq per sequence, Lk per sequence, block_size, Hq, Hkv, D): decode steps (Lq = 1) mixed with
 # prefill chunks after a cached prefix (1 < Lq < Lk), whole prompts (Lq = Lk) and an empty slot.
+# The C++ kernel runs sequences of 8 new rows or more with D a multiple of 16 (not fp64) on its
+# tiled path (items of 32 rows x one kv head, keys in steps of 64), the others on its row path.
 CASES = {
     "mixed_bs16_gqa3": ([1, 1, 7, 1, 20, 0], [1, 45, 30, 70, 20, 5], 16, 6, 2, 64),
     "bs1_mha_d32": ([1, 3, 1], [13, 3, 70], 1, 4, 4, 32),
@@ -98,6 +100,11 @@ CASES = {
     "long_chunk_mqa": ([33], [70], 16, 2, 1, 64),
     # a decode batch of many sequences: the C++ kernel's items then take every kv head of a sequence
     "decode_batch_gqa3": ([1] * 11 + [4], [9, 130, 64, 1, 17, 16, 33, 200, 48, 5, 77, 40], 16, 9, 3, 64),
+    # tiled: 45 rows (two row tiles, 135 query vectors: not a multiple of the 4-vector blocks) after
+    # 255 cached keys (several key steps, the first unmasked), 8 rows = 8 keys (the threshold, a
+    # causal square), 7 rows (row path), a decode row and a 100-row square; blocks of 5 rows
+    "prompt_chunks_tiled_d128": ([45, 8, 7, 1, 100], [300, 8, 90, 66, 100], 5, 9, 3, 128),
+    "prompt_chunk_tiled_d16_mqa": ([70], [200], 16, 4, 1, 16),
 }
 
 
@@ -158,14 +165,14 @@ def test_prefix_shared_blocks(impl):
 def test_block_order_and_batch_do_not_change_bits(impl):
     """The output depends on each sequence's logical rows only: shuffled or in-order blocks, alone
     or in a batch, give the same bits."""
-    args = ([1, 6, 1], [37, 40, 9], 3, 6, 2, 32)
+    args = ([1, 10, 1], [37, 40, 9], 3, 6, 2, 32)  # the 10-row chunk on the C++ kernel's tiled path
     shuffled, ordered = _build(*args, seed=4), _build(*args, seed=4, shuffle=False)
     assert not torch.equal(shuffled[3], ordered[3])
     a, b = _run(impl, *shuffled[:6]), _run(impl, *ordered[:6])
     assert torch.equal(a, b)
     q, kc, vc, table, cu, lk = shuffled[:6]
-    alone = _run(impl, q[1:7], kc, vc, table[1:2], torch.tensor([0, 6], dtype=torch.int32), lk[1:2])
-    assert torch.equal(alone, a[1:7])
+    alone = _run(impl, q[1:11], kc, vc, table[1:2], torch.tensor([0, 10], dtype=torch.int32), lk[1:2])
+    assert torch.equal(alone, a[1:11])
 
 
 @pytest.mark.parametrize("impl", ["auto", "triton"])
@@ -173,7 +180,7 @@ def test_strided_q_and_caches(impl):
     """q as a (Hq, Tq, D) transpose and with a strided last dim; caches as views into one
     (num_blocks, 2, block_size, Hkv, D) K/V buffer and in head-major (num_blocks, Hkv, block_size,
     D) memory: all read through their strides."""
-    q, kc, vc, table, cu, lk, keys, values = _build([1, 5, 1], [20, 33, 64], 16, 6, 2, 64, seed=5)
+    q, kc, vc, table, cu, lk, keys, values = _build([1, 5, 12], [20, 33, 64], 16, 6, 2, 64, seed=5)
     want = _run("reference", q, kc, vc, table, cu, lk)
     q_t = q.transpose(0, 1).contiguous().transpose(0, 1)
     q_s = torch.stack([q, torch.zeros_like(q)], -1).flatten(-2)[..., ::2]
@@ -187,8 +194,10 @@ def test_strided_q_and_caches(impl):
 
 @pytest.mark.skipif(not has_compiled_ops(), reason="the C++ kernel is not loaded")
 def test_cpu_kernel_same_bits_for_any_thread_count():
-    """Its items split by kv head when (sequence, row tile) items are fewer than 4 per thread and take
-    every head otherwise: this batch (6 tiles) takes the first at 2 threads, the second at 1."""
+    """The row path's items split by kv head when (sequence, row tile) items are fewer than 4 per
+    thread and take every head otherwise: this batch (5 tiles of 16 rows) takes the first at 2
+    threads, the second at 1. The tiled path's items (the 16- and 40-row chunks) go to whichever
+    thread is free. Neither changes the bits."""
     case = _build([16, 1, 40], [30, 70, 40], 16, 9, 3, 64, dtype=torch.bfloat16, seed=6)
     before = torch.get_num_threads()
     try:
