@@ -27,7 +27,9 @@
 
 namespace eagle_fast::paged_attention {
 
-constexpr int64_t kTileRows = 32;  // query rows per item: M = 32 * G query vectors (96 at G = 3)
+// Query rows per item: M = 64 * G query vectors (192 at G = 3). Each key step's K^T / V packs serve
+// all of them: 64-row tiles ran the chunks of a 1,070-row prompt ~12% faster than 32-row ones.
+constexpr int64_t kTileRows = 64;
 constexpr int64_t kTileKeys = 64;  // keys per online-softmax step (K^T and V packs: 2 x 16 KiB at D = 64)
 
 // 8 fp32 lanes: one AVX2 register in the x86-64-v3 clone, two SSE registers in the baseline one.

@@ -92,7 +92,7 @@ def _assert_two_x_rule(impl, case, atol=1e-6):
 # (Lq per sequence, Lk per sequence, block_size, Hq, Hkv, D): decode steps (Lq = 1) mixed with
 # prefill chunks after a cached prefix (1 < Lq < Lk), whole prompts (Lq = Lk) and an empty slot.
 # The C++ kernel runs sequences of 8 new rows or more with D a multiple of 16 (not fp64) on its
-# tiled path (items of 32 rows x one kv head, keys in steps of 64), the others on its row path.
+# tiled path (items of 64 rows x one kv head, keys in steps of 64), the others on its row path.
 CASES = {
     "mixed_bs16_gqa3": ([1, 1, 7, 1, 20, 0], [1, 45, 30, 70, 20, 5], 16, 6, 2, 64),
     "bs1_mha_d32": ([1, 3, 1], [13, 3, 70], 1, 4, 4, 32),
@@ -100,9 +100,9 @@ CASES = {
     "long_chunk_mqa": ([33], [70], 16, 2, 1, 64),
     # a decode batch of many sequences: the C++ kernel's items then take every kv head of a sequence
     "decode_batch_gqa3": ([1] * 11 + [4], [9, 130, 64, 1, 17, 16, 33, 200, 48, 5, 77, 40], 16, 9, 3, 64),
-    # tiled: 45 rows (two row tiles, 135 query vectors: not a multiple of the 4-vector blocks) after
-    # 255 cached keys (several key steps, the first unmasked), 8 rows = 8 keys (the threshold, a
-    # causal square), 7 rows (row path), a decode row and a 100-row square; blocks of 5 rows
+    # tiled: 45 rows (135 query vectors: not a multiple of the 4-vector blocks) after 255 cached
+    # keys (several key steps, the first unmasked), 8 rows = 8 keys (the threshold, a causal
+    # square), 7 rows (row path), a decode row and a 100-row square (two row tiles); blocks of 5 rows
     "prompt_chunks_tiled_d128": ([45, 8, 7, 1, 100], [300, 8, 90, 66, 100], 5, 9, 3, 128),
     "prompt_chunk_tiled_d16_mqa": ([70], [200], 16, 4, 1, 16),
 }
