@@ -59,67 +59,68 @@ struct TileScratch {
       : q(Mmax * D), o(Mmax * D), s(Mmax * kTileKeys), kt(D * kTileKeys), v(kTileKeys * D), m(Mmax), l(Mmax) {}
 };
 
-// S[i, j] = sum_d Q[i, d] K^T[d, j] for i < M4 (a multiple of 4), j < J (a multiple of 16):
-// 4 x 16 accumulators (8 registers) per block, each K^T load feeding 4 FMAs.
+// A 4 x 16 block of fp32 accumulators in 8 vector registers (row r: a_r lanes 0-7, b_r 8-15).
+struct Block4x16 {
+  f8 a0, b0, a1, b1, a2, b2, a3, b3;
+
+  __attribute__((always_inline)) static Block4x16 load(const float* r, int64_t stride) {
+    return {ld8(r),
+            ld8(r + 8),
+            ld8(r + stride),
+            ld8(r + stride + 8),
+            ld8(r + 2 * stride),
+            ld8(r + 2 * stride + 8),
+            ld8(r + 3 * stride),
+            ld8(r + 3 * stride + 8)};
+  }
+  // row r += (x0, x1) * s_r: one load of x feeds 4 rows' FMAs
+  __attribute__((always_inline)) void fma(f8 x0, f8 x1, float s0, float s1, float s2, float s3) {
+    a0 += x0 * s0;
+    b0 += x1 * s0;
+    a1 += x0 * s1;
+    b1 += x1 * s1;
+    a2 += x0 * s2;
+    b2 += x1 * s2;
+    a3 += x0 * s3;
+    b3 += x1 * s3;
+  }
+  __attribute__((always_inline)) void store(float* r, int64_t stride) const {
+    st8(r, a0);
+    st8(r + 8, b0);
+    st8(r + stride, a1);
+    st8(r + stride + 8, b1);
+    st8(r + 2 * stride, a2);
+    st8(r + 2 * stride + 8, b2);
+    st8(r + 3 * stride, a3);
+    st8(r + 3 * stride + 8, b3);
+  }
+};
+
+// S[i, j] = sum_d Q[i, d] K^T[d, j] for i < M4 (a multiple of 4), j < J (a multiple of 16), one
+// 4 x 16 block at a time.
 __attribute__((always_inline)) inline void tile_scores(const float* q, const float* kt, float* s, int64_t M4, int64_t J,
                                                        int64_t D) {
   for (int64_t i = 0; i < M4; i += 4) {
     const float *q0 = q + i * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
     for (int64_t j = 0; j < J; j += 16) {
-      f8 a0 = {}, b0 = {}, a1 = {}, b1 = {}, a2 = {}, b2 = {}, a3 = {}, b3 = {};
-      for (int64_t d = 0; d < D; ++d) {
-        const f8 k0 = ld8(kt + d * kTileKeys + j), k1 = ld8(kt + d * kTileKeys + j + 8);
-        a0 += k0 * q0[d];
-        b0 += k1 * q0[d];
-        a1 += k0 * q1[d];
-        b1 += k1 * q1[d];
-        a2 += k0 * q2[d];
-        b2 += k1 * q2[d];
-        a3 += k0 * q3[d];
-        b3 += k1 * q3[d];
-      }
-      float* r = s + i * kTileKeys + j;
-      st8(r, a0);
-      st8(r + 8, b0);
-      st8(r + kTileKeys, a1);
-      st8(r + kTileKeys + 8, b1);
-      st8(r + 2 * kTileKeys, a2);
-      st8(r + 2 * kTileKeys + 8, b2);
-      st8(r + 3 * kTileKeys, a3);
-      st8(r + 3 * kTileKeys + 8, b3);
+      Block4x16 c{};
+      for (int64_t d = 0; d < D; ++d)
+        c.fma(ld8(kt + d * kTileKeys + j), ld8(kt + d * kTileKeys + j + 8), q0[d], q1[d], q2[d], q3[d]);
+      c.store(s + i * kTileKeys + j, kTileKeys);
     }
   }
 }
 
-// O[i, :] += sum_{t < n} P[i, t] V[t, :] for i < M4: 4 x 16 accumulators per block of O, each V
-// load feeding 4 FMAs.
+// O[i, :] += sum_{t < n} P[i, t] V[t, :] for i < M4, one 4 x 16 block of O at a time.
 __attribute__((always_inline)) inline void tile_accumulate(const float* p, const float* v, float* o, int64_t M4,
                                                            int64_t n, int64_t D) {
   for (int64_t i = 0; i < M4; i += 4) {
     const float *p0 = p + i * kTileKeys, *p1 = p0 + kTileKeys, *p2 = p1 + kTileKeys, *p3 = p2 + kTileKeys;
     for (int64_t d = 0; d < D; d += 16) {
       float* r = o + i * D + d;
-      f8 a0 = ld8(r), b0 = ld8(r + 8), a1 = ld8(r + D), b1 = ld8(r + D + 8);
-      f8 a2 = ld8(r + 2 * D), b2 = ld8(r + 2 * D + 8), a3 = ld8(r + 3 * D), b3 = ld8(r + 3 * D + 8);
-      for (int64_t t = 0; t < n; ++t) {
-        const f8 v0 = ld8(v + t * D + d), v1 = ld8(v + t * D + d + 8);
-        a0 += v0 * p0[t];
-        b0 += v1 * p0[t];
-        a1 += v0 * p1[t];
-        b1 += v1 * p1[t];
-        a2 += v0 * p2[t];
-        b2 += v1 * p2[t];
-        a3 += v0 * p3[t];
-        b3 += v1 * p3[t];
-      }
-      st8(r, a0);
-      st8(r + 8, b0);
-      st8(r + D, a1);
-      st8(r + D + 8, b1);
-      st8(r + 2 * D, a2);
-      st8(r + 2 * D + 8, b2);
-      st8(r + 3 * D, a3);
-      st8(r + 3 * D + 8, b3);
+      Block4x16 c = Block4x16::load(r, D);
+      for (int64_t t = 0; t < n; ++t) c.fma(ld8(v + t * D + d), ld8(v + t * D + d + 8), p0[t], p1[t], p2[t], p3[t]);
+      c.store(r, D);
     }
   }
 }
