@@ -99,6 +99,7 @@ def make_step(
 
 def make_chunk(rows: int, prefix: int, block_size: int, hq: int, hkv: int, d: int, dtype, device: str, seed: int = 0):
     """The step inputs of one sequence's prompt chunk: Lq = rows new rows after `prefix` cached ones."""
+    # make_step's sequence 0 has context - 32 keys: the cache of exactly prefix + rows rows
     q, k_cache, v_cache, table, _, _ = make_step(1, prefix + rows + 32, block_size, hq, hkv, d, dtype, device, seed)
     q = torch.randn(rows, hq, d, generator=torch.Generator().manual_seed(seed + 1)).to(device=device, dtype=dtype)
     cu = torch.tensor([0, rows], dtype=torch.int32, device=device)
